@@ -1,0 +1,54 @@
+"""Command line front end: Sacred's `with key=value` syntax plus a friendly unknown-key check."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import sys
+import warnings
+
+OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db", "--s3")
+
+
+def _config_keys_given(argv: list[str]) -> list[str]:
+    if "with" not in argv:
+        return []
+    keys = []
+    for token in argv[argv.index("with") + 1 :]:
+        if "=" in token:
+            keys.append(token.split("=", 1)[0].strip())
+        elif token.startswith("-"):
+            break
+    return keys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+    from scaling_fl.config import DEFAULTS
+
+    for key in _config_keys_given(argv):
+        if key.split(".")[0] not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see the config table in the README"
+            print(f"scaling-fl: error: unknown config key {key!r}: {hint}", file=sys.stderr)
+            raise SystemExit(2)
+
+    # Spawned sites start multiprocessing's resource tracker, which lives as long as this
+    # process. Started now, it holds the terminal, not the pipe Sacred captures output
+    # through, so Sacred does not wait for that pipe to close when the run ends.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+
+    from scaling_fl.tracking import experiment
+
+    experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(
+        arg.startswith(tuple(f"{flag}=" for flag in OBSERVER_FLAGS if flag.startswith("--"))) for arg in argv)
+    experiment.ex.run_commandline(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The in-memory text dataset every task returns, and the error every reader raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A problem with the data the user gave us.
+
+    The message is one line that names the file (and line, when there is one)
+    and says how to fix it, so the launcher can print it as is and exit.
+    """
+
+
+@dataclass(frozen=True, eq=False)
+class TextDataset:
+    """Texts with integer labels; small enough to hold in memory on every site.
+
+    eq=False: field-wise equality of lists and arrays is ambiguous, identity is enough.
+    """
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: tuple[str, ...]
+    source: str
+
+    def __post_init__(self) -> None:
+        labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        if len(self.texts) != len(labels):
+            raise DataError(
+                f"{self.source}: {len(self.texts)} texts but {len(labels)} labels; "
+                "every text needs exactly one label"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+            raise DataError(
+                f"{self.source}: labels must lie in 0..{len(self.label_names) - 1}, "
+                f"found {labels.min()}..{labels.max()}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices) -> "TextDataset":
+        """Rows of one site (or one sample) that share label names with the whole."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return TextDataset(
+            texts=[self.texts[i] for i in indices],
+            labels=self.labels[indices],
+            label_names=self.label_names,
+            source=self.source,
+        )

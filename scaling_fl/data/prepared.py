@@ -1,0 +1,99 @@
+"""Data read, checked and split once by the launcher, then memory-mapped by every site.
+
+Reading in the launcher means a malformed row or an unreadable path fails before any
+worker starts, and a remote file (s3://, gs://, the Hub) is fetched once per node,
+not once per site. Arrow IPC files are memory-mapped, so sites share the pages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.feather as feather
+
+from scaling_fl.data.dataset import TextDataset
+from scaling_fl.data.splits import label_histograms, split_indices
+from scaling_fl.data.tasks import load_task
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    train: TextDataset
+    test: TextDataset
+    parts: list[np.ndarray]  # row indices of train, one array per site (global rank)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.train.label_names
+
+    def site_sizes(self) -> list[int]:
+        return [len(part) for part in self.parts]
+
+    def histograms(self) -> np.ndarray:
+        return label_histograms(self.train.labels, self.parts, len(self.label_names))
+
+
+def prepare_data(cfg, num_sites: int) -> PreparedData:
+    train, test = load_task(
+        cfg.task_name, cfg.train_path, cfg.test_path,
+        text_columns=list(cfg.text_columns) if cfg.text_columns else None, label_column=cfg.label_column,
+        synthetic_train_size=cfg.synthetic_train_size, synthetic_test_size=cfg.synthetic_test_size,
+        data_seed=cfg.data_seed,
+    )
+    parts = split_indices(train.labels, num_sites, cfg.split, cfg.data_seed,
+                          dirichlet_beta=cfg.dirichlet_beta, sample_percentage=cfg.sample_percentage)
+    return PreparedData(train=train, test=test, parts=parts)
+
+
+def _write_table(dataset: TextDataset, path: str) -> None:
+    table = pa.table({"text": pa.array(dataset.texts, pa.large_string()), "label": pa.array(dataset.labels, pa.int64())})
+    feather.write_feather(table, path, compression="uncompressed")
+
+
+def save_prepared(prepared: PreparedData, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    _write_table(prepared.train, os.path.join(directory, "train.arrow"))
+    _write_table(prepared.test, os.path.join(directory, "test.arrow"))
+    meta = {
+        "label_names": list(prepared.label_names),
+        "parts": [part.tolist() for part in prepared.parts],
+        "train_source": prepared.train.source,
+        "test_source": prepared.test.source,
+    }
+    with open(os.path.join(directory, "meta.json"), "w", encoding="utf-8") as handle:
+        json.dump(meta, handle)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """What one site needs: its training rows, its evaluation shard and every site's size."""
+
+    train: TextDataset
+    test_shard: TextDataset
+    site_sizes: list[int]
+
+
+def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source: str) -> TextDataset:
+    table = feather.read_table(path, memory_map=True).take(pa.array(rows, pa.int64()))
+    return TextDataset(texts=table.column("text").to_pylist(), labels=table.column("label").to_numpy(),
+                       label_names=label_names, source=source)
+
+
+def load_site_data(directory: str, rank: int, world_size: int) -> SiteData:
+    with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
+        meta = json.load(handle)
+    label_names = tuple(meta["label_names"])
+    test_path = os.path.join(directory, "test.arrow")
+    num_test = feather.read_table(test_path, columns=["label"], memory_map=True).num_rows
+    parts = [np.asarray(part, dtype=np.int64) for part in meta["parts"]]
+    if len(parts) != world_size:
+        raise RuntimeError(f"data was split for {len(parts)} sites but the job has {world_size}")
+    return SiteData(
+        train=_read_rows(os.path.join(directory, "train.arrow"), parts[rank], label_names, meta["train_source"]),
+        test_shard=_read_rows(test_path, np.arange(rank, num_test, world_size), label_names, meta["test_source"]),
+        site_sizes=[len(part) for part in parts],
+    )

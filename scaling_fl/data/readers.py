@@ -1,0 +1,392 @@
+"""Readers for the dataset files each task understands.
+
+Everything goes through fsspec, so local paths, s3:// and gs:// all work, and
+through Python's csv module, so a bad row can be reported with its line number.
+Every problem becomes one DataError line: file, line, what is wrong, how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import fsspec
+import numpy as np
+
+from scaling_fl.data.dataset import DataError, TextDataset
+
+# Long reviews exceed csv's default 128 KiB field limit.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
+YELP_LABELS = ("negative", "positive")
+YELP_FULL_LABELS = ("1 star", "2 stars", "3 stars", "4 stars", "5 stars")
+IMDB_LABELS = ("negative", "positive")
+SPOOKY_LABELS = ("EAP", "HPL", "MWS")
+
+# Headers of re-saved Crepe files, e.g. Kaggle's "Class Index,Title,Description".
+_CREPE_HEADER_NAMES = {"class index", "class", "label", "stars", "rating", "polarity"}
+_CREPE_ESCAPE = re.compile(r'\\(n|"|\\|u[0-9a-fA-F]{4})')
+_BR_TAG = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- text cleaning
+
+
+def squash_spaces(text: str) -> str:
+    """One space between words: cleaning leaves runs of spaces that mean nothing."""
+    return " ".join(text.split())
+
+
+def clean_agnews(text: str) -> str:
+    """AG News marks line breaks with a bare backslash ("dwindling\\band"), and
+    writes "\\$" for a dollar sign; both would otherwise reach the tokenizer."""
+    text = text.replace("\\$", "$")
+    return squash_spaces(text.replace("\\", " "))
+
+
+def _unescape_crepe(match: re.Match) -> str:
+    code = match.group(1)
+    if code == "n":
+        return " "
+    if code.startswith("u"):
+        return chr(int(code[1:], 16))
+    return code  # \" -> "   and   \\ -> \
+
+
+def clean_crepe(text: str) -> str:
+    """Yelp's Crepe files write a newline as a literal backslash-n, a quote as
+    backslash-quote and non-ASCII letters as \\uXXXX escapes."""
+    return squash_spaces(_CREPE_ESCAPE.sub(_unescape_crepe, text))
+
+
+def clean_imdb(text: str) -> str:
+    """IMDB reviews keep the site's <br /> tags; they carry no sentiment."""
+    return squash_spaces(_BR_TAG.sub(" ", text))
+
+
+# ---------------------------------------------------------------- low-level access
+
+
+@contextmanager
+def open_text(path: str):
+    """Open a UTF-8 text file on any fsspec filesystem, or fail with one line."""
+    try:
+        handle = fsspec.open(path, "r", encoding="utf-8", newline="").open()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; check the path (local, s3:// or gs://)") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory; pass the path of the CSV file itself") from None
+    except (OSError, ValueError, ImportError) as exc:
+        raise DataError(
+            f"{path}: cannot open ({type(exc).__name__}: {first_line(exc)}); "
+            "check the path and the storage credentials"
+        ) from None
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def iter_csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line where the row starts, fields), skipping blank lines.
+
+    csv's line_num counts physical lines read so far, so a row's first line is
+    the previous row's line_num + 1 even when a quoted field spans lines.
+    """
+    found_row = False
+    with open_text(path) as handle:
+        reader = csv.reader(handle)
+        row_end = 0
+        try:
+            for row in reader:
+                row_start, row_end = row_end + 1, reader.line_num
+                if not row:
+                    continue
+                found_row = True
+                yield row_start, row
+        except csv.Error as exc:
+            raise DataError(
+                f"{path}:{reader.line_num}: malformed CSV ({exc}); check quoting around that line"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}:{reader.line_num + 1}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise DataError(f"{path}: read failed ({first_line(exc)}); check the storage") from None
+    if not found_row:
+        raise DataError(f"{path}: file is empty; point the task at a file with rows")
+
+
+def _require_text(path: str, line: int, text: str) -> str:
+    if not text:
+        raise DataError(f"{path}:{line}: empty text; remove the row or fill in its text")
+    return text
+
+
+def _dataset(path: str, texts: list[str], labels: list[int], label_names) -> TextDataset:
+    return TextDataset(
+        texts=texts,
+        labels=np.asarray(labels, dtype=np.int64),
+        label_names=tuple(label_names),
+        source=str(path),
+    )
+
+
+# ---------------------------------------------------------------- Crepe (no header)
+
+
+def _parse_class_index(path: str, line: int, value: str, task: str, num_labels: int, fix: str) -> int:
+    """Crepe labels are 1-based class indices; return the 0-based label."""
+    try:
+        index = int(value.strip())
+    except ValueError:
+        raise DataError(
+            f"{path}:{line}: label '{value}' is not a number; the first column must be "
+            f"the class index 1-{num_labels} for task {task}"
+        ) from None
+    if not 1 <= index <= num_labels:
+        raise DataError(
+            f"{path}:{line}: label {index} is outside 1-{num_labels} for task {task}; {fix}"
+        )
+    return index - 1
+
+
+def _is_crepe_header(row: list[str]) -> bool:
+    return row[0].strip().lstrip("\ufeff").lower() in _CREPE_HEADER_NAMES
+
+
+def read_crepe(
+    path: str,
+    *,
+    task: str,
+    label_names: tuple[str, ...],
+    text_fields: tuple[str, ...],
+    clean: Callable[[str], str],
+    range_fix: str,
+) -> TextDataset:
+    """Read a Zhang et al. (Crepe) CSV: class index, then text fields; an
+    optional header row (Kaggle re-saves) is skipped."""
+    path = str(path)
+    expected = 1 + len(text_fields)
+    texts, labels = [], []
+    for line, row in iter_csv_rows(path):
+        if not texts and not labels and _is_crepe_header(row):
+            continue
+        if len(row) != expected:
+            raise DataError(
+                f"{path}:{line}: expected {expected} fields (class index, {', '.join(text_fields)}), "
+                f"got {len(row)}; check the task and the quoting"
+            )
+        labels.append(_parse_class_index(path, line, row[0], task, len(label_names), range_fix))
+        texts.append(_require_text(path, line, clean(" ".join(row[1:]))))
+    if not texts:
+        raise DataError(f"{path}: has a header but no rows; point the task at a file with rows")
+    return _dataset(path, texts, labels, label_names)
+
+
+def read_agnews(path: str) -> TextDataset:
+    return read_crepe(
+        path,
+        task="agnews",
+        label_names=AGNEWS_LABELS,
+        text_fields=("title", "description"),
+        clean=clean_agnews,
+        range_fix="AG News class indices are 1-4 (World, Sports, Business, Sci/Tech)",
+    )
+
+
+def read_yelp(path: str) -> TextDataset:
+    return read_crepe(
+        path,
+        task="yelp",
+        label_names=YELP_LABELS,
+        text_fields=("text",),
+        clean=clean_crepe,
+        range_fix="use task_name=yelp_full for 1-5 star files",
+    )
+
+
+def read_yelp_full(path: str) -> TextDataset:
+    return read_crepe(
+        path,
+        task="yelp_full",
+        label_names=YELP_FULL_LABELS,
+        text_fields=("text",),
+        clean=clean_crepe,
+        range_fix="Yelp full files hold star ratings 1-5",
+    )
+
+
+# ---------------------------------------------------------------- CSV with a header
+
+
+def _column_index(names: list[str], wanted: str) -> int | None:
+    """Exact name first, then a unique case-insensitive match."""
+    if wanted in names:
+        return names.index(wanted)
+    matches = [i for i, name in enumerate(names) if name.lower() == wanted.lower()]
+    return matches[0] if len(matches) == 1 else None
+
+
+def iter_columns(
+    path: str, columns: list[str], missing_fix: str
+) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line, values of `columns`) from a headered CSV."""
+    path = str(path)
+    rows = iter_csv_rows(path)
+    header_line, header = next(rows)
+    names = [name.strip().lstrip("\ufeff").strip() for name in header]
+    positions = []
+    for column in columns:
+        position = _column_index(names, column)
+        if position is None:
+            raise DataError(
+                f"{path}:{header_line}: no column '{column}' in the header "
+                f"({', '.join(names)}); {missing_fix}"
+            )
+        positions.append(position)
+    found = False
+    for line, row in rows:
+        if len(row) != len(names):
+            raise DataError(
+                f"{path}:{line}: expected {len(names)} fields like the header, got {len(row)}; "
+                "check the quoting of that row"
+            )
+        found = True
+        yield line, [row[p] for p in positions]
+    if not found:
+        raise DataError(f"{path}: has a header but no rows; point the task at a file with rows")
+
+
+def _parse_named_label(path: str, line: int, value: str, index: dict[str, int], what: str) -> int:
+    key = value.strip()
+    if key not in index:
+        expected = ", ".join(f"'{name}'" for name in index)
+        raise DataError(f"{path}:{line}: unknown {what} '{value}'; expected one of {expected}")
+    return index[key]
+
+
+def read_imdb_csv(path: str) -> TextDataset:
+    """Kaggle's "IMDB Dataset of 50K Movie Reviews" layout: review,sentiment."""
+    path = str(path)
+    index = {name: i for i, name in enumerate(IMDB_LABELS)}
+    fix = "an IMDB CSV needs the header review,sentiment (or pass an aclImdb split directory)"
+    texts, labels = [], []
+    for line, (review, sentiment) in iter_columns(path, ["review", "sentiment"], fix):
+        labels.append(_parse_named_label(path, line, sentiment.lower(), index, "sentiment"))
+        texts.append(_require_text(path, line, clean_imdb(review)))
+    return _dataset(path, texts, labels, IMDB_LABELS)
+
+
+def read_imdb_dir(path: str) -> TextDataset:
+    """The Stanford aclImdb layout: <split>/neg/*.txt and <split>/pos/*.txt, one review each."""
+    path = str(path)
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    texts, labels = [], []
+    for label, folder in enumerate(("neg", "pos")):
+        files = sorted(fs.glob(f"{root}/{folder}/*.txt"))
+        if not files:
+            raise DataError(
+                f"{path}: no {folder}/*.txt reviews; pass an aclImdb split directory such as aclImdb/train"
+            )
+        contents = fs.cat(files)
+        for file in files:
+            texts.append(_decode_review(file, contents[file]))
+            labels.append(label)
+    return _dataset(path, texts, labels, IMDB_LABELS)
+
+
+def _decode_review(file: str, data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
+    text = clean_imdb(text)
+    if not text:
+        raise DataError(f"{file}: empty review; remove the file")
+    return text
+
+
+def read_imdb(path: str) -> TextDataset:
+    path = str(path)
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+        is_dir = fs.isdir(root)
+    except (OSError, ValueError, ImportError) as exc:
+        raise DataError(
+            f"{path}: cannot open ({type(exc).__name__}: {first_line(exc)}); "
+            "check the path and the storage credentials"
+        ) from None
+    return read_imdb_dir(path) if is_dir else read_imdb_csv(path)
+
+
+def read_spooky_author(path: str) -> TextDataset:
+    """Kaggle's Spooky Author Identification train.csv layout: id,text,author."""
+    path = str(path)
+    index = {name: i for i, name in enumerate(SPOOKY_LABELS)}
+    missing_fix = (
+        "Kaggle's test.csv has no labels: split Kaggle's train.csv with "
+        "scripts/spooky_author/split_data.py and pass its train.csv and test.csv"
+    )
+    texts, labels = [], []
+    for line, (text, author) in iter_columns(path, ["text", "author"], missing_fix):
+        labels.append(_parse_named_label(path, line, author.upper(), index, "author"))
+        texts.append(_require_text(path, line, squash_spaces(text)))
+    return _dataset(path, texts, labels, SPOOKY_LABELS)
+
+
+# ---------------------------------------------------------------- generic CSV
+
+
+def read_labeled_csv(
+    path: str, text_columns: list[str], label_column: str
+) -> tuple[list[str], list[str], list[int]]:
+    """(texts, raw label strings, line numbers): labels stay strings until the
+    train file has fixed the label names."""
+    path = str(path)
+    fix = "set text_columns and label_column to columns of this file"
+    texts, raw_labels, lines = [], [], []
+    for line, values in iter_columns(path, [*text_columns, label_column], fix):
+        *text_parts, label = values
+        label = label.strip()
+        if not label:
+            raise DataError(f"{path}:{line}: empty label in column '{label_column}'; fill it in or drop the row")
+        texts.append(_require_text(path, line, squash_spaces(" ".join(text_parts))))
+        raw_labels.append(label)
+        lines.append(line)
+    return texts, raw_labels, lines
+
+
+def read_generic_csv(
+    path: str,
+    text_columns: list[str],
+    label_column: str,
+    label_names: tuple[str, ...] | None = None,
+) -> TextDataset:
+    """Any headered CSV. Without label_names (the train file) the labels are the
+    sorted distinct values; with them (the test file) an unseen value is an error."""
+    path = str(path)
+    texts, raw_labels, lines = read_labeled_csv(path, text_columns, label_column)
+    if label_names is None:
+        label_names = tuple(sorted(set(raw_labels)))
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = []
+    for line, value in zip(lines, raw_labels):
+        if value not in index:
+            raise DataError(
+                f"{path}:{line}: label '{value}' does not occur in the train file "
+                f"(labels: {', '.join(label_names)}); fix the value or add it to the train file"
+            )
+        labels.append(index[value])
+    return _dataset(path, texts, labels, label_names)

@@ -1,0 +1,108 @@
+"""How the rows of one dataset are dealt out to the sites.
+
+Every split is a seeded function of (labels, num_sites, seed), so every rank
+computes the same partition on its own and a resumed run gets the same data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from scaling_fl.data.dataset import DataError
+
+SPLIT_METHODS = ("iid", "label_sorted", "dirichlet")
+DIRICHLET_ATTEMPTS = 100
+
+
+def split_indices(
+    labels: np.ndarray,
+    num_sites: int,
+    method: str,
+    seed: int,
+    dirichlet_beta: float = 0.5,
+    sample_percentage: float = 1.0,
+) -> list[np.ndarray]:
+    """Disjoint, sorted, non-empty index arrays, one per site."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    _check_arguments(num_sites, method, dirichlet_beta, sample_percentage)
+    rng = np.random.default_rng(seed)
+    pool = _sample(len(labels), sample_percentage, num_sites, rng)
+    if method == "iid":
+        parts = _split_iid(pool, num_sites, rng)
+    elif method == "label_sorted":
+        parts = _split_label_sorted(labels, pool, num_sites, rng)
+    else:
+        parts = _split_dirichlet(labels, pool, num_sites, dirichlet_beta, rng)
+    return [np.sort(part).astype(np.int64) for part in parts]
+
+
+def _check_arguments(num_sites, method, dirichlet_beta, sample_percentage) -> None:
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown split method '{method}'; choose one of {', '.join(SPLIT_METHODS)}")
+    if int(num_sites) != num_sites or num_sites < 1:
+        raise ValueError(f"num_sites must be a positive integer, got {num_sites}")
+    if not 0.0 < sample_percentage <= 1.0:
+        raise ValueError(f"sample_percentage must be in (0, 1], got {sample_percentage}")
+    if method == "dirichlet" and not dirichlet_beta > 0:
+        raise ValueError(f"dirichlet_beta must be > 0, got {dirichlet_beta}")
+
+
+def _sample(num_rows: int, fraction: float, num_sites: int, rng) -> np.ndarray:
+    """The seeded subset of rows the split works on (all rows for fraction 1)."""
+    keep = num_rows if fraction == 1.0 else int(round(num_rows * fraction))
+    if keep < num_sites:
+        raise DataError(
+            f"cannot give {num_sites} sites a row each from {keep} rows "
+            f"({num_rows} rows, sample_percentage={fraction}); use fewer sites or more data"
+        )
+    if keep == num_rows:
+        return np.arange(num_rows)
+    return np.sort(rng.choice(num_rows, size=keep, replace=False))
+
+
+def _split_iid(pool: np.ndarray, num_sites: int, rng) -> list[np.ndarray]:
+    return np.array_split(rng.permutation(pool), num_sites)
+
+
+def _split_label_sorted(labels, pool, num_sites, rng) -> list[np.ndarray]:
+    """The original scaling_fl non-IID split: contiguous chunks of the label-sorted
+    rows, so each site sees only one or two labels. The shuffle first makes the
+    order within a label random."""
+    shuffled = rng.permutation(pool)
+    ordered = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    return np.array_split(ordered, num_sites)
+
+
+def _split_dirichlet(labels, pool, num_sites, beta, rng) -> list[np.ndarray]:
+    """Per label, site shares ~ Dirichlet(beta): small beta, few labels per site.
+    A draw that leaves a site empty is redrawn a bounded number of times."""
+    for _ in range(DIRICHLET_ATTEMPTS):
+        parts = _dirichlet_draw(labels, pool, num_sites, beta, rng)
+        if all(len(part) for part in parts):
+            return parts
+    raise DataError(
+        f"dirichlet split left a site without rows in {DIRICHLET_ATTEMPTS} draws "
+        f"({len(pool)} rows, {num_sites} sites, beta={beta}); raise dirichlet_beta or use fewer sites"
+    )
+
+
+def _dirichlet_draw(labels, pool, num_sites, beta, rng) -> list[np.ndarray]:
+    per_site: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
+    pool_labels = labels[pool]
+    for label in np.unique(pool_labels):
+        rows = rng.permutation(pool[pool_labels == label])
+        shares = rng.dirichlet(np.full(num_sites, beta))
+        cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(np.int64)
+        for site, chunk in enumerate(np.split(rows, cuts)):
+            per_site[site].append(chunk)
+    return [np.concatenate(chunks) for chunks in per_site]
+
+
+def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_labels: int) -> np.ndarray:
+    """[num_sites, num_labels] row counts, for logs and for checking skew."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if not parts:
+        return np.zeros((0, num_labels), dtype=np.int64)
+    return np.stack(
+        [np.bincount(labels[np.asarray(part, dtype=np.int64)], minlength=num_labels) for part in parts]
+    ).astype(np.int64)

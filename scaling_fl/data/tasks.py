@@ -1,0 +1,174 @@
+"""The task registry: a task name plus paths in, (train, test) datasets out."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import numpy as np
+
+from scaling_fl.data import readers
+from scaling_fl.data.dataset import DataError, TextDataset
+from scaling_fl.data.synthetic import synthetic_task
+
+TASK_NAMES = ("agnews", "yelp", "yelp_full", "imdb", "spooky_author", "csv", "synthetic")
+
+READERS: dict[str, Callable[[str], TextDataset]] = {
+    "agnews": readers.read_agnews,
+    "yelp": readers.read_yelp,
+    "yelp_full": readers.read_yelp_full,
+    "imdb": readers.read_imdb,
+    "spooky_author": readers.read_spooky_author,
+}
+
+# Hub ids (text + ClassLabel "label" columns, same label order as ours) and the
+# cleaning the local reader of the same task applies, so both sources agree.
+HUB_DATASETS = {
+    "agnews": ("fancyzhx/ag_news", readers.AGNEWS_LABELS, readers.clean_agnews),
+    "yelp": ("fancyzhx/yelp_polarity", readers.YELP_LABELS, readers.clean_crepe),
+    "yelp_full": ("Yelp/yelp_review_full", readers.YELP_FULL_LABELS, readers.clean_crepe),
+    "imdb": ("stanfordnlp/imdb", readers.IMDB_LABELS, readers.clean_imdb),
+}
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def load_task(
+    task_name: str,
+    train_path: str | None,
+    test_path: str | None,
+    *,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+    synthetic_train_size: int = 2000,
+    synthetic_test_size: int = 500,
+    data_seed: int = 42,
+) -> tuple[TextDataset, TextDataset]:
+    """(train, test) with the same label_names; raises DataError with one line."""
+    check_task_options(task_name, train_path, test_path, text_columns, label_column)
+    if task_name == "synthetic":
+        return synthetic_task(synthetic_train_size, synthetic_test_size, data_seed)
+    if task_name == "csv":
+        train = readers.read_generic_csv(os.fspath(train_path), text_columns, label_column)
+        test = readers.read_generic_csv(os.fspath(test_path), text_columns, label_column, train.label_names)
+        return train, test
+    if train_path is None:
+        return load_from_hub(task_name)
+    read = READERS[task_name]
+    return read(os.fspath(train_path)), read(os.fspath(test_path))
+
+
+def check_task_options(task_name, train_path, test_path, text_columns, label_column) -> None:
+    """Static checks, no I/O: the launcher runs them before any worker starts."""
+    if task_name not in TASK_NAMES:
+        raise DataError(f"unknown task_name '{task_name}'; choose one of {', '.join(TASK_NAMES)}")
+    _check_paths(task_name, train_path, test_path)
+    if task_name == "csv":
+        _check_csv_columns(text_columns, label_column)
+    elif text_columns is not None or label_column is not None:
+        raise DataError(
+            f"text_columns and label_column apply only to task_name=csv, not {task_name}; drop them"
+        )
+
+
+def _check_paths(task_name, train_path, test_path) -> None:
+    for name, value in (("train_path", train_path), ("test_path", test_path)):
+        if value is not None and not os.fspath(value).strip():
+            raise DataError(f"{name} is empty; give a file path or leave it unset")
+    if task_name == "synthetic":
+        if train_path is not None or test_path is not None:
+            raise DataError("task_name=synthetic is generated, not read; drop train_path and test_path")
+        return
+    if task_name in ("csv", "spooky_author") and (train_path is None or test_path is None):
+        hint = (
+            "; split Kaggle's train.csv with scripts/spooky_author/split_data.py"
+            if task_name == "spooky_author"
+            else ""
+        )
+        raise DataError(f"task_name={task_name} needs train_path=... and test_path=...{hint}")
+    if (train_path is None) != (test_path is None):
+        raise DataError(
+            f"task_name={task_name}: give both train_path and test_path, "
+            "or neither to download the dataset from the Hugging Face Hub"
+        )
+
+
+def _check_csv_columns(text_columns, label_column) -> None:
+    if isinstance(text_columns, str) or not text_columns:
+        raise DataError(
+            "task_name=csv needs text_columns, a list of column names such as ['title', 'body']"
+        )
+    if not all(isinstance(c, str) and c for c in text_columns):
+        raise DataError(f"text_columns must be non-empty column names, got {list(text_columns)}")
+    if not isinstance(label_column, str) or not label_column:
+        raise DataError("task_name=csv needs label_column, the name of the column holding the labels")
+    if label_column in text_columns:
+        raise DataError(f"label_column '{label_column}' is also in text_columns; the label must not be in the text")
+
+
+# ---------------------------------------------------------------- Hugging Face Hub
+
+
+def load_from_hub(task_name: str) -> tuple[TextDataset, TextDataset]:
+    """Download a task from the Hub; offline, fail in seconds with one line
+    (datasets itself retries for tens of seconds before giving up)."""
+    hub_id, label_names, clean = HUB_DATASETS[task_name]
+    if not _hub_offline_mode():
+        endpoint = _hub_endpoint()
+        if not _hub_reachable(endpoint):
+            raise DataError(
+                f"task {task_name}: the Hugging Face Hub ({endpoint}) could not be reached to download "
+                f"'{hub_id}'; pass train_path=... test_path=... (local, s3:// or gs:// files), "
+                "or set HF_HUB_OFFLINE=1 to use a cached copy"
+            )
+    try:
+        import datasets
+
+        loaded = datasets.load_dataset(hub_id)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one line for the user
+        raise DataError(
+            f"task {task_name}: could not load '{hub_id}' from the Hugging Face Hub "
+            f"({type(exc).__name__}: {readers.first_line(exc)}); pass train_path=... test_path=... instead"
+        ) from None
+    return tuple(
+        hub_split_to_dataset(loaded[split], label_names, clean, f"hf://{hub_id}[{split}]")
+        for split in ("train", "test")
+    )
+
+
+def hub_split_to_dataset(split, label_names, clean, source: str) -> TextDataset:
+    texts = [clean(text) for text in split["text"]]
+    labels = np.asarray(split["label"], dtype=np.int64)
+    return TextDataset(texts=texts, labels=labels, label_names=label_names, source=source)
+
+
+def _hub_offline_mode() -> bool:
+    """What huggingface_hub will do: it reads HF_HUB_OFFLINE once, at import."""
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+    except ImportError:
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Any HTTP answer counts as reachable; urllib honours the proxy variables."""
+    request = urllib.request.Request(endpoint, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False

@@ -1,0 +1,18 @@
+"""Small collectives shared by the round loop: start-up broadcast and metric sums."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def broadcast_flat_(flat: torch.Tensor, bucket_numel: int, src: int = 0) -> None:
+    """Gives every site rank `src`'s weights, bucket by bucket (in place)."""
+    for start in range(0, flat.numel(), bucket_numel):
+        dist.broadcast(flat[start : start + bucket_numel], src=src)
+
+
+def sum_across_sites(values: torch.Tensor) -> torch.Tensor:
+    """Sums a small tensor of counters over all sites (in place, returned for chaining)."""
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

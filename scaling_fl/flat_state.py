@@ -1,0 +1,55 @@
+"""The model's floating-point state as one contiguous vector.
+
+Every float parameter and float buffer becomes a view into one flat tensor, so an
+update is `local - global` on two vectors and a bucket is a slice: no per-tensor
+loops, copies or collectives during aggregation. Integer buffers (position ids,
+token type ids) stay where they are and are never averaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def _float_tensors(model: torch.nn.Module):
+    """Yields (module, name, tensor, is_parameter) once per distinct float tensor, in a fixed order."""
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param is not None and param.is_floating_point() and id(param) not in seen:
+                seen.add(id(param))
+                yield module, name, param, True
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.is_floating_point() and id(buf) not in seen:
+                seen.add(id(buf))
+                yield module, name, buf, False
+
+
+def flatten_model_(model: torch.nn.Module) -> torch.Tensor:
+    """Re-homes the model's float state into one vector and returns it (shared storage).
+
+    Call it after the model is on its device; moving the model later breaks the views.
+    """
+    entries = list(_float_tensors(model))
+    dtypes = {tensor.dtype for _, _, tensor, _ in entries}
+    if len(dtypes) != 1:
+        raise ValueError(f"model has mixed float dtypes {sorted(map(str, dtypes))}; keep master weights in one dtype")
+    first = entries[0][2]
+    flat = torch.empty(sum(t.numel() for _, _, t, _ in entries), dtype=first.dtype, device=first.device)
+    offset = 0
+    for module, name, tensor, is_parameter in entries:
+        view = flat[offset : offset + tensor.numel()].view_as(tensor)
+        view.copy_(tensor.detach())
+        if is_parameter:
+            tensor.data = view
+        else:
+            module._buffers[name] = view
+        offset += tensor.numel()
+    return flat
+
+
+def flat_sha256(flat: torch.Tensor) -> str:
+    """A fingerprint of the exact bits, to check that all sites hold the same model."""
+    return hashlib.sha256(flat.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()

@@ -1,0 +1,161 @@
+"""site_ids -> one worker process per site, through torch.distributed.elastic.
+
+The launcher is the process the user started. It reads and splits the data once,
+starts this node's sites with an elastic agent (no torchrun needed), follows rank 0's
+events and learns from elastic which site failed and why. The same command runs one
+node of a multi-node job when the environment says so:
+
+- Kubeflow PyTorchJob / manual: MASTER_ADDR, MASTER_PORT, WORLD_SIZE = number of nodes, RANK = node index
+- SLURM: SLURM_NNODES and SLURM_NODEID (MASTER_ADDR / MASTER_PORT exported by deploy/slurm/launch.sh)
+- torchrun --nproc-per-node=1: each torchrun worker is one node's launcher
+
+Total sites = nodes x len(site_ids); global rank = node index x len(site_ids) + local index.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from scaling_fl.config import Config, ConfigError
+from scaling_fl.data.prepared import PreparedData, prepare_data, save_prepared
+from scaling_fl.sites import threads_per_site
+from scaling_fl.tracking.events import EventFollower
+
+log = logging.getLogger("scaling_fl")
+
+
+@dataclass(frozen=True)
+class Topology:
+    num_nodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    sites_per_node: int
+
+    @property
+    def num_sites(self) -> int:
+        return self.num_nodes * self.sites_per_node
+
+    @property
+    def is_main_node(self) -> bool:
+        return self.node_rank == 0
+
+
+class SiteFailure(RuntimeError):
+    """A site process failed; the message names the site and carries its traceback."""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_int(env: dict, key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError:
+        raise ConfigError(f"environment {key}={env[key]!r} is not an integer") from None
+
+
+def node_topology(sites_per_node: int, env: dict | None = None) -> Topology:
+    env = dict(os.environ if env is None else env)
+    if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:  # inside torchrun
+        if env["LOCAL_WORLD_SIZE"] != "1":
+            raise ConfigError("under torchrun use --nproc-per-node=1: scaling-fl starts one process per site itself")
+        # torchrun's own store already listens on MASTER_PORT; the sites meet one port above.
+        env["MASTER_PORT"] = str(_env_int(env, "MASTER_PORT") + 1)
+    if "WORLD_SIZE" in env or "RANK" in env:
+        num_nodes, node_rank = _env_int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1, _env_int(env, "RANK") if "RANK" in env else 0
+    elif "SLURM_NNODES" in env and "SLURM_NODEID" in env:
+        num_nodes, node_rank = _env_int(env, "SLURM_NNODES"), _env_int(env, "SLURM_NODEID")
+    else:
+        num_nodes, node_rank = 1, 0
+    if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+        raise ConfigError(f"node rank {node_rank} is outside 0..{num_nodes - 1} (check RANK / WORLD_SIZE)")
+    if num_nodes > 1:
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise ConfigError("a multi-node job needs MASTER_ADDR and MASTER_PORT (the address of node 0)")
+        return Topology(num_nodes, node_rank, env["MASTER_ADDR"], _env_int(env, "MASTER_PORT"), sites_per_node)
+    port = _env_int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
+    return Topology(1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, sites_per_node)
+
+
+def check_devices(cfg: Config) -> None:
+    """GPU ids must exist when CUDA does; on CPU they are ignored with one warning."""
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        bad = sorted({gpu for gpu in cfg.site_ids if gpu >= count})
+        if bad:
+            raise ConfigError(f"site_ids={list(cfg.site_ids)} names GPU(s) {bad} but this node has {count} (ids 0..{count - 1})")
+    else:
+        if cfg.backend == "nccl":
+            raise ConfigError("backend='nccl' needs CUDA; use backend=auto or gloo on a machine without GPUs")
+        log.warning("no CUDA device: the %d sites of this node run on the CPU with gloo; site_ids only set how many",
+                    len(cfg.site_ids))
+
+
+def log_split(prepared: PreparedData) -> None:
+    names = prepared.label_names
+    for site, (size, histogram) in enumerate(zip(prepared.site_sizes(), prepared.histograms())):
+        labels = " ".join(f"{name}:{int(count)}" for name, count in zip(names, histogram))
+        log.info("site %d: %d rows  %s", site, size, labels)
+    log.info("test set: %d rows", len(prepared.test))
+
+
+def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event: Callable[[dict], None],
+              max_restarts: int = 0) -> dict[int, dict]:
+    """Starts this node's sites and blocks until they finish; returns each local site's result."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from scaling_fl.train.federated import run_site
+
+    workdir = tempfile.mkdtemp(prefix=f"scaling-fl-{cfg.job_name}-")
+    try:
+        save_prepared(prepared, os.path.join(workdir, "data"))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_site(len(cfg.site_ids))))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+        launch_config = LaunchConfig(
+            min_nodes=topology.num_nodes,
+            max_nodes=topology.num_nodes,
+            nproc_per_node=len(cfg.site_ids),
+            run_id=cfg.job_name,
+            rdzv_backend="static",
+            rdzv_endpoint=f"{topology.master_addr}:{topology.master_port}",
+            rdzv_configs={"rank": topology.node_rank, "timeout": 900},
+            max_restarts=max_restarts,
+            monitor_interval=0.5,
+            start_method="spawn",
+            local_addr=topology.master_addr if topology.num_nodes == 1 else None,
+        )
+        with EventFollower(os.path.join(workdir, "events.jsonl"), on_event):
+            try:
+                return elastic_launch(launch_config, run_site)(cfg.as_dict(), workdir)
+            except ChildFailedError as error:
+                raise SiteFailure(_describe_failure(error, len(cfg.site_ids))) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _describe_failure(error, sites_per_node: int) -> str:
+    rank, failure = error.get_first_failure()
+    trace = ""
+    if isinstance(failure.error_file_data, dict):
+        extra = failure.error_file_data.get("message", {})
+        if isinstance(extra, dict):
+            trace = extra.get("extraInfo", {}).get("py_callstack", "")
+    cause = failure.message if isinstance(failure.message, str) and failure.message else f"exit code {failure.exitcode}"
+    if failure.signal_name() != "<N/A>":
+        cause = f"killed by {failure.signal_name()}"
+    header = f"site {rank} (node rank {rank // sites_per_node}, local index {rank % sites_per_node}) failed: {cause}"
+    return header + (f"\n--- traceback of site {rank} ---\n{trace}" if trace else "")

@@ -1,0 +1,1 @@
+"""Sacred experiment, observers, the rank-0 -> launcher event channel, metrics and plots."""

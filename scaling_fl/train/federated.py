@@ -1,0 +1,140 @@
+"""The round loop: the one file to read to understand a run.
+
+Every site (one torch.distributed rank) runs `run_site`. A round is: train locally ->
+exchange turns all sites' updates into their sample-weighted mean -> the strategy
+applies it to the global model -> evaluate on the full test set -> rank 0 reports.
+All sites run the same strategy on the same mean, so they end every round with
+bitwise-identical weights and no server process exists that could fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from scaling_fl import models
+from scaling_fl.config import Config
+from scaling_fl.data.prepared import load_site_data
+from scaling_fl.data.tokenize import padding_collator, tokenize
+from scaling_fl.exchange import DenseExchange, broadcast_flat_, sum_across_sites
+from scaling_fl.flat_state import flat_sha256, flatten_model_
+from scaling_fl.sites import start_site, stop_site
+from scaling_fl.strategies import FedAvg
+from scaling_fl.tracking.events import EventWriter
+from scaling_fl.train import local
+from scaling_fl.train.evaluate import classification_metrics, evaluation_sums
+
+log = logging.getLogger("scaling_fl")
+
+
+@record
+def run_site(config: dict, workdir: str) -> dict:
+    """Entry point of one site process (started by torch.distributed.elastic)."""
+    cfg = Config(**{**config, "site_ids": tuple(config["site_ids"]),
+                    "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None})
+    site = start_site(cfg.site_ids, cfg.backend, cfg.collective_timeout_s)
+    _quiet_unless_leader(site.is_leader)
+    try:
+        with logging_redirect_tqdm():
+            return _federate(cfg, site, workdir)
+    finally:
+        stop_site()
+
+
+def _federate(cfg: Config, site, workdir: str) -> dict:
+    events = EventWriter(os.path.join(workdir, "events.jsonl")) if site.is_leader else None
+
+    # --- data: this site's rows and its shard of the test set -----------------------
+    data = load_site_data(os.path.join(workdir, "data"), site.rank, site.world_size)
+    tokenizer = models.load_tokenizer(cfg.model)
+    train_set = tokenize(data.train.texts, data.train.labels, tokenizer, cfg.max_seq_len)
+    test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
+    collate = padding_collator(tokenizer)
+    num_labels = len(data.train.label_names)
+    weight = len(train_set) / sum(data.site_sizes)  # this site's share of the mean update
+
+    # --- model: identical start everywhere, float state in one flat vector ----------
+    model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(site.device)
+    local_weights = flatten_model_(model)
+    exchange = DenseExchange(local_weights.numel(), int(cfg.bucket_size_mb * 2**20), local_weights.dtype)
+    broadcast_flat_(local_weights, exchange.bucket_numel, src=0)
+    global_weights = local_weights.clone()
+    strategy = FedAvg()
+
+    steps = local.steps_per_round(len(train_set), cfg.batch_size, cfg.grad_accum_steps,
+                                  cfg.num_local_epochs, cfg.local_steps)
+    total_steps = steps * cfg.num_rounds
+    warmup_steps = int(cfg.warmup_ratio * total_steps)
+
+    # One bar over all local steps of all rounds (rank 0 only): no cursor games in captured logs.
+    progress = tqdm(total=total_steps, disable=not site.is_leader, dynamic_ncols=True, mininterval=1.0, unit="step")
+    for round_index in range(cfg.num_rounds):
+        round_number = round_index + 1
+        round_start = time.perf_counter()
+        progress.set_description(f"round {round_number}/{cfg.num_rounds}")
+
+        # --- 1. local training ------------------------------------------------------
+        torch.manual_seed(local.round_seed(cfg.seed, site.rank, round_index, stream=1))  # dropout
+        plan = local.batch_plan(len(train_set), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
+                                cfg.local_steps, local.round_seed(cfg.seed, site.rank, round_index))
+        optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
+        offset = round_index * steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: local.lr_factor(offset + step, total_steps, warmup_steps, cfg.lr_scheduler))
+        train_sums = local.train_round(
+            model, train_set, collate, plan, optimizer=optimizer, scheduler=scheduler, precision=cfg.precision,
+            max_grad_norm=cfg.max_grad_norm, device=site.device, progress=progress)
+        del optimizer, scheduler
+        train_done = time.perf_counter()
+
+        # --- 2. exchange: mean update over sites, applied by the strategy ----------
+        bytes_sent = exchange.exchange_(local_weights, global_weights, weight, strategy)
+        aggregate_done = time.perf_counter()
+
+        # --- 3. evaluate the global model on the full test set ----------------------
+        loss_sum, confusion = evaluation_sums(model, test_shard, collate, batch_size=cfg.val_batch_size,
+                                              num_labels=num_labels, precision=cfg.precision, device=site.device)
+        sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double(), train_sums.as_tensor()])
+                                .to(site.device)).cpu()
+        validation = classification_metrics(sums[0].item(), sums[1 : 1 + num_labels**2].view(num_labels, -1).numpy())
+        train_loss_sum, train_correct, train_count = sums[-3:].tolist()
+        eval_done = time.perf_counter()
+
+        # --- 4. report (rank 0 only) -------------------------------------------------
+        if site.is_leader:
+            metrics = {
+                "validation.loss": validation["loss"],
+                "validation.accuracy": validation["accuracy"],
+                "validation.f1_macro": validation["f1_macro"],
+                "train.loss": train_loss_sum / train_count,
+                "train.accuracy": train_correct / train_count,
+                "time.round_s": eval_done - round_start,
+                "time.train_s": train_done - round_start,
+                "time.aggregate_s": aggregate_done - train_done,
+                "time.eval_s": eval_done - aggregate_done,
+                "comm.bytes_per_site": bytes_sent,
+            }
+            events.write("round", round=round_number, metrics=metrics)
+            progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
+            log.info("round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
+                     round_number, cfg.num_rounds, metrics["validation.accuracy"], metrics["validation.loss"],
+                     metrics["validation.f1_macro"], metrics["train.loss"], metrics["time.round_s"])
+
+    progress.close()
+    return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights), "num_rows": len(train_set)}
+
+
+def _quiet_unless_leader(is_leader: bool) -> None:
+    """Rank 0 talks; the other sites only speak up when something fails."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO if is_leader else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

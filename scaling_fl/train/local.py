@@ -1,0 +1,131 @@
+"""One site's local training for one round.
+
+Every source of randomness (batch order, dropout) is seeded from (seed, site, round),
+so a round replays identically after a restart without saving RNG state. The local
+optimizer is rebuilt at the start of each round (stateless sites, as in FedAvg and
+Flower's examples): the global model changes between rounds, and moments collected
+for the previous global model would point the wrong way.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scaling_fl.data.tokenize import TokenizedDataset, to_device
+
+
+@dataclass
+class TrainSums:
+    """Per-site sums, so the federation can weight them by samples exactly."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64)
+
+
+def round_seed(seed: int, site: int, round_index: int, stream: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, site, round_index, stream]).generate_state(1)[0])
+
+
+def steps_per_round(num_rows: int, batch_size: int, grad_accum_steps: int, num_local_epochs: int, local_steps: int) -> int:
+    if local_steps > 0:
+        return local_steps
+    micro_batches = math.ceil(num_rows / batch_size)
+    return math.ceil(micro_batches / grad_accum_steps) * num_local_epochs
+
+
+def batch_plan(num_rows: int, batch_size: int, grad_accum_steps: int, num_local_epochs: int, local_steps: int,
+               seed: int) -> list[list[np.ndarray]]:
+    """Optimizer steps of the round, each a list of micro-batches of row indices.
+
+    Epoch mode: a fresh seeded permutation per epoch, the last step of an epoch may be
+    short. Step mode (local_steps > 0): permutations are drawn until enough steps exist.
+    """
+    rng = np.random.default_rng(seed)
+
+    def epoch_steps() -> list[list[np.ndarray]]:
+        order = rng.permutation(num_rows)
+        micro = [order[i : i + batch_size] for i in range(0, num_rows, batch_size)]
+        return [micro[i : i + grad_accum_steps] for i in range(0, len(micro), grad_accum_steps)]
+
+    if local_steps <= 0:
+        return [step for _ in range(num_local_epochs) for step in epoch_steps()]
+    steps: list[list[np.ndarray]] = []
+    while len(steps) < local_steps:
+        steps.extend(epoch_steps())
+    return steps[:local_steps]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Hugging Face's schedule shapes, over the whole federated run (all rounds)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: torch.nn.Module, kind: str, learning_rate: float, weight_decay: float, momentum: float):
+    """Biases and norm weights (1-d tensors) get no weight decay, like the HF Trainer."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=momentum)
+    return torch.optim.AdamW(groups, lr=learning_rate)
+
+
+def autocast_for(precision: str, device: torch.device):
+    if precision == "fp32" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def train_round(model: torch.nn.Module, dataset: TokenizedDataset, collate, plan: list[list[np.ndarray]], *,
+                optimizer, scheduler, precision: str, max_grad_norm: float, device: torch.device,
+                progress=None) -> TrainSums:
+    model.train()
+    sums = TrainSums()
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    for step_batches in plan:
+        step_rows = sum(len(rows) for rows in step_batches)
+        for rows in step_batches:
+            batch = to_device(collate([dataset[int(i)] for i in rows]), device)
+            labels = batch.pop("labels")
+            with autocast_for(precision, device):
+                logits = model(**batch).logits
+            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+            # Dividing by the rows of the whole step makes accumulation equal to one big batch.
+            loss = loss_sum / step_rows
+            (scaler.scale(loss) if scaler else loss).backward()
+            sums.loss_sum += loss_sum.item()
+            sums.correct += int((logits.argmax(dim=-1) == labels).sum())
+            sums.count += len(rows)
+        if scaler:
+            scaler.unscale_(optimizer)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress.update(1)
+    return sums

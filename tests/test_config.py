@@ -1,0 +1,83 @@
+"""Config validation: every bad value is one line, exit code 2, before any worker or record exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scaling_fl.config import DEFAULTS, ConfigError, resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_resolve_and_iid_split_alias():
+    assert resolve({}).split == "iid"
+    assert resolve({"iid_split": False}).split == "label_sorted"
+    assert resolve({"iid_split": False, "split": "dirichlet"}).split == "dirichlet"
+    assert resolve({"site_ids": [0, 0, 1, 1]}).site_ids == (0, 0, 1, 1)
+    assert resolve({"job_name": None}).job_name  # generated
+    assert resolve({"max_grad_norm": None}).max_grad_norm == 0.0
+
+
+def test_original_scaling_fl_keys_keep_their_names():
+    original = ["learning_rate", "max_seq_len", "batch_size", "val_batch_size", "num_rounds", "num_local_epochs",
+                "site_ids", "task_name", "train_path", "test_path", "model", "data_seed", "iid_split", "job_name",
+                "checkpoints_dir", "author"]
+    assert set(original) <= set(DEFAULTS)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("site_ids", [], "site_ids"),
+    ("site_ids", [0, -1], "site_ids"),
+    ("site_ids", "0,1", "site_ids"),
+    ("num_rounds", 0, "num_rounds"),
+    ("learning_rate", -1.0, "learning_rate"),
+    ("learning_rate", float("nan"), "learning_rate"),
+    ("batch_size", 2.5, "batch_size"),
+    ("split", "random", "split"),
+    ("sample_percentage", 1.5, "sample_percentage"),
+    ("dirichlet_beta", 0, "dirichlet_beta"),
+    ("optimizer", "adam", "optimizer"),
+    ("lr_scheduler", "step", "lr_scheduler"),
+    ("precision", "bf16", "CUDA"),
+    ("precision", "fp8", "precision"),
+    ("task_name", "mnist", "task_name"),
+    ("job_name", "bad name/../x", "job_name"),
+    ("backend", "nccl", "backend"),
+    ("warmup_ratio", 1.0, "warmup_ratio"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(key, value, needle):
+    raw = {key: value}
+    if key == "backend":
+        raw["site_ids"] = [0, 0]
+    with pytest.raises(ConfigError) as error:
+        resolve(raw)
+    message = str(error.value)
+    assert needle in message and "\n" not in message
+
+
+def _cli(tmp_path, *updates):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_federated.py"), "with",
+                           f"runs_dir={tmp_path / 'runs'}", *updates],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("updates, needle", [
+    (["num_rounds=0"], "num_rounds=0"),
+    (["site_ids=[0,-1]"], "site_ids"),
+    (["task_name=nope"], "task_name='nope'"),
+    (["num_round=3"], "did you mean num_rounds"),
+    (["task_name=agnews", "train_path=/no/such/file.csv", "test_path=/no/such/test.csv"], "/no/such/file.csv"),
+    (["model=no-such-model-dir"], "no-such-model-dir"),
+])
+def test_cli_rejects_bad_input_before_any_worker_or_record(tmp_path, updates, needle):
+    result = _cli(tmp_path, "model=tiny-bert", *updates)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and needle in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Started run" not in result.stderr + result.stdout  # no Sacred run, so no worker either
+    assert not (tmp_path / "runs").exists()

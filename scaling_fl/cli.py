@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> None:
 
     resource_tracker.ensure_running()
 
+    for index, arg in enumerate(argv):  # Sacred records its command line options in the run
+        value = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
+        if arg.split("=", 1)[0] in ("-m", "--mongo_db") and "@" in value:
+            print("scaling-fl: error: credentials on the command line end up in the run record; "
+                  "set SACRED_URL (or SACRED_USER / SACRED_PASSWORD / SACRED_HOST) in .env instead", file=sys.stderr)
+            raise SystemExit(2)
+
     from scaling_fl.tracking import experiment
 
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(

@@ -17,6 +17,8 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("auto", "nccl", "gloo")
+TRACKING = ("auto", "mongo", "file", "none")
+RESUME = ("auto", "force")
 
 
 def _default_author() -> str:
@@ -65,10 +67,21 @@ DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     # Exchange.
     "bucket_size_mb": 32,
+    # Tracking.
+    "tracking": "auto",  # mongo when SACRED_URL / SACRED_HOST is set, else the file store under runs_dir
+    "runs_dir": "runs",
+    "save_final_model": False,
+    "tensorboard_dir": None,
+    "per_site_metrics": False,
+    # Checkpoints and fault tolerance.
+    "checkpoint_every": 1,
+    "keep_last_checkpoints": 3,
+    "resume": "auto",  # auto: continue a compatible checkpoint; force: also when the config changed
+    "resume_from": None,
+    "max_restarts": 3,
     # Runtime.
     "backend": "auto",  # nccl when every GPU hosts one site, else gloo (NCCL refuses two ranks on one GPU)
     "collective_timeout_s": 60,
-    "runs_dir": "runs",
 }
 
 
@@ -116,7 +129,16 @@ class Config:
     bucket_size_mb: float
     backend: str
     collective_timeout_s: float
+    tracking: str
     runs_dir: str
+    save_final_model: bool
+    tensorboard_dir: str | None
+    per_site_metrics: bool
+    checkpoint_every: int
+    keep_last_checkpoints: int
+    resume: str
+    resume_from: str | None
+    max_restarts: int
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -159,6 +181,13 @@ def _choice(cfg: dict, key: str, choices: tuple[str, ...]) -> str:
     value = cfg[key]
     if value not in choices:
         raise _fail(key, value, "one of " + ", ".join(choices))
+    return value
+
+
+def _bool(cfg: dict, key: str) -> bool:
+    value = cfg[key]
+    if not isinstance(value, bool):
+        raise _fail(key, value, "True or False")
     return value
 
 
@@ -251,7 +280,7 @@ def resolve(raw: dict[str, Any]) -> Config:
         test_path=_optional_str(cfg, "test_path"),
         model=cfg["model"],
         data_seed=_int(cfg, "data_seed", 0),
-        iid_split=bool(cfg["iid_split"]),
+        iid_split=_bool(cfg, "iid_split"),
         job_name=_job_name(cfg["job_name"]),
         checkpoints_dir=_optional_str(cfg, "checkpoints_dir"),
         author=cfg["author"],
@@ -275,5 +304,14 @@ def resolve(raw: dict[str, Any]) -> Config:
         bucket_size_mb=_number(cfg, "bucket_size_mb", 0.0, 4096.0, low_open=True),
         backend=_backend(cfg),
         collective_timeout_s=_number(cfg, "collective_timeout_s", 1.0, 86400.0),
+        tracking=_choice(cfg, "tracking", TRACKING),
         runs_dir=cfg["runs_dir"],
+        save_final_model=_bool(cfg, "save_final_model"),
+        tensorboard_dir=_optional_str(cfg, "tensorboard_dir"),
+        per_site_metrics=_bool(cfg, "per_site_metrics"),
+        checkpoint_every=_int(cfg, "checkpoint_every", 1),
+        keep_last_checkpoints=_int(cfg, "keep_last_checkpoints", 1),
+        resume=_choice(cfg, "resume", RESUME),
+        resume_from=_optional_str(cfg, "resume_from"),
+        max_restarts=_int(cfg, "max_restarts", 0),
     )

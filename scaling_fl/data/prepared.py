@@ -75,6 +75,7 @@ class SiteData:
     train: TextDataset
     test_shard: TextDataset
     site_sizes: list[int]
+    test_full: TextDataset | None  # only when a site scores its own local model (per_site_metrics)
 
 
 def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source: str) -> TextDataset:
@@ -83,7 +84,7 @@ def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source
                        label_names=label_names, source=source)
 
 
-def load_site_data(directory: str, rank: int, world_size: int) -> SiteData:
+def load_site_data(directory: str, rank: int, world_size: int, full_test: bool = False) -> SiteData:
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     label_names = tuple(meta["label_names"])
@@ -96,4 +97,5 @@ def load_site_data(directory: str, rank: int, world_size: int) -> SiteData:
         train=_read_rows(os.path.join(directory, "train.arrow"), parts[rank], label_names, meta["train_source"]),
         test_shard=_read_rows(test_path, np.arange(rank, num_test, world_size), label_names, meta["test_source"]),
         site_sizes=[len(part) for part in parts],
+        test_full=_read_rows(test_path, np.arange(num_test), label_names, meta["test_source"]) if full_test else None,
     )

@@ -16,3 +16,10 @@ def sum_across_sites(values: torch.Tensor) -> torch.Tensor:
     """Sums a small tensor of counters over all sites (in place, returned for chaining)."""
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_from_sites(values: torch.Tensor) -> torch.Tensor:
+    """Every site's small vector of values, stacked by rank ([world_size, n]) on every site."""
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values)
+    return torch.stack(parts)

@@ -1,21 +1,25 @@
 """The Sacred experiment: config, validation before any record exists, and the main command.
 
-The launching process owns the Sacred run. Validation and the data/model pre-flight
-run in a config hook, i.e. before Sacred starts its observers, so a bad value or a
-malformed file costs one line and exit code 2 and leaves no run record behind.
+The launching process owns the Sacred run. Validation and the pre-flight (data, model,
+devices, tracking server, previous run of this job) run in a config hook, i.e. before
+Sacred starts its observers, so bad input costs one line and exit code 2 and leaves
+no run record behind.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import sys
+import tempfile
 import warnings
+from dataclasses import dataclass
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from sacred import Experiment  # noqa: E402
-from sacred.observers import FileStorageObserver  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
 from scaling_fl import models  # noqa: E402
@@ -24,6 +28,10 @@ from scaling_fl.data.dataset import DataError  # noqa: E402
 from scaling_fl.data.prepared import PreparedData, prepare_data  # noqa: E402
 from scaling_fl.data.tasks import check_task_options  # noqa: E402
 from scaling_fl.launch import Topology, check_devices, log_split, node_topology, run_sites  # noqa: E402
+from scaling_fl.tracking import resume, sacred_fixes  # noqa: E402
+from scaling_fl.tracking.observers import MongoTarget, TrackingError, check_mongo, choose_tracking, mongo_client  # noqa: E402
+
+sacred_fixes.apply()
 
 MAIN_COMMAND = "train_federated"
 EXIT_BAD_INPUT = 2
@@ -38,6 +46,17 @@ ex.logger = log
 explicit_observers = False
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the pre-flight found out, shared by the config hook and the main command."""
+
+    prepared: PreparedData
+    topology: Topology
+    tracking: str  # "mongo", "file" or "none"
+    mongo: MongoTarget | None
+    previous: resume.PreviousRun | None  # this job's earlier record, continued by this run
+
+
 def fail_bad_input(error: Exception) -> None:
     print(f"scaling-fl: error: {error}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_BAD_INPUT)
@@ -48,14 +67,38 @@ def config_from_sacred(config: dict) -> Config:
 
 
 @functools.lru_cache(maxsize=4)
-def preflight(cfg: Config) -> tuple[PreparedData, Topology]:
+def preflight(cfg: Config) -> Plan:
     """Everything that can be checked before a worker starts; cached for the main command."""
     topology = node_topology(len(cfg.site_ids))
     check_devices(cfg)
     check_task_options(cfg.task_name, cfg.train_path, cfg.test_path,
                        list(cfg.text_columns) if cfg.text_columns else None, cfg.label_column)
     models.check_model(cfg.model)
-    return prepare_data(cfg, topology.num_sites), topology
+    tracking, mongo, previous = "none", None, None
+    if topology.is_main_node and not explicit_observers:
+        tracking, mongo = choose_tracking(cfg.tracking)
+        if mongo is not None:
+            check_mongo(mongo)
+            client = mongo_client(mongo)
+            try:
+                previous = resume.find_mongo_run(client[mongo.database], cfg.job_name)
+            finally:
+                client.close()
+        elif tracking == "file":
+            previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
+        resume.refuse_if_live(previous, cfg.job_name)
+    prepared = prepare_data(cfg, topology.num_sites)
+    return Plan(prepared, topology, tracking, mongo, previous)
+
+
+def make_observer(plan: Plan, cfg: Config):
+    resume_id = plan.previous.run_id if plan.previous else None
+    if plan.tracking == "mongo":
+        return resume.ResumableMongoObserver(client=mongo_client(plan.mongo), db_name=plan.mongo.database,
+                                             resume_id=resume_id)
+    if plan.tracking == "file":
+        return resume.ResumableFileStorageObserver(cfg.runs_dir, resume_id=resume_id)
+    return None
 
 
 @ex.config_hook
@@ -63,10 +106,11 @@ def validate(config, command_name, logger):
     try:
         cfg = config_from_sacred(config)
         if command_name == MAIN_COMMAND:
-            _, topology = preflight(cfg)
-            if topology.is_main_node and not explicit_observers and not ex.observers:
-                ex.observers.append(FileStorageObserver(cfg.runs_dir))
-    except (ConfigError, DataError, models.ModelError) as error:
+            plan = preflight(cfg)
+            if not explicit_observers:
+                observer = make_observer(plan, cfg)
+                ex.observers[:] = [observer] if observer else []
+    except (ConfigError, DataError, models.ModelError, TrackingError) as error:
         fail_bad_input(error)
     return {"split": cfg.split, "job_name": cfg.job_name}
 
@@ -74,26 +118,60 @@ def validate(config, command_name, logger):
 @ex.main
 def train_federated(_config, _run):
     cfg = config_from_sacred(_config)
-    prepared, topology = preflight(cfg)
+    plan = preflight(cfg)
+    for observer in _run.observers:  # a continued record keeps its info (and Mongo's metric references)
+        _run.info.update(getattr(observer, "previous_info", {}) or {})
+    last_logged = plan.previous.last_round if plan.previous else 0
+    if plan.previous:
+        log.info("continuing run %s of job %r (was %s, rounds logged: %d)", plan.previous.run_id, cfg.job_name,
+                 plan.previous.status, last_logged)
+    prepared = plan.prepared
     log_split(prepared)
     _run.info["sites"] = {
-        "count": topology.num_sites,
+        "count": plan.topology.num_sites,
         "sizes": prepared.site_sizes(),
         "label_names": list(prepared.label_names),
         "label_histograms": prepared.histograms().tolist(),
         "test_rows": len(prepared.test),
     }
+    _add_json_artifact(_run, "config.resolved.json", cfg.as_dict())
+    tensorboard = _tensorboard_writer(cfg)
     final: dict[str, float] = {}
 
     def on_event(event: dict) -> None:
-        if event["event"] == "round":
+        if event["event"] == "round" and event["round"] > last_logged:  # never log a round twice
             for name, value in event["metrics"].items():
                 _run.log_scalar(name, value, event["round"])
+                if tensorboard:
+                    tensorboard.add_scalar(name, value, event["round"])
             final.update(event["metrics"])
+        elif event["event"] == "final_model":
+            for name in ("model.safetensors", "config.json"):
+                _run.add_artifact(os.path.join(event["path"], name), f"final_model.{name}")
 
-    results = run_sites(cfg, prepared, topology, on_event)
+    try:
+        results = run_sites(cfg, plan.prepared, plan.topology, on_event, max_restarts=cfg.max_restarts)
+    finally:
+        if tensorboard:
+            tensorboard.close()
     fingerprints = {result["weights_sha256"] for result in results.values()}
     if len(fingerprints) != 1:
         raise RuntimeError(f"sites ended with different global models: {results}")
     _run.info["final_weights_sha256"] = fingerprints.pop()
     return {key: final[key] for key in ("validation.accuracy", "validation.loss", "validation.f1_macro") if key in final}
+
+
+def _add_json_artifact(run, name: str, payload: dict) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+        run.add_artifact(path, name)
+
+
+def _tensorboard_writer(cfg: Config):
+    if not cfg.tensorboard_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=os.path.join(cfg.tensorboard_dir, cfg.job_name))

@@ -14,10 +14,6 @@ from scaling_fl.data.tokenize import TokenizedDataset, to_device
 from scaling_fl.train.local import autocast_for
 
 
-def shard_rows(num_rows: int, rank: int, world_size: int) -> np.ndarray:
-    return np.arange(rank, num_rows, world_size)
-
-
 @torch.inference_mode()
 def evaluation_sums(model: torch.nn.Module, dataset: TokenizedDataset, collate, *, batch_size: int,
                     num_labels: int, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,21 +14,23 @@ import os
 import time
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from scaling_fl import models
 from scaling_fl.config import Config
 from scaling_fl.data.prepared import load_site_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
-from scaling_fl.exchange import DenseExchange, broadcast_flat_, sum_across_sites
+from scaling_fl.exchange import DenseExchange, broadcast_flat_, gather_from_sites, sum_across_sites
 from scaling_fl.flat_state import flat_sha256, flatten_model_
 from scaling_fl.sites import start_site, stop_site
 from scaling_fl.strategies import FedAvg
 from scaling_fl.tracking.events import EventWriter
 from scaling_fl.train import local
-from scaling_fl.train.evaluate import classification_metrics, evaluation_sums
+from scaling_fl.train.evaluate import evaluation_sums
+from scaling_fl.train.faults import maybe_fail
+from scaling_fl.train.metrics import local_eval_summary, round_metrics, site_vector
 
 log = logging.getLogger("scaling_fl")
 
@@ -49,15 +51,22 @@ def run_site(config: dict, workdir: str) -> dict:
 
 def _federate(cfg: Config, site, workdir: str) -> dict:
     events = EventWriter(os.path.join(workdir, "events.jsonl")) if site.is_leader else None
+    if site.is_leader:
+        log.info("%d sites, backend %s, device of site 0: %s", site.world_size, site.backend, site.device)
 
     # --- data: this site's rows and its shard of the test set -----------------------
-    data = load_site_data(os.path.join(workdir, "data"), site.rank, site.world_size)
+    data = load_site_data(os.path.join(workdir, "data"), site.rank, site.world_size, full_test=cfg.per_site_metrics)
     tokenizer = models.load_tokenizer(cfg.model)
     train_set = tokenize(data.train.texts, data.train.labels, tokenizer, cfg.max_seq_len)
     test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
+    test_full = tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
     collate = padding_collator(tokenizer)
     num_labels = len(data.train.label_names)
     weight = len(train_set) / sum(data.site_sizes)  # this site's share of the mean update
+
+    def evaluate(dataset):
+        return evaluation_sums(model, dataset, collate, batch_size=cfg.val_batch_size, num_labels=num_labels,
+                               precision=cfg.precision, device=site.device)
 
     # --- model: identical start everywhere, float state in one flat vector ----------
     model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(site.device)
@@ -78,6 +87,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         round_number = round_index + 1
         round_start = time.perf_counter()
         progress.set_description(f"round {round_number}/{cfg.num_rounds}")
+        maybe_fail(site.rank, round_number)
 
         # --- 1. local training ------------------------------------------------------
         torch.manual_seed(local.round_seed(cfg.seed, site.rank, round_index, stream=1))  # dropout
@@ -91,6 +101,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             model, train_set, collate, plan, optimizer=optimizer, scheduler=scheduler, precision=cfg.precision,
             max_grad_norm=cfg.max_grad_norm, device=site.device, progress=progress)
         del optimizer, scheduler
+        local_eval = local_eval_summary(*evaluate(test_full)) if test_full is not None else None
         train_done = time.perf_counter()
 
         # --- 2. exchange: mean update over sites, applied by the strategy ----------
@@ -98,28 +109,22 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         aggregate_done = time.perf_counter()
 
         # --- 3. evaluate the global model on the full test set ----------------------
-        loss_sum, confusion = evaluation_sums(model, test_shard, collate, batch_size=cfg.val_batch_size,
-                                              num_labels=num_labels, precision=cfg.precision, device=site.device)
-        sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double(), train_sums.as_tensor()])
-                                .to(site.device)).cpu()
-        validation = classification_metrics(sums[0].item(), sums[1 : 1 + num_labels**2].view(num_labels, -1).numpy())
-        train_loss_sum, train_correct, train_count = sums[-3:].tolist()
+        loss_sum, confusion = evaluate(test_shard)
+        validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(site.device)).cpu()
+        per_site = gather_from_sites(site_vector(train_sums, site.device, local_eval).to(site.device)).cpu()
         eval_done = time.perf_counter()
 
         # --- 4. report (rank 0 only) -------------------------------------------------
         if site.is_leader:
-            metrics = {
-                "validation.loss": validation["loss"],
-                "validation.accuracy": validation["accuracy"],
-                "validation.f1_macro": validation["f1_macro"],
-                "train.loss": train_loss_sum / train_count,
-                "train.accuracy": train_correct / train_count,
+            metrics = round_metrics(validation_sums, num_labels, per_site, with_per_site=cfg.per_site_metrics,
+                                    cuda=site.device.type == "cuda")
+            metrics.update({
                 "time.round_s": eval_done - round_start,
                 "time.train_s": train_done - round_start,
                 "time.aggregate_s": aggregate_done - train_done,
                 "time.eval_s": eval_done - aggregate_done,
                 "comm.bytes_per_site": bytes_sent,
-            }
+            })
             events.write("round", round=round_number, metrics=metrics)
             progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
             log.info("round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
@@ -127,7 +132,21 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
                      metrics["validation.f1_macro"], metrics["train.loss"], metrics["time.round_s"])
 
     progress.close()
+    if site.is_leader and cfg.save_final_model:
+        events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
     return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights), "num_rows": len(train_set)}
+
+
+def _save_final_model(model: torch.nn.Module, directory: str) -> str:
+    """The global model as a plain safetensors state dict + its config, loadable without pickle."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    # Parameters are views of one flat vector; safetensors wants separate storage.
+    save_file({name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()},
+              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    model.config.to_json_file(os.path.join(directory, "config.json"))
+    return directory
 
 
 def _quiet_unless_leader(is_leader: bool) -> None:

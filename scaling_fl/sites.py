@@ -55,11 +55,22 @@ def start_site(site_ids: tuple[int, ...], requested_backend: str, collective_tim
     backend = choose_backend(requested_backend, site_ids, device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if backend == "nccl":
-        dist.init_process_group("nccl", timeout=timeout, device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=timeout)
+    extra = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size,
+                            timeout=timeout, **extra)
     return Site(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
+
+
+def _attempt_store(world_size: int, timeout: datetime.timedelta):
+    """The elastic agent's store, under a prefix unique to this start of the workers.
+
+    After a restart the agent's store still holds the previous attempt's rendezvous keys
+    (the dead workers' addresses); reading them makes gloo connect to closed ports. A
+    prefix per restart count gives every attempt a clean namespace.
+    """
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"scaling-fl/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def stop_site() -> None:

@@ -23,3 +23,14 @@ def gather_from_sites(values: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, values)
     return torch.stack(parts)
+
+
+def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
+    """Rank `src`'s decision (e.g. which checkpoint round to resume), the same on every site."""
+    holder = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(holder, src=src)
+    return int(holder.item())
+
+
+def wait_for_all_sites() -> None:
+    dist.barrier()

@@ -22,11 +22,12 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
-from scaling_fl import models  # noqa: E402
+from scaling_fl import checkpoint, models  # noqa: E402
 from scaling_fl.config import DEFAULTS, Config, ConfigError, resolve  # noqa: E402
 from scaling_fl.data.dataset import DataError  # noqa: E402
 from scaling_fl.data.prepared import PreparedData, prepare_data  # noqa: E402
 from scaling_fl.data.tasks import check_task_options  # noqa: E402
+from scaling_fl import storage  # noqa: E402
 from scaling_fl.launch import Topology, check_devices, log_split, node_topology, run_sites  # noqa: E402
 from scaling_fl.tracking import resume, sacred_fixes  # noqa: E402
 from scaling_fl.tracking.observers import MongoTarget, TrackingError, check_mongo, choose_tracking, mongo_client  # noqa: E402
@@ -55,6 +56,7 @@ class Plan:
     tracking: str  # "mongo", "file" or "none"
     mongo: MongoTarget | None
     previous: resume.PreviousRun | None  # this job's earlier record, continued by this run
+    resume_point: checkpoint.Checkpoint | None  # the checkpoint the sites will continue from
 
 
 def fail_bad_input(error: Exception) -> None:
@@ -87,8 +89,9 @@ def preflight(cfg: Config) -> Plan:
         elif tracking == "file":
             previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
         resume.refuse_if_live(previous, cfg.job_name)
+    resume_point = checkpoint.preflight(cfg, topology.num_sites)
     prepared = prepare_data(cfg, topology.num_sites)
-    return Plan(prepared, topology, tracking, mongo, previous)
+    return Plan(prepared, topology, tracking, mongo, previous, resume_point)
 
 
 def make_observer(plan: Plan, cfg: Config):
@@ -110,7 +113,8 @@ def validate(config, command_name, logger):
             if not explicit_observers:
                 observer = make_observer(plan, cfg)
                 ex.observers[:] = [observer] if observer else []
-    except (ConfigError, DataError, models.ModelError, TrackingError) as error:
+    except (ConfigError, DataError, models.ModelError, TrackingError, checkpoint.CheckpointError,
+            storage.StorageError) as error:
         fail_bad_input(error)
     return {"split": cfg.split, "job_name": cfg.job_name}
 
@@ -125,6 +129,9 @@ def train_federated(_config, _run):
     if plan.previous:
         log.info("continuing run %s of job %r (was %s, rounds logged: %d)", plan.previous.run_id, cfg.job_name,
                  plan.previous.status, last_logged)
+    if plan.resume_point:
+        log.info("checkpoint %s found: the sites continue at round %d", plan.resume_point.directory,
+                 plan.resume_point.round + 1)
     prepared = plan.prepared
     log_split(prepared)
     _run.info["sites"] = {
@@ -137,9 +144,15 @@ def train_federated(_config, _run):
     _add_json_artifact(_run, "config.resolved.json", cfg.as_dict())
     tensorboard = _tensorboard_writer(cfg)
     final: dict[str, float] = {}
+    logged_up_to = [last_logged]  # grows as rounds arrive; replays after a restart are skipped
 
     def on_event(event: dict) -> None:
-        if event["event"] == "round" and event["round"] > last_logged:  # never log a round twice
+        if event["event"] == "start" and event["restart"] > 0:
+            _run.info["restarts"] = event["restart"]
+            log.warning("sites restarted (restart %d of at most %d), continuing after round %d",
+                        event["restart"], cfg.max_restarts, event["start_round"])
+        elif event["event"] == "round" and event["round"] > logged_up_to[0]:  # never log a round twice
+            logged_up_to[0] = event["round"]
             for name, value in event["metrics"].items():
                 _run.log_scalar(name, value, event["round"])
                 if tensorboard:

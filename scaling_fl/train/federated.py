@@ -18,11 +18,18 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from scaling_fl import models
+from scaling_fl import checkpoint, models
 from scaling_fl.config import Config
 from scaling_fl.data.prepared import load_site_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
-from scaling_fl.exchange import DenseExchange, broadcast_flat_, gather_from_sites, sum_across_sites
+from scaling_fl.exchange import (
+    DenseExchange,
+    broadcast_flat_,
+    broadcast_int,
+    gather_from_sites,
+    sum_across_sites,
+    wait_for_all_sites,
+)
 from scaling_fl.flat_state import flat_sha256, flatten_model_
 from scaling_fl.sites import start_site, stop_site
 from scaling_fl.strategies import FedAvg
@@ -76,14 +83,22 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     global_weights = local_weights.clone()
     strategy = FedAvg()
 
+    # --- resume: the newest complete checkpoint, the same one on every site ------------
+    start_round, history = _restore(cfg, site, local_weights, global_weights, strategy)
+    if site.is_leader:
+        events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
+        for past in history:  # rounds a crashed launcher may not have logged yet; it skips the logged ones
+            events.write("round", round=past["round"], metrics=past["metrics"])
+
     steps = local.steps_per_round(len(train_set), cfg.batch_size, cfg.grad_accum_steps,
                                   cfg.num_local_epochs, cfg.local_steps)
     total_steps = steps * cfg.num_rounds
     warmup_steps = int(cfg.warmup_ratio * total_steps)
 
     # One bar over all local steps of all rounds (rank 0 only): no cursor games in captured logs.
-    progress = tqdm(total=total_steps, disable=not site.is_leader, dynamic_ncols=True, mininterval=1.0, unit="step")
-    for round_index in range(cfg.num_rounds):
+    progress = tqdm(total=total_steps, initial=start_round * steps, disable=not site.is_leader, dynamic_ncols=True,
+                    mininterval=1.0, unit="step")
+    for round_index in range(start_round, cfg.num_rounds):
         round_number = round_index + 1
         round_start = time.perf_counter()
         progress.set_description(f"round {round_number}/{cfg.num_rounds}")
@@ -126,15 +141,71 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
                 "comm.bytes_per_site": bytes_sent,
             })
             events.write("round", round=round_number, metrics=metrics)
+            history.append({"round": round_number, "metrics": metrics})
             progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
             log.info("round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
                      round_number, cfg.num_rounds, metrics["validation.accuracy"], metrics["validation.loss"],
                      metrics["validation.f1_macro"], metrics["train.loss"], metrics["time.round_s"])
 
+        # --- 5. checkpoint: everything a restart needs to replay the next round exactly
+        if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
+            _save_checkpoint(cfg, site, round_number, global_weights, strategy, history)
+
     progress.close()
     if site.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
     return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights), "num_rows": len(train_set)}
+
+
+def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy) -> tuple[int, list]:
+    """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done, history).
+
+    Site 0 chooses and broadcasts (source, round), so every site loads the very same files.
+    """
+    sources = [path for path in (cfg.checkpoints_dir, cfg.resume_from) if path]
+    source, chosen_round = -1, 0
+    if site.is_leader:
+        for index, path in enumerate(sources):
+            found = checkpoint.latest(path) if index == 0 and cfg.checkpoints_dir else checkpoint.open_checkpoint(path)
+            if found is not None and found.round > chosen_round:
+                source, chosen_round = index, found.round
+    source = broadcast_int(source, site.device)
+    chosen_round = broadcast_int(chosen_round, site.device)
+    if source < 0:
+        return 0, []
+    path = sources[source]
+    found = checkpoint.verify(checkpoint.round_dir(path, chosen_round)) if path == cfg.checkpoints_dir \
+        else checkpoint.open_checkpoint(path)
+    weights = found.tensors("global.safetensors")["global"]
+    if weights.numel() != global_weights.numel():
+        raise checkpoint.CheckpointError(f"{found.directory} holds {weights.numel()} weights, the model has "
+                                         f"{global_weights.numel()}: a different model")
+    global_weights.copy_(weights.to(global_weights.device))
+    local_weights.copy_(global_weights)
+    strategy.load_state_dict(found.tensors("strategy.safetensors") if found.has("strategy.safetensors") else {})
+    if site.is_leader:
+        log.info("resumed from %s: continuing at round %d", found.directory, found.round + 1)
+    return found.round, list(found.state.get("history", []))
+
+
+def _save_checkpoint(cfg: Config, site, round_number: int, global_weights: torch.Tensor, strategy, history) -> None:
+    directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
+    wait_for_all_sites()  # per-site files (exchange state) would be written before this point
+    if site.is_leader:
+        checkpoint.write_tensors(directory, "global.safetensors", {"global": global_weights},
+                                 metadata={"numel": global_weights.numel(), "sha256": flat_sha256(global_weights)})
+        if strategy.state_dict():
+            checkpoint.write_tensors(directory, "strategy.safetensors", strategy.state_dict())
+        defining = checkpoint.defining_config(cfg.as_dict(), site.world_size)
+        checkpoint.write_state(directory, {
+            "format": checkpoint.FORMAT_VERSION, "round": round_number, "job_name": cfg.job_name,
+            "defining_config": defining, "config_hash": checkpoint.config_hash(defining),
+            # Batch order and dropout are seeded from (seed, site, round): the round number is the RNG state.
+            "rng": {"seed": cfg.seed, "data_seed": cfg.data_seed, "derived_from": "seed, site, round"},
+            "history": history,
+        })
+        checkpoint.commit(directory)
+        checkpoint.prune(cfg.checkpoints_dir, cfg.keep_last_checkpoints)
 
 
 def _save_final_model(model: torch.nn.Module, directory: str) -> str:

@@ -1,0 +1,205 @@
+"""Atomic, pickle-free checkpoints on local disks, s3:// and gs://, and finding one to resume.
+
+Layout (one folder per checkpointed round, directly under `checkpoints_dir`):
+
+    round-000012/global.safetensors     the global model (the flat vector) + layout metadata
+    round-000012/strategy.safetensors   the strategy's state (server-optimizer moments)
+    round-000012/site-00003.safetensors a site's own exchange state (error-feedback residual), if any
+    round-000012/state.json             round, experiment-defining config and its hash, metrics so far
+    round-000012/COMMITTED              written last: every file's size and sha256
+
+A folder without a valid COMMITTED marker, or whose files do not match it (truncated,
+tampered), is never used: a run skips it with a warning and takes the previous one.
+Only safetensors and JSON are ever read, so loading cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from scaling_fl import storage
+
+log = logging.getLogger("scaling_fl")
+
+MARKER = "COMMITTED"
+ROUND_DIR = re.compile(r"^round-(\d{6})$")
+FORMAT_VERSION = 1
+
+# Keys that define what an experiment is: resuming with a different value is refused
+# unless resume=force. Schedules (num_rounds, learning rate...) may change.
+DEFINING_KEYS = ("model", "task_name", "train_path", "test_path", "split", "dirichlet_beta", "sample_percentage",
+                 "data_seed", "seed", "max_seq_len", "text_columns", "label_column", "synthetic_train_size",
+                 "synthetic_test_size", "strategy", "exchange")
+
+
+class CheckpointError(RuntimeError):
+    """A one-line description of an unusable checkpoint and the fix."""
+
+
+def defining_config(config: dict, num_sites: int) -> dict:
+    defining = {key: config[key] for key in DEFINING_KEYS if key in config}
+    defining["num_sites"] = num_sites
+    return defining
+
+
+def config_hash(defining: dict) -> str:
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def round_dir(checkpoints_dir: str, round_number: int) -> str:
+    return f"{checkpoints_dir.rstrip('/')}/round-{round_number:06d}"
+
+
+def site_file(site: int) -> str:
+    return f"site-{site:05d}.safetensors"
+
+
+# --- writing ---------------------------------------------------------------------------
+
+def write_tensors(directory: str, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    payload = save_safetensors({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+                               metadata={key: str(value) for key, value in (metadata or {}).items()})
+    storage.atomic_write_bytes(f"{directory}/{name}", payload)
+
+
+def write_state(directory: str, state: dict) -> None:
+    storage.atomic_write_bytes(f"{directory}/state.json", json.dumps(state, indent=2, sort_keys=True).encode())
+
+
+def commit(directory: str) -> None:
+    """Seals a checkpoint: the marker lists every file's size and hash and is written last."""
+    files = {}
+    for path in storage.list_dir(directory):
+        name = path.rsplit("/", 1)[-1]
+        if name == MARKER or name.startswith("."):
+            continue
+        data = storage.read_bytes(path)
+        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    storage.atomic_write_bytes(f"{directory}/{MARKER}", json.dumps({"format": FORMAT_VERSION, "files": files},
+                                                                    indent=2, sort_keys=True).encode())
+
+
+def prune(checkpoints_dir: str, keep_last: int) -> list[str]:
+    """Keeps the newest `keep_last` committed checkpoints; removes older ones and stale partial ones."""
+    rounds = list_rounds(checkpoints_dir)
+    committed = [number for number in rounds if storage.exists(f"{round_dir(checkpoints_dir, number)}/{MARKER}")]
+    keep = set(committed[-keep_last:])
+    newest_kept = max(keep) if keep else 0
+    removed = []
+    for number in rounds:
+        if number not in keep and number < newest_kept:
+            storage.remove_tree(round_dir(checkpoints_dir, number))
+            removed.append(round_dir(checkpoints_dir, number))
+    return removed
+
+
+# --- reading ---------------------------------------------------------------------------
+
+def list_rounds(checkpoints_dir: str) -> list[int]:
+    if not storage.exists(checkpoints_dir):
+        return []
+    numbers = []
+    for path in storage.list_dir(checkpoints_dir):
+        match = ROUND_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+        if match:
+            numbers.append(int(match.group(1)))
+    return sorted(numbers)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: str
+    round: int
+    state: dict  # the parsed state.json
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_safetensors(storage.read_bytes(f"{self.directory}/{name}"))
+
+    def has(self, name: str) -> bool:
+        return storage.exists(f"{self.directory}/{name}")
+
+
+def verify(directory: str) -> Checkpoint:
+    """Returns the checkpoint if its marker and every listed file check out; raises CheckpointError otherwise."""
+    marker_path = f"{directory}/{MARKER}"
+    if not storage.exists(marker_path):
+        raise CheckpointError(f"{directory} has no {MARKER} marker (interrupted while being written)")
+    try:
+        marker = json.loads(storage.read_bytes(marker_path))
+        files = marker["files"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{marker_path} is not a valid marker") from None
+    for name, expected in files.items():
+        path = f"{directory}/{name}"
+        if not storage.exists(path):
+            raise CheckpointError(f"{path} is missing")
+        data = storage.read_bytes(path)
+        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its marker ({len(data)} bytes, expected {expected['size']}): "
+                                  "truncated or modified")
+    if "state.json" not in files or "global.safetensors" not in files:
+        raise CheckpointError(f"{directory} lacks state.json or global.safetensors")
+    try:
+        state = json.loads(storage.read_bytes(f"{directory}/state.json"))
+    except ValueError:
+        raise CheckpointError(f"{directory}/state.json is not valid JSON") from None
+    return Checkpoint(directory=directory, round=int(state["round"]), state=state)
+
+
+def latest(checkpoints_dir: str) -> Checkpoint | None:
+    """The newest checkpoint that verifies; broken ones are skipped with a warning naming them."""
+    for number in reversed(list_rounds(checkpoints_dir)):
+        directory = round_dir(checkpoints_dir, number)
+        try:
+            return verify(directory)
+        except CheckpointError as error:
+            log.warning("skipping checkpoint %s: %s", directory, error)
+    return None
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """An explicit checkpoint (resume_from=...): a round folder, or a checkpoints dir (its latest)."""
+    if storage.exists(f"{path.rstrip('/')}/{MARKER}") or ROUND_DIR.match(path.rstrip("/").rsplit("/", 1)[-1]):
+        return verify(path.rstrip("/"))
+    found = latest(path)
+    if found is None:
+        raise CheckpointError(f"resume_from={path!r} holds no complete checkpoint")
+    return found
+
+
+def check_compatible(found: Checkpoint, defining: dict, force: bool) -> None:
+    stored = found.state.get("defining_config", {})
+    if config_hash(stored) == config_hash(defining):
+        return
+    changed = sorted(key for key in set(stored) | set(defining) if stored.get(key) != defining.get(key))
+    detail = ", ".join(f"{key}: {stored.get(key)!r} -> {defining.get(key)!r}" for key in changed)
+    if force:
+        log.warning("resume=force: continuing %s although the experiment changed (%s)", found.directory, detail)
+        return
+    raise CheckpointError(f"checkpoint {found.directory} was made by a different experiment ({detail}); "
+                          "use a new job_name / checkpoints_dir, or resume=force to continue anyway")
+
+
+def preflight(cfg, num_sites: int) -> Checkpoint | None:
+    """In the launcher: the checkpoint a run will continue from, refused early if incompatible."""
+    if cfg.checkpoints_dir:
+        storage.check_writable(cfg.checkpoints_dir)
+    candidates = []
+    if cfg.checkpoints_dir:
+        candidates.append(latest(cfg.checkpoints_dir))
+    if cfg.resume_from:
+        candidates.append(open_checkpoint(cfg.resume_from))
+    candidates = [found for found in candidates if found is not None]
+    if not candidates:
+        return None
+    found = max(candidates, key=lambda c: c.round)
+    check_compatible(found, defining_config(cfg.as_dict(), num_sites), force=cfg.resume == "force")
+    return found

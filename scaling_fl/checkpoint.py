@@ -145,6 +145,9 @@ def verify(directory: str) -> Checkpoint:
         if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise CheckpointError(f"{path} does not match its marker ({len(data)} bytes, expected {expected['size']}): "
                                   "truncated or modified")
+    for name in files:
+        if name.endswith(".safetensors"):
+            _check_safetensors_header(f"{directory}/{name}", storage.read_bytes(f"{directory}/{name}"))
     if "state.json" not in files or "global.safetensors" not in files:
         raise CheckpointError(f"{directory} lacks state.json or global.safetensors")
     try:
@@ -152,6 +155,24 @@ def verify(directory: str) -> Checkpoint:
     except ValueError:
         raise CheckpointError(f"{directory}/state.json is not valid JSON") from None
     return Checkpoint(directory=directory, round=int(state["round"]), state=state)
+
+
+def _check_safetensors_header(path: str, data: bytes) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then raw tensor bytes;
+    anything else (a pickle, say) is rejected before any parser sees it."""
+    if len(data) < 8:
+        raise CheckpointError(f"{path} is not a safetensors file (too short)")
+    header_length = int.from_bytes(data[:8], "little")
+    if header_length > len(data) - 8:
+        raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + header_length])
+    except ValueError:
+        raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
+    body = len(data) - 8 - header_length
+    for name, entry in header.items():
+        if name != "__metadata__" and (not isinstance(entry, dict) or entry.get("data_offsets", [0, body + 1])[1] > body):
+            raise CheckpointError(f"{path} is not a valid safetensors file (tensor {name!r} out of bounds)")
 
 
 def latest(checkpoints_dir: str) -> Checkpoint | None:

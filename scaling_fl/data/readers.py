@@ -1,6 +1,6 @@
 """Readers for the dataset files each task understands.
 
-Everything goes through fsspec, so local paths, s3:// and gs:// all work, and
+Everything goes through fsspec (configured by scaling_fl.storage), so local paths, s3:// and gs:// all work, and
 through Python's csv module, so a bad row can be reported with its line number.
 Every problem becomes one DataError line: file, line, what is wrong, how to fix it.
 """
@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-import fsspec
 import numpy as np
 
+from scaling_fl import storage
 from scaling_fl.data.dataset import DataError, TextDataset
 
 # Long reviews exceed csv's default 128 KiB field limit.
@@ -75,7 +75,9 @@ def clean_imdb(text: str) -> str:
 def open_text(path: str):
     """Open a UTF-8 text file on any fsspec filesystem, or fail with one line."""
     try:
-        handle = fsspec.open(path, "r", encoding="utf-8", newline="").open()
+        handle = storage.open_file(path, "r", encoding="utf-8", newline="").open()
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from None
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; check the path (local, s3:// or gs://)") from None
     except IsADirectoryError:
@@ -291,7 +293,7 @@ def read_imdb_csv(path: str) -> TextDataset:
 def read_imdb_dir(path: str) -> TextDataset:
     """The Stanford aclImdb layout: <split>/neg/*.txt and <split>/pos/*.txt, one review each."""
     path = str(path)
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = storage.filesystem(path)
     root = root.rstrip("/")
     texts, labels = [], []
     for label, folder in enumerate(("neg", "pos")):
@@ -321,8 +323,10 @@ def _decode_review(file: str, data: bytes) -> str:
 def read_imdb(path: str) -> TextDataset:
     path = str(path)
     try:
-        fs, root = fsspec.core.url_to_fs(path)
+        fs, root = storage.filesystem(path)
         is_dir = fs.isdir(root)
+    except storage.StorageError as exc:
+        raise DataError(str(exc)) from None
     except (OSError, ValueError, ImportError) as exc:
         raise DataError(
             f"{path}: cannot open ({type(exc).__name__}: {first_line(exc)}); "

@@ -59,7 +59,7 @@ def mongo_target_from_env(env: dict | None = None) -> MongoTarget | None:
     try:
         parsed = parse_uri(url, connect_timeout=MONGO_TIMEOUT_S) if url.startswith("mongodb+srv://") else parse_uri(url)
     except Exception as error:  # the message may echo the URL: report only the kind of problem
-        raise TrackingError(f"SACRED_URL / SACRED_HOST is not a valid MongoDB address ({type(error).__name__}); "
+        raise TrackingError(f"the MongoDB address (SACRED_URL / SACRED_HOST) is not valid ({type(error).__name__}); "
                             "escape special characters in user and password or set SACRED_USER / SACRED_PASSWORD") from None
     hosts = ",".join(f"{host}:{port}" for host, port in parsed["nodelist"]) or "?"
     return MongoTarget(url=url, database=database or parsed.get("database") or "sacred", hosts=hosts)
@@ -84,7 +84,7 @@ def check_mongo(target: MongoTarget, timeout_s: float = MONGO_TIMEOUT_S) -> None
         what = "authentication failed" if error.code in (18, 8000) else f"the server refused access (code {error.code})"
         raise TrackingError(f"MongoDB at {target.hosts} (database {target.database!r}): {what}; "
                             "check SACRED_USER / SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE") from None
-    except pymongo.errors.PyMongoError as error:
+    except Exception as error:  # PyMongoError, or a server that breaks the auth handshake (KeyError)
         cause = type(error).__name__
         raise TrackingError(f"MongoDB at {target.hosts} is not reachable within {timeout_s:g} s ({cause}); "
                             "check SACRED_HOST / SACRED_URL and that the server is up, or run with tracking=file") from None

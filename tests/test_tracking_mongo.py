@@ -1,0 +1,121 @@
+"""Sacred on a real MongoDB wire server (nx-27017 behind a SCRAM-SHA-256 proxy), read back with pymongo."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from urllib.parse import quote_plus
+
+import gridfs
+import pymongo
+import pytest
+from safetensors.torch import load as load_safetensors
+
+from tests.cli import TINY_JOB, run_cli, run_records
+from tests.servers import MONGO_TEST_PASSWORD, free_port
+
+SMALL = [*TINY_JOB, "synthetic_train_size=160", "synthetic_test_size=40", "site_ids=[0,0,0]"]
+AWS_SECRET = "aws-secret-never-logged-Zq81"
+
+
+def _database(mongo_server, name):
+    return pymongo.MongoClient(mongo_server.url, serverSelectionTimeoutMS=5000, socketTimeoutMS=30_000)[name]
+
+
+def _dump(database) -> str:
+    """Every stored byte of the database, as text: run documents, metrics, GridFS files and their content.
+
+    GridFS is read through its own API: nx-27017 keeps it in collections of its own and cannot
+    send their raw documents back.
+    """
+    parts = []
+    for collection in database.list_collection_names():
+        if collection.startswith(("fs.", "fs_")):
+            continue
+        for document in database[collection].find():
+            parts.append(repr(document))
+    files = gridfs.GridFS(database)
+    for stored in files.find():
+        parts.append(repr({"filename": stored.filename, "metadata": stored.metadata}))
+        parts.append(stored.read().decode("utf-8", errors="replace"))
+    return "\n".join(parts)
+
+
+def test_a_multi_site_run_logs_to_mongo_with_artifacts_and_no_secret_anywhere(tmp_path, server_env, mongo_server):
+    env = server_env(s3=False, gcs=False, mongo="auth", database="full_run", AWS_SECRET_ACCESS_KEY=AWS_SECRET)
+    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=2", "save_final_model=True", "job_name=mongo-full",
+                     f"runs_dir={tmp_path / 'runs'}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not run_records(tmp_path / "runs")  # Mongo was configured: no file store record
+    database = _database(mongo_server, "full_run")
+    (run,) = list(database.runs.find())
+    assert run["status"] == "COMPLETED" and run["config"]["job_name"] == "mongo-full"
+    names = {ref["name"] for ref in run["info"]["metrics"]}
+    assert {"validation.accuracy", "validation.loss", "train.loss", "comm.bytes_per_site"} <= names
+    for series in database.metrics.find({"run_id": run["_id"]}):
+        assert series["steps"] == [1, 2], series["name"]
+    artifacts = {artifact["name"]: artifact["file_id"] for artifact in run["artifacts"]}
+    model = load_safetensors(gridfs.GridFS(database).get(artifacts["final_model.model.safetensors"]).read())
+    assert "classifier.weight" in model
+    assert "config.resolved.json" in artifacts
+
+    stored = _dump(database)
+    for secret in (MONGO_TEST_PASSWORD, quote_plus(MONGO_TEST_PASSWORD), AWS_SECRET):
+        assert secret not in stored
+        assert secret not in result.stdout + result.stderr
+
+
+def test_a_crashed_job_fails_its_record_then_continues_it_without_duplicates(tmp_path, server_env, mongo_server):
+    env = server_env(s3=False, gcs=False, mongo=True, database="resumed")
+    args = ["with", *SMALL, "num_rounds=3", "job_name=mongo-resume", "max_restarts=0", f"runs_dir={tmp_path / 'r'}"]
+    crashed = run_cli(tmp_path, *args, env={**env, "SCALING_FL_FAIL_AT": "site=1,round=2"})
+    assert crashed.returncode != 0
+    database = _database(mongo_server, "resumed")
+    (run,) = list(database.runs.find())
+    assert run["status"] == "FAILED"
+    assert "site 1" in run["fail_trace"][-1] or "site 1" in "".join(run["fail_trace"])
+    assert "maybe_fail" in "".join(run["fail_trace"])  # the failing site's own traceback
+    references = {ref["name"]: ref["id"] for ref in run["info"]["metrics"]}
+
+    resumed = run_cli(tmp_path, *args, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (again,) = list(database.runs.find())  # the same document, same _id
+    assert again["_id"] == run["_id"] and again["status"] == "COMPLETED"
+    assert again["previous_statuses"] == ["FAILED"] and "fail_trace" not in again
+    assert {ref["name"]: ref["id"] for ref in again["info"]["metrics"]} == references  # references kept
+    for series in database.metrics.find({"run_id": run["_id"]}):
+        assert series["steps"] == [1, 2, 3], series["name"]
+    assert again["captured_out"].startswith(run["captured_out"][:200])  # first attempt's output kept
+    assert again["captured_out"].count("round 1/3") >= 2
+
+
+def test_a_live_mongo_run_with_the_same_job_name_is_refused(tmp_path, server_env, mongo_server):
+    env = server_env(s3=False, gcs=False, mongo=True, database="live")
+    _database(mongo_server, "live").runs.insert_one({
+        "_id": 41, "status": "RUNNING", "config": {"job_name": "busy"},
+        "heartbeat": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)})
+    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", "job_name=busy", env=env)
+    assert result.returncode == 2 and "already running as run 41" in result.stderr
+
+
+@pytest.mark.parametrize("problem", ["unreachable", "wrong_password", "not_configured"])
+def test_tracking_problems_fail_in_seconds_with_one_line_before_any_worker(tmp_path, server_env, problem):
+    if problem == "unreachable":
+        env = server_env(s3=False, gcs=False, SACRED_URL=f"mongodb://127.0.0.1:{free_port()}/")
+        expected, args = "is not reachable", []
+    elif problem == "wrong_password":
+        env = server_env(s3=False, gcs=False, mongo="auth", mongo_password="not-the-password")
+        expected, args = "authentication failed", []
+    else:
+        env = server_env(s3=False, gcs=False)
+        expected, args = "tracking=mongo needs SACRED_URL", ["tracking=mongo"]
+    start = time.monotonic()
+    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", *args, env=env)
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert expected in line and "Traceback" not in result.stderr
+    assert "not-the-password" not in result.stderr
+    if problem != "not_configured":
+        assert "127.0.0.1:" in line  # names the host
+    assert "Started run" not in result.stderr

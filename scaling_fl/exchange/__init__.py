@@ -1,4 +1,12 @@
-"""How updates cross the wire. The only package that calls torch.distributed collectives."""
+"""How updates cross the wire. The only package that calls torch.distributed collectives.
+
+dense.py     the sample-weighted mean through bounded flat buckets (the default)
+sparse.py    top-k of each site's update (+ int8 values), per-position averaging, error feedback
+quantize.py  blockwise absmax int8 of the update, decoded before summing
+dynamic.py   when to synchronize: every round, every comm_period steps, or dynamically
+factory.py   exchange= name -> exchange object
+collectives.py  the small ones: start-up broadcast, metric sums
+"""
 
 from scaling_fl.exchange.collectives import (
     broadcast_flat_,
@@ -8,6 +16,10 @@ from scaling_fl.exchange.collectives import (
     wait_for_all_sites,
 )
 from scaling_fl.exchange.dense import DenseExchange, bucket_ranges
+from scaling_fl.exchange.dynamic import SYNC_MODES, SyncPolicy, make_sync_policy
+from scaling_fl.exchange.factory import EXCHANGES, make_exchange
+from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES, segments_from_model
 
-__all__ = ["DenseExchange", "broadcast_flat_", "broadcast_int", "bucket_ranges", "gather_from_sites", "sum_across_sites",
-           "wait_for_all_sites"]
+__all__ = ["CRITERIA", "DenseExchange", "EXCHANGES", "SCOPES", "SPARSE_AVERAGES", "SYNC_MODES", "SyncPolicy",
+           "broadcast_flat_", "broadcast_int", "bucket_ranges", "gather_from_sites", "make_exchange",
+           "make_sync_policy", "segments_from_model", "sum_across_sites", "wait_for_all_sites"]

@@ -14,5 +14,7 @@ class FedAvg(Strategy):
         global_part.add_(mean_update)
 
     def apply_average_(self, global_part: torch.Tensor, average: torch.Tensor, where: slice) -> None:
-        # global + (average - global) is the average itself: skip the round trip.
-        global_part.copy_(average)
+        # global + (average - global) is the average itself: skip the round trip. When the round
+        # loop keeps no separate global copy (dense FedAvg), both are the same memory.
+        if global_part.data_ptr() != average.data_ptr():
+            global_part.copy_(average)

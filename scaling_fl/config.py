@@ -65,8 +65,26 @@ DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
     "local_steps": 0,
     "precision": "fp32",
-    # Exchange.
+    # Server strategy (what is done with the mean update); None takes the strategy's default.
+    "strategy": "fedavg",
+    "server_learning_rate": None,
+    "server_momentum": None,
+    "beta1": None,
+    "beta2": None,
+    "tau": None,
+    # Exchange (how updates cross the wire) and synchronization (when).
+    "exchange": "dense",
     "bucket_size_mb": 32,
+    "sparsity_level": 0.1,
+    "sparsity_scope": "model",
+    "selection_criterion": "largest_magnitude_change",
+    "sparse_average": "per_position",
+    "error_feedback": True,
+    "quantization_block_size": 256,
+    "sync": "round",
+    "comm_period": None,  # sync=periodic: local steps between synchronizations
+    "check_every": None,  # sync=dynamic: local steps between divergence checks (None: once a round)
+    "delta_threshold": None,  # sync=dynamic: synchronize when max ||w - r||^2 over sites exceeds it
     # Tracking.
     "tracking": "auto",  # mongo when SACRED_URL / SACRED_HOST is set, else the file store under runs_dir
     "runs_dir": "runs",
@@ -126,7 +144,24 @@ class Config:
     max_grad_norm: float
     local_steps: int
     precision: str
+    strategy: str
+    server_learning_rate: float | None
+    server_momentum: float | None
+    beta1: float | None
+    beta2: float | None
+    tau: float | None
+    exchange: str
     bucket_size_mb: float
+    sparsity_level: float
+    sparsity_scope: str
+    selection_criterion: str
+    sparse_average: str
+    error_feedback: bool
+    quantization_block_size: int
+    sync: str
+    comm_period: int | None
+    check_every: int | None
+    delta_threshold: float | None
     backend: str
     collective_timeout_s: float
     tracking: str
@@ -200,6 +235,26 @@ def _optional_str(cfg: dict, key: str) -> str | None:
     return value
 
 
+def _optional_number(cfg: dict, key: str, low: float, high: float, **bounds) -> float | None:
+    return None if cfg[key] is None else _number(cfg, key, low, high, **bounds)
+
+
+def _optional_int(cfg: dict, key: str, minimum: int) -> int | None:
+    return None if cfg[key] is None else _int(cfg, key, minimum)
+
+
+def _sync(cfg: dict) -> str:
+    from scaling_fl.exchange.dynamic import SYNC_MODES
+
+    sync = _choice(cfg, "sync", SYNC_MODES)
+    if sync == "periodic" and cfg["comm_period"] is None:
+        raise _fail("comm_period", None, "an integer >= 1 (local steps between synchronizations) with sync=periodic")
+    if sync == "dynamic" and cfg["delta_threshold"] is None:
+        raise _fail("delta_threshold", None, "a number >= 0 (synchronize when max ||w - r||^2 exceeds it) "
+                                             "with sync=dynamic")
+    return sync
+
+
 def _site_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v >= 0 for v in value):
         return tuple(value)
@@ -245,6 +300,9 @@ def _job_name(value: Any) -> str:
 def resolve(raw: dict[str, Any]) -> Config:
     """Validates every key and resolves aliases; raises ConfigError on the first bad value."""
     from scaling_fl.data import TASK_NAMES
+    from scaling_fl.exchange.factory import EXCHANGES
+    from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES
+    from scaling_fl.strategies.factory import STRATEGIES
 
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
@@ -301,7 +359,24 @@ def resolve(raw: dict[str, Any]) -> Config:
         max_grad_norm=_number({"max_grad_norm": max_grad_norm}, "max_grad_norm", 0.0, 1e6),
         local_steps=_int(cfg, "local_steps", 0),
         precision=_choice(cfg, "precision", PRECISIONS),
+        strategy=_choice(cfg, "strategy", STRATEGIES),
+        server_learning_rate=_optional_number(cfg, "server_learning_rate", 0.0, 1e3, low_open=True),
+        server_momentum=_optional_number(cfg, "server_momentum", 0.0, 1.0, high_open=True),
+        beta1=_optional_number(cfg, "beta1", 0.0, 1.0, high_open=True),
+        beta2=_optional_number(cfg, "beta2", 0.0, 1.0, high_open=True),
+        tau=_optional_number(cfg, "tau", 0.0, 1e3, low_open=True),
+        exchange=_choice(cfg, "exchange", EXCHANGES),
         bucket_size_mb=_number(cfg, "bucket_size_mb", 0.0, 4096.0, low_open=True),
+        sparsity_level=_number(cfg, "sparsity_level", 0.0, 1.0, low_open=True),
+        sparsity_scope=_choice(cfg, "sparsity_scope", SCOPES),
+        selection_criterion=_choice(cfg, "selection_criterion", CRITERIA),
+        sparse_average=_choice(cfg, "sparse_average", SPARSE_AVERAGES),
+        error_feedback=_bool(cfg, "error_feedback"),
+        quantization_block_size=_int(cfg, "quantization_block_size", 1),
+        sync=_sync(cfg),
+        comm_period=_optional_int(cfg, "comm_period", 1),
+        check_every=_optional_int(cfg, "check_every", 1),
+        delta_threshold=_optional_number(cfg, "delta_threshold", 0.0, 1e12),
         backend=_backend(cfg),
         collective_timeout_s=_number(cfg, "collective_timeout_s", 1.0, 86400.0),
         tracking=_choice(cfg, "tracking", TRACKING),

@@ -91,7 +91,21 @@ def preflight(cfg: Config) -> Plan:
         resume.refuse_if_live(previous, cfg.job_name)
     resume_point = checkpoint.preflight(cfg, topology.num_sites)
     prepared = prepare_data(cfg, topology.num_sites)
+    check_sync_steps(cfg, prepared.site_sizes())
     return Plan(prepared, topology, tracking, mongo, previous, resume_point)
+
+
+def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:
+    """sync=periodic / dynamic synchronize between local steps, so every site must take as many."""
+    from scaling_fl.train.local import steps_per_round
+
+    if cfg.sync == "round":
+        return
+    steps = {steps_per_round(size, cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps)
+             for size in site_sizes}
+    if len(steps) > 1:
+        raise ConfigError(f"sync={cfg.sync} needs the same number of local steps on every site, but the split gives "
+                          f"{min(steps)}..{max(steps)} steps a round; set local_steps=N (or use sync=round)")
 
 
 def make_observer(plan: Plan, cfg: Config):

@@ -2,7 +2,9 @@
 
 Every site (one torch.distributed rank) runs `run_site`. A round is: train locally ->
 exchange turns all sites' updates into their sample-weighted mean -> the strategy
-applies it to the global model -> evaluate on the full test set -> rank 0 reports.
+applies it to the global model -> evaluate on the full test set -> rank 0 reports ->
+checkpoint. (With sync=periodic or dynamic the exchange may also run between local
+steps, or skip a round end; the sync policy decides, identically on every site.)
 All sites run the same strategy on the same mean, so they end every round with
 bitwise-identical weights and no server process exists that could fail.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -23,16 +26,18 @@ from scaling_fl.config import Config
 from scaling_fl.data.prepared import load_site_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.exchange import (
-    DenseExchange,
     broadcast_flat_,
     broadcast_int,
     gather_from_sites,
+    make_exchange,
+    make_sync_policy,
+    segments_from_model,
     sum_across_sites,
     wait_for_all_sites,
 )
-from scaling_fl.flat_state import flat_sha256, flatten_model_
+from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
 from scaling_fl.sites import start_site, stop_site
-from scaling_fl.strategies import FedAvg
+from scaling_fl.strategies import FedAvg, make_strategy
 from scaling_fl.tracking.events import EventWriter
 from scaling_fl.train import local
 from scaling_fl.train.evaluate import evaluation_sums
@@ -69,7 +74,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     test_full = tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
     collate = padding_collator(tokenizer)
     num_labels = len(data.train.label_names)
-    weight = len(train_set) / sum(data.site_sizes)  # this site's share of the mean update
+    site_weights = [size / sum(data.site_sizes) for size in data.site_sizes]  # every site's share of the mean
+    weight = site_weights[site.rank]
 
     def evaluate(dataset):
         return evaluation_sums(model, dataset, collate, batch_size=cfg.val_batch_size, num_labels=num_labels,
@@ -78,22 +84,49 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     # --- model: identical start everywhere, float state in one flat vector ----------
     model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(site.device)
     local_weights = flatten_model_(model)
-    exchange = DenseExchange(local_weights.numel(), int(cfg.bucket_size_mb * 2**20), local_weights.dtype)
-    broadcast_flat_(local_weights, exchange.bucket_numel, src=0)
-    global_weights = local_weights.clone()
-    strategy = FedAvg()
+    bucket_bytes = int(cfg.bucket_size_mb * 2**20)
+    broadcast_flat_(local_weights, max(1, bucket_bytes // local_weights.element_size()), src=0)
+
+    # --- strategy (what is done with the mean update) and exchange (how it is computed)
+    strategy = make_strategy(cfg.strategy, local_weights.numel(), site.device, dtype=local_weights.dtype,
+                             server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum,
+                             beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    per_tensor = cfg.sparsity_scope == "tensor" or cfg.sparse_average == "fl4health"
+    exchange = make_exchange(
+        cfg.exchange, local_weights.numel(), bucket_bytes=bucket_bytes, device=site.device, dtype=local_weights.dtype,
+        sparsity_level=cfg.sparsity_level, sparsity_scope=cfg.sparsity_scope,
+        segments=segments_from_model(model, local_weights) if per_tensor else None,
+        selection_criterion=cfg.selection_criterion, sparse_average=cfg.sparse_average,
+        error_feedback=cfg.error_feedback, block_size=cfg.quantization_block_size, world_size=site.world_size,
+        site_weights=site_weights)
+    # Dense FedAvg synchronized every round never reads the previous global model: it keeps no copy.
+    keeps_reference = not (cfg.exchange == "dense" and isinstance(strategy, FedAvg) and cfg.sync == "round")
+    global_weights = local_weights.clone() if keeps_reference else local_weights
+
+    steps = local.steps_per_round(len(train_set), cfg.batch_size, cfg.grad_accum_steps,
+                                  cfg.num_local_epochs, cfg.local_steps)
+    sync_policy = make_sync_policy(cfg.sync, steps_per_round=steps, comm_period=cfg.comm_period,
+                                   check_every=cfg.check_every or steps, delta_threshold=cfg.delta_threshold)
+    total_steps = steps * cfg.num_rounds
+    warmup_steps = int(cfg.warmup_ratio * total_steps)
 
     # --- resume: the newest complete checkpoint, the same one on every site ------------
-    start_round, history = _restore(cfg, site, local_weights, global_weights, strategy)
+    start_round, history = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
     if site.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
         for past in history:  # rounds a crashed launcher may not have logged yet; it skips the logged ones
             events.write("round", round=past["round"], metrics=past["metrics"])
 
-    steps = local.steps_per_round(len(train_set), cfg.batch_size, cfg.grad_accum_steps,
-                                  cfg.num_local_epochs, cfg.local_steps)
-    total_steps = steps * cfg.num_rounds
-    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    communication = CommunicationLog()
+
+    def maybe_synchronize(run_step: int, force: bool = False) -> bool:
+        """Asks the sync policy (one scalar collective for sync=dynamic) and exchanges when it says so."""
+        started = time.perf_counter()
+        synchronized = sync_policy.should_sync(local_weights, global_weights, run_step, force=force)
+        if synchronized:
+            communication.add(exchange.exchange_(local_weights, global_weights, weight, strategy), exchange.stats)
+        communication.seconds += time.perf_counter() - started
+        return synchronized
 
     # One bar over all local steps of all rounds (rank 0 only): no cursor games in captured logs.
     progress = tqdm(total=total_steps, initial=start_round * steps, disable=not site.is_leader, dynamic_ncols=True,
@@ -103,53 +136,65 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         round_start = time.perf_counter()
         progress.set_description(f"round {round_number}/{cfg.num_rounds}")
         maybe_fail(site.rank, round_number)
+        offset = round_index * steps  # local steps of the run before this round
 
-        # --- 1. local training ------------------------------------------------------
+        # --- 1. local training (sync=periodic / dynamic may synchronize between steps) ----
         torch.manual_seed(local.round_seed(cfg.seed, site.rank, round_index, stream=1))  # dropout
         plan = local.batch_plan(len(train_set), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
                                 cfg.local_steps, local.round_seed(cfg.seed, site.rank, round_index))
         optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
-        offset = round_index * steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: local.lr_factor(offset + step, total_steps, warmup_steps, cfg.lr_scheduler))
         train_sums = local.train_round(
             model, train_set, collate, plan, optimizer=optimizer, scheduler=scheduler, precision=cfg.precision,
-            max_grad_norm=cfg.max_grad_norm, device=site.device, progress=progress)
+            max_grad_norm=cfg.max_grad_norm, device=site.device, progress=progress,
+            after_step=lambda step: step < steps and maybe_synchronize(offset + step))
         del optimizer, scheduler
         local_eval = local_eval_summary(*evaluate(test_full)) if test_full is not None else None
         train_done = time.perf_counter()
 
         # --- 2. exchange: mean update over sites, applied by the strategy ----------
-        bytes_sent = exchange.exchange_(local_weights, global_weights, weight, strategy)
+        # (sync=round: every round; the last round always ends synchronized)
+        in_sync = maybe_synchronize(offset + steps, force=round_number == cfg.num_rounds)
         aggregate_done = time.perf_counter()
 
         # --- 3. evaluate the global model on the full test set ----------------------
-        loss_sum, confusion = evaluate(test_shard)
+        with _global_model_loaded(local_weights, global_weights, needed=not in_sync):
+            loss_sum, confusion = evaluate(test_shard)
         validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(site.device)).cpu()
         per_site = gather_from_sites(site_vector(train_sums, site.device, local_eval).to(site.device)).cpu()
         eval_done = time.perf_counter()
 
         # --- 4. report (rank 0 only) -------------------------------------------------
+        round_communication = communication.pop(getattr(exchange, "density", 1.0))
+        sync_stats = sync_policy.pop_stats()
         if site.is_leader:
             metrics = round_metrics(validation_sums, num_labels, per_site, with_per_site=cfg.per_site_metrics,
                                     cuda=site.device.type == "cuda")
+            aggregate_s = round_communication.pop("seconds")
             metrics.update({
                 "time.round_s": eval_done - round_start,
-                "time.train_s": train_done - round_start,
-                "time.aggregate_s": aggregate_done - train_done,
+                "time.train_s": train_done - round_start - (aggregate_s - (aggregate_done - train_done)),
+                "time.aggregate_s": aggregate_s,
                 "time.eval_s": eval_done - aggregate_done,
-                "comm.bytes_per_site": bytes_sent,
+                **round_communication,
+                "comm.bytes_per_site": round_communication["comm.bytes_per_site"] + sync_stats["sync.check_bytes"],
+                **sync_stats,
             })
             events.write("round", round=round_number, metrics=metrics)
             history.append({"round": round_number, "metrics": metrics})
             progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
-            log.info("round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
+            log.info("round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
                      round_number, cfg.num_rounds, metrics["validation.accuracy"], metrics["validation.loss"],
-                     metrics["validation.f1_macro"], metrics["train.loss"], metrics["time.round_s"])
+                     metrics["validation.f1_macro"], metrics["train.loss"], metrics["comm.bytes_per_site"] / 1e3,
+                     metrics["time.round_s"])
 
         # --- 5. checkpoint: everything a restart needs to replay the next round exactly
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
-            _save_checkpoint(cfg, site, round_number, global_weights, strategy, history)
+            site_state = dict(exchange.state_dict())
+            if not in_sync:
+                site_state["local"] = local_weights  # this site's model since the last synchronization
+            _save_checkpoint(cfg, site, round_number, global_weights, strategy, site_state, history)
 
     progress.close()
     if site.is_leader and cfg.save_final_model:
@@ -157,10 +202,47 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights), "num_rows": len(train_set)}
 
 
-def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy) -> tuple[int, list]:
+class CommunicationLog:
+    """What the exchanges of one round sent, how long they (and the sync checks) took, their peak memory."""
+
+    def __init__(self):
+        self.seconds, self.bytes, self.wire_bytes, self.peak_mb, self.density = 0.0, 0, 0, 0.0, None
+
+    def add(self, sent: int, stats: dict) -> None:
+        self.bytes += sent
+        self.wire_bytes += int(stats.get("comm.wire_bytes_per_site", 0))
+        self.peak_mb = max(self.peak_mb, float(stats.get("memory.exchange_peak_mb", 0.0)))
+        self.density = float(stats.get("comm.density", 1.0))
+
+    def pop(self, configured_density: float) -> dict:
+        """The round's figures (density: of the last exchange, or the configured one); resets the log."""
+        figures = {"comm.bytes_per_site": self.bytes, "comm.wire_bytes_per_site": self.wire_bytes,
+                   "comm.density": self.density if self.density is not None else float(configured_density),
+                   "memory.exchange_peak_mb": self.peak_mb, "seconds": self.seconds}
+        self.__init__()
+        return figures
+
+
+@contextmanager
+def _global_model_loaded(local_weights: torch.Tensor, global_weights: torch.Tensor, needed: bool):
+    """Puts the global model into the model's weights for a while (sites not synchronized this round
+    evaluate what they agree on, the last synchronized model), then gives each site its own back."""
+    if needed:
+        swap_(local_weights, global_weights)
+    try:
+        yield
+    finally:
+        if needed:
+            swap_(local_weights, global_weights)
+
+
+def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy,
+             exchange) -> tuple[int, list]:
     """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done, history).
 
     Site 0 chooses and broadcasts (source, round), so every site loads the very same files.
+    Each site also takes back its own state: its error-feedback residual, and its local model
+    when the checkpointed round ended between synchronizations.
     """
     sources = [path for path in (cfg.checkpoints_dir, cfg.resume_from) if path]
     source, chosen_round = -1, 0
@@ -183,14 +265,25 @@ def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: tor
     global_weights.copy_(weights.to(global_weights.device))
     local_weights.copy_(global_weights)
     strategy.load_state_dict(found.tensors("strategy.safetensors") if found.has("strategy.safetensors") else {})
+    own = found.tensors(checkpoint.site_file(site.rank)) if found.has(checkpoint.site_file(site.rank)) else {}
+    if "local" in own:
+        local_weights.copy_(own["local"].to(local_weights.device))
+    if exchange.residual is not None:  # (a residual without an exchange that keeps one: only after resume=force)
+        if "residual" in own:
+            exchange.load_state_dict({"residual": own["residual"].to(local_weights.device)})
+        else:
+            log.warning("site %d: %s holds no error-feedback residual; starting from zero", site.rank, found.directory)
     if site.is_leader:
         log.info("resumed from %s: continuing at round %d", found.directory, found.round + 1)
     return found.round, list(found.state.get("history", []))
 
 
-def _save_checkpoint(cfg: Config, site, round_number: int, global_weights: torch.Tensor, strategy, history) -> None:
+def _save_checkpoint(cfg: Config, site, round_number: int, global_weights: torch.Tensor, strategy,
+                     site_state: dict[str, torch.Tensor], history) -> None:
     directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
-    wait_for_all_sites()  # per-site files (exchange state) would be written before this point
+    if site_state:  # every site writes its own state first; the leader seals the folder after all of them
+        checkpoint.write_tensors(directory, checkpoint.site_file(site.rank), site_state)
+    wait_for_all_sites()
     if site.is_leader:
         checkpoint.write_tensors(directory, "global.safetensors", {"global": global_weights},
                                  metadata={"numel": global_weights.numel(), "sha256": flat_sha256(global_weights)})

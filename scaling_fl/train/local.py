@@ -97,13 +97,15 @@ def autocast_for(precision: str, device: torch.device):
 
 def train_round(model: torch.nn.Module, dataset: TokenizedDataset, collate, plan: list[list[np.ndarray]], *,
                 optimizer, scheduler, precision: str, max_grad_norm: float, device: torch.device,
-                progress=None) -> TrainSums:
+                progress=None, after_step=None) -> TrainSums:
+    """Runs the plan's optimizer steps; `after_step(k)` is called after the k-th (from 1), e.g. to
+    synchronize within the round (sync=periodic / dynamic)."""
     model.train()
     sums = TrainSums()
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
-    for step_batches in plan:
+    for step_number, step_batches in enumerate(plan, start=1):
         step_rows = sum(len(rows) for rows in step_batches)
-        for rows in step_batches:
+        for rows in step_batches:  # micro-batches of one optimizer step
             batch = to_device(collate([dataset[int(i)] for i in rows]), device)
             labels = batch.pop("labels")
             with autocast_for(precision, device):
@@ -128,4 +130,6 @@ def train_round(model: torch.nn.Module, dataset: TokenizedDataset, collate, plan
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress.update(1)
+        if after_step is not None:
+            after_step(step_number)
     return sums

@@ -1,0 +1,78 @@
+"""Exchanges, strategies and sync policies through the real command line: the bytes each site put
+into collectives, the sync decisions, and which model is evaluated when sites have not synchronized."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+
+from tests.cli import TINY_JOB, read_record, run_cli, run_records
+
+SMALL = [*TINY_JOB, "synthetic_train_size=160", "synthetic_test_size=40", "site_ids=[0,0]"]
+
+
+@functools.lru_cache(maxsize=1)
+def _model_values() -> int:
+    """Float values of the tiny-bert classifier: what one dense exchange sends, 4 bytes each."""
+    from scaling_fl import models
+    from scaling_fl.flat_state import flatten_model_
+
+    return flatten_model_(models.load_model("tiny-bert", 4, seed=0)).numel()
+
+
+def _run(tmp_path, *options: str) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    result = run_cli(tmp_path, "with", *SMALL, *options, f"runs_dir={tmp_path / 'runs'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = run_records(tmp_path / "runs")
+    record = read_record(run_dir)
+    assert record["run"]["status"] == "COMPLETED"
+    return record["metrics"]
+
+
+def _values(metrics: dict, name: str) -> list:
+    return metrics[name]["values"]
+
+
+@pytest.mark.parametrize("options, payload, density", [
+    (["exchange=dense", "strategy=fedavgm"], lambda n: 4 * n, lambda n: 1.0),
+    (["exchange=sparse", "sparsity_level=0.1", "strategy=fedadam"], lambda n: 8 * (n // 10), lambda n: (n // 10) / n),
+    (["exchange=int8"], lambda n: n + 4 * math.ceil(n / 256), lambda n: 1.0),
+    (["exchange=sparse_int8", "sparsity_level=0.05"],
+     lambda n: 5 * (n // 20) + 4 * math.ceil((n // 20) / 256), lambda n: (n // 20) / n),
+], ids=["dense-fedavgm", "sparse-fedadam", "int8", "sparse_int8"])
+def test_each_exchange_puts_exactly_its_payload_into_collectives(tmp_path, options, payload, density):
+    metrics = _run(tmp_path, "num_rounds=2", *options)
+    n = _model_values()
+    assert _values(metrics, "comm.bytes_per_site") == [payload(n)] * 2
+    assert _values(metrics, "comm.density") == pytest.approx([density(n)] * 2)
+    assert _values(metrics, "sync.done") == [1, 1]
+    peak = _values(metrics, "memory.exchange_peak_mb")
+    if "exchange=dense" in options:
+        assert peak == [0.0, 0.0]  # in place, no buffer
+    else:  # the residual (one model-sized fp32 buffer) plus temporaries within the bucket
+        assert all(4 * n / 2**20 < mb < 4 * n / 2**20 + 32 + 1 for mb in peak), peak
+
+
+def test_periodic_sync_exchanges_between_local_steps(tmp_path):
+    metrics = _run(tmp_path, "num_rounds=2", "sync=periodic", "comm_period=2", "local_steps=4")
+    n = _model_values()
+    assert _values(metrics, "sync.done") == [2, 2]
+    assert _values(metrics, "comm.bytes_per_site") == [2 * 4 * n] * 2
+
+
+def test_dynamic_sync_skips_below_the_threshold_and_evaluates_the_last_synchronized_model(tmp_path):
+    n = _model_values()
+    never = _run(tmp_path / "never", "num_rounds=3", "sync=dynamic", "delta_threshold=1e9", "local_steps=3")
+    assert _values(never, "sync.skipped") == [1, 1, 0]
+    assert _values(never, "sync.done") == [0, 0, 1]  # the last round always ends synchronized
+    assert _values(never, "comm.bytes_per_site") == [8, 8, 4 * n]  # one float64 check; then the final exchange
+    loss = _values(never, "validation.loss")
+    assert loss[0] == loss[1] and loss[2] != loss[1]  # nothing synchronized: the global model is still the start
+
+    always = _run(tmp_path / "always", "num_rounds=2", "sync=dynamic", "delta_threshold=0", "local_steps=3")
+    assert _values(always, "sync.done") == [1, 1] and _values(always, "sync.skipped") == [0, 0]
+    assert _values(always, "comm.bytes_per_site") == [4 * n + 8, 4 * n]
+    assert all(d > 0 for d in _values(always, "sync.divergence_max"))

@@ -1,11 +1,14 @@
 """Aggregation cost: our bucketed dense exchange vs the limit and vs the per-tensor way.
 
 For a MiniLM-size model (BERT, 22.7M params, ~100 tensors) on N ranks, times
-  ours        DenseExchange.exchange_: (local-global)*w per bucket, all_reduce, FedAvg apply, copy back
+  ours        DenseExchange.exchange_: local*w per bucket, async all_reduce, FedAvg apply (see exchange/dense.py)
   flat        one raw all_reduce of one flat tensor of the same bytes (the limit)
   per_tensor  one all_reduce per parameter tensor, then divide (the original scaling_fl way)
-and the extra peak memory each needs beyond the model and its global copy, read as
-the rise of the process's peak RSS (each method runs in fresh processes).
+and the extra peak memory each needs beyond the model and its global copy: the rise of
+the process's peak RSS (VmHWM, reset through /proc/self/clear_refs just before, with glibc
+told to return every freed block above 64 KiB to the OS, so a freed buffer cannot hide a
+later one) or, on CUDA, of max_memory_allocated. Each method runs in fresh processes.
+Targets (issue 2): ours <= 1.3x the flat all_reduce, <= 0.5x per-tensor, extra memory <= one bucket.
 
     .venv/bin/python bench/aggregation.py --ranks 4 --repeats 5
 """
@@ -16,7 +19,7 @@ import argparse
 import json
 import os
 import platform
-import resource
+import re
 import statistics
 import sys
 import time
@@ -27,8 +30,14 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as handle:
+        return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1)) / 1024
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> dict:
@@ -66,13 +75,14 @@ def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> di
                 param.data.div_(world)
 
     dist.barrier()
-    baseline_mb = _peak_rss_mb()
+    baseline_mb = _rss_mb("VmRSS")
+    _reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     once()  # warm-up, and the run the memory is read from
-    extra_mb = _peak_rss_mb() - baseline_mb
+    extra_mb = _rss_mb("VmHWM") - baseline_mb
     if device.type == "cuda":
         torch.cuda.synchronize()
         extra_mb = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20
@@ -109,6 +119,7 @@ def main() -> None:
     parser.add_argument("--backend", default="nccl" if torch.cuda.is_available() else "gloo")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the rank processes
 
     results = {method: run(method, args.ranks, args.repeats, args.bucket_mb, args.backend)
                for method in ("flat", "ours", "per_tensor")}
@@ -123,6 +134,11 @@ def main() -> None:
         r = results[name]
         print(f"| {label} | {r['median_s']:.3f} | {r['median_s'] / flat['median_s']:.2f}x | "
               f"{r['median_s'] / per_tensor['median_s']:.2f}x | {r['extra_peak_mb']:.1f} |")
+    bucket_mb = min(args.bucket_mb, ours["model_mb"])
+    checks = [("ours / flat all_reduce <= 1.3", ours["median_s"] / flat["median_s"] <= 1.3),
+              ("ours / per-tensor <= 0.5", ours["median_s"] / per_tensor["median_s"] <= 0.5),
+              (f"extra memory <= one bucket ({bucket_mb:.1f} MiB)", ours["extra_peak_mb"] <= bucket_mb)]
+    print("targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=2)

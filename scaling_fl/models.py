@@ -41,6 +41,22 @@ def resolve_model_id(model: str) -> str:
     return NICKNAMES.get(model, model)
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the Hub (HF_ENDPOINT), so an offline machine fails in seconds, not after
+    transformers' retries (~30 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def check_model(model: str) -> None:
     """Fails fast in the launcher when the model's config cannot be found (offline, typo)."""
     if model in OFFLINE_NICKNAMES:
@@ -49,14 +65,25 @@ def check_model(model: str) -> None:
     from transformers import AutoConfig
 
     model_id = resolve_model_id(model)
+    is_path = os.path.isdir(model_id) or model_id.startswith(("/", ".", "~"))
+    where = "local directory" if is_path else "Hugging Face id"
+    fix = ("use model=minilm or tiny-bert offline, a local model directory, or a Hub id with network access "
+           "(or in the Hugging Face cache)")
+    try:
+        AutoConfig.from_pretrained(model_id, local_files_only=True)  # a directory, or the Hub cache
+        return
+    except Exception as exc:  # transformers raises OSError/ValueError alike
+        if is_path:
+            raise ModelError(f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; "
+                             f"{fix}") from None
+    if not _hub_reachable():
+        raise ModelError(f"model={model!r} ({where} {model_id!r}) is not in the Hugging Face cache and the Hub "
+                         f"is not reachable; {fix}")
     try:
         AutoConfig.from_pretrained(model_id)
-    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors alike
-        where = "local directory" if os.path.isdir(model_id) else "Hugging Face id"
-        raise ModelError(
-            f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; "
-            "use model=minilm or tiny-bert offline, a local model directory, or set HF_HUB_OFFLINE=0 with network access"
-        ) from None
+    except Exception as exc:
+        raise ModelError(f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; "
+                         f"{fix}") from None
 
 
 def load_tokenizer(model: str):

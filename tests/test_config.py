@@ -42,12 +42,19 @@ def test_original_scaling_fl_keys_keep_their_names():
     ("dirichlet_beta", 0, "dirichlet_beta"),
     ("optimizer", "adam", "optimizer"),
     ("lr_scheduler", "step", "lr_scheduler"),
-    ("precision", "bf16", "CUDA"),
     ("precision", "fp8", "precision"),
     ("task_name", "mnist", "task_name"),
     ("job_name", "bad name/../x", "job_name"),
     ("backend", "nccl", "backend"),
     ("warmup_ratio", 1.0, "warmup_ratio"),
+    ("sparsity_level", 0.0, "sparsity_level"),
+    ("sparsity_level", 1.5, "sparsity_level"),
+    ("exchange", "gzip", "exchange"),
+    ("strategy", "fedprox", "strategy"),
+    ("server_momentum", 1.0, "server_momentum"),
+    ("selection_criterion", "random", "selection_criterion"),
+    ("sync", "dynamic", "delta_threshold"),
+    ("sync", "periodic", "comm_period"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, needle):
     raw = {key: value}
@@ -57,6 +64,17 @@ def test_bad_values_name_the_key_and_what_is_allowed(key, value, needle):
         resolve(raw)
     message = str(error.value)
     assert needle in message and "\n" not in message
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_is_allowed_exactly_where_cuda_is(precision):
+    import torch
+
+    if torch.cuda.is_available():
+        assert resolve({"precision": precision}).precision == precision
+    else:
+        with pytest.raises(ConfigError, match="need CUDA"):
+            resolve({"precision": precision})
 
 
 def _cli(tmp_path, *updates):
@@ -72,6 +90,8 @@ def _cli(tmp_path, *updates):
     (["num_round=3"], "did you mean num_rounds"),
     (["task_name=agnews", "train_path=/no/such/file.csv", "test_path=/no/such/test.csv"], "/no/such/file.csv"),
     (["model=no-such-model-dir"], "no-such-model-dir"),
+    (["exchange=sparse", "sparsity_level=1.5"], "sparsity_level=1.5"),
+    (["sync=periodic", "comm_period=2", "split=dirichlet", "site_ids=[0,0,0]"], "local_steps"),
 ])
 def test_cli_rejects_bad_input_before_any_worker_or_record(tmp_path, updates, needle):
     result = _cli(tmp_path, "model=tiny-bert", *updates)

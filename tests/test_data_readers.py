@@ -23,7 +23,16 @@ from scaling_fl.data import readers, tasks
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real samples are part of this project's environment: missing them is a failure, not a skip."""
+    assert DATA.is_dir(), f"the shared test data is missing at {DATA} (see ../shared/data/README.md)"
+    return DATA
+
+
+needs_data = pytest.mark.usefixtures("shared_data")
 
 
 def write(path: Path, text: str) -> str:

@@ -86,12 +86,15 @@ def test_segments_from_a_flattened_model_tile_it():
 def test_fp32_sparse_falls_back_to_dense_at_half_density():
     n = 100_000
     below = SparseExchange(n, sparsity_level=0.4999, world_size=4)
-    assert not below.uses_dense and below.sparse_payload_bytes == 8 * math.ceil(0.4999 * n) + 8
+    # one bucket: 8 bytes of sample share + 4 of count, paid with 2 of the floor(0.4999 n) values
+    assert below.k == math.floor(0.4999 * n) - 2 and below.overhead_bytes == 12
+    assert not below.uses_dense and below.sparse_payload_bytes == 8 * below.k + 12
     assert below.sparse_payload_bytes < below.dense_payload_bytes == 4 * n
-    at = SparseExchange(n, sparsity_level=0.5, world_size=4)
+    at = SparseExchange(n, sparsity_level=0.5001, world_size=4)  # 8 bytes a value: dense is cheaper above half
     assert at.uses_dense and at.density == 1.0 and at.residual is None
     ten = SparseExchange(n, sparsity_level=0.1, world_size=4)
     assert ten.sparse_payload_bytes / ten.dense_payload_bytes == pytest.approx(0.2, abs=1e-4)
+    assert ten.sparse_payload_bytes <= 0.2 * ten.dense_payload_bytes  # the counts come out of the budget
 
 
 def test_sparse_never_costs_more_than_its_dense_counterpart():
@@ -128,13 +131,16 @@ def _second_update(rank: int) -> torch.Tensor:
     return 0.5 * torch.randn(NUMEL, generator=torch.Generator().manual_seed(rank))
 
 
+# Sample shares given up front; a third of 12 values is 4, less one that pays for the bucket
+# count (4 bytes): 3 values a site (sparse_payload_bytes is checked against the hand count below).
+GIVEN_WEIGHTS = [s / sum(SIZES) for s in SIZES]
 SCENARIOS = {
-    "per_position": {"sparsity_level": 0.25},
-    "fl4health": {"sparsity_level": 0.25, "sparse_average": "fl4health", "segments": SEGMENTS},
+    "per_position": {"sparsity_level": 1 / 3},
+    "fl4health": {"sparsity_level": 1 / 3, "sparse_average": "fl4health", "segments": SEGMENTS},
     "tensor_scope": {"sparsity_level": 0.25, "sparsity_scope": "tensor", "segments": [(0, 4), (4, 8)]},
-    "int8_values": {"sparsity_level": 0.25, "values": "int8", "block_size": 2},
-    "no_error_feedback": {"sparsity_level": 0.25, "error_feedback": False},
-    "fallback": {"sparsity_level": 0.5},
+    "int8_values": {"sparsity_level": 1 / 3, "values": "int8", "block_size": 2},
+    "no_error_feedback": {"sparsity_level": 1 / 3, "error_feedback": False},
+    "fallback": {"sparsity_level": 0.6},  # 7 - 1 = 6 values: 4 + 48 bytes >= 48 dense
 }
 
 
@@ -142,7 +148,8 @@ def _hand_scenarios(rank: int) -> dict:
     weight = SIZES[rank] / sum(SIZES)
     out = {}
     for name, options in SCENARIOS.items():
-        exchange = SparseExchange(NUMEL, **options)
+        exchange = SparseExchange(NUMEL, site_weights=GIVEN_WEIGHTS, **options)
+        assert exchange.uses_dense or exchange.k == 3
         global_ = torch.linspace(-1, 1, NUMEL)
         rounds = []
         for round_index, site_update in enumerate((_first_update, _second_update)):
@@ -222,7 +229,7 @@ def test_per_position_average_is_not_diluted_and_error_feedback_conserves_mass(h
         sent[CHOSEN[site]] = r["update"][CHOSEN[site]]
         assert np.array_equal(sent + r["residual"], r["update"])  # exactly: nothing lost, nothing made up
         assert np.all(r["residual"][CHOSEN[site]] == 0)
-        assert r["bytes"] == 8 + 3 * (4 + 4) and r["stats"]["comm.density"] == 0.25
+        assert r["bytes"] == 4 + 3 * (4 + 4) and r["stats"]["comm.density"] == 0.25  # count + 3 x (index, value)
         assert r["state_keys"] == ["residual"]
     # round 2: the residual joined the new update before selection
     second = [r[1] for r in rounds]
@@ -274,7 +281,7 @@ def test_int8_values_decode_before_averaging_and_keep_the_quantization_error(han
         decoded = dequantize(*quantize(values, 2), 2).numpy()
         np.testing.assert_array_equal(r["residual"][CHOSEN[site]], values.numpy() - decoded)
         np.testing.assert_allclose(r["residual"][CHOSEN[site]] + decoded, values.numpy(), rtol=1e-6)
-        assert r["bytes"] == 8 + 3 * 4 + 3 * 1 + 2 * 4  # weights + indices + codes + 2 fp32 scales
+        assert r["bytes"] == 4 + 3 * 4 + 3 * 1 + 2 * 4  # count + indices + codes + 2 fp32 scales
 
 
 def test_without_error_feedback_nothing_is_kept(hand_results):
@@ -386,12 +393,12 @@ def test_every_exchange_and_strategy_keeps_all_ranks_bitwise_identical(rank_resu
             assert all(rec[2] == rec[3] > 0 for rec in records), f"{key}: bytes"
             assert all(rec[4] for rec in records), f"{key}: the model did not move"
     sparse = results[0]["sparse/fedavg"][0][2]
-    assert sparse == 8 + 8 * 300 and results[0]["dense/fedavg"][0][2] == 4 * BIG
+    # 12 buckets of 256 positions: 8 bytes of sample share + 12 counts, paid with 7 of the 300 values
+    assert sparse == 8 + 4 * 12 + 8 * 293 <= 0.2 * 4 * BIG and results[0]["dense/fedavg"][0][2] == 4 * BIG
     assert results[0]["sparse_fallback/fedavg"][0][2] == 4 * BIG
-    # sample shares given up front: no 8-byte gather, the same model
-    assert results[0]["sparse_given_weights/fedadam"][0][2] == 8 * 300
+    # sample shares given up front: no 8-byte gather (sparse spends it on one more value); int8: the same model
+    assert results[0]["sparse_given_weights/fedadam"][0][2] == 4 * 12 + 8 * 294
     assert results[0]["int8_given_weights/fedyogi"][0][2] == results[0]["int8/fedyogi"][0][2] - 8
     for strategy in STRATEGIES:
-        for label in ("sparse", "int8"):
-            assert ([x[0] for x in results[0][f"{label}_given_weights/{strategy}"]]
-                    == [x[0] for x in results[0][f"{label}/{strategy}"]])
+        assert ([x[0] for x in results[0][f"int8_given_weights/{strategy}"]]
+                == [x[0] for x in results[0][f"int8/{strategy}"]])

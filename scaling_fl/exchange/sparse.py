@@ -14,14 +14,19 @@ k-th largest key; a third pass streams out every position above it plus the firs
 at it, in index order, so every site sends exactly k values. (FL4Health sends every score
 >= the k-th, so ties send more than k, and scores `final` on the weights it sends.)
 
-Wire format. int32 flat indices + fp32 values (8 bytes a value), or + int8 codes with
-one scale per block of values (`values="int8"`, ~5 bytes). All sites send the same k,
-in the same number of fixed-size chunks, through all_gather; plus each site's sample
-share (8 bytes) once per exchange, unless `site_weights` are given. `comm.bytes_per_site`
-counts that payload. On the wire, a ring all_gather makes each site send (W - 1) x its
-payload while a ring all_reduce sends 2 (W - 1) / W x, so at W sites sparse carries W/2 x
-its payload ratio (10 %: 0.2x dense payload, 0.4x dense wire bytes at 4 sites):
-`comm.wire_bytes_per_site` estimates it.
+Wire format. The model is cut into index buckets (sized from `bucket_bytes`); a bucket's
+positions are selected, sent, averaged and applied together. Per bucket each site sends its
+selected positions as int32 flat indices + fp32 values (8 bytes a value), or + int8 codes with
+one scale per block of values (`values="int8"`, ~5 bytes), in one broadcast per site, rank by
+rank; how many it sends in each bucket (int32 counts, 4 bytes a bucket) is gathered first, so
+every collective has a size every site knows. Plus each site's sample share (8 bytes) unless
+`site_weights` are given. `comm.bytes_per_site` counts all of that payload, and k is the
+fraction asked for less the few values that pay for the counts (a handful out of millions), so
+the payload never exceeds sparsity_level x the fp32 cost of sending every value with its index:
+10 % costs <= 0.2x the dense payload. On the wire, every site's selection must reach every other
+site (W - 1 copies) while a ring all_reduce sends 2 (W - 1) / W x its payload, so at W sites
+sparse carries W/2 x its payload ratio (10 %: 0.2x dense payload, 0.4x dense wire bytes at 4
+sites): `comm.wire_bytes_per_site` estimates it.
 
 Aggregation (every site, identically, in rank order).
     sparse_average="per_position" (default): each position is the sample-weighted mean over
@@ -33,7 +38,8 @@ Aggregation (every site, identically, in rank order).
         mean[p] = sum_{i sent p} n_i u_i[p] / sum_{i sent t} n_i, i.e. a site that sent
         other positions of t counts as a zero at p. (FL4Health applies it to weights, not
         updates, and clients then overwrite every unsent entry of a returned tensor with 0;
-        here it is applied to updates so the two rules can be compared on equal terms.)
+        here it is applied to updates so the two rules can be compared on equal terms.) The
+        per-tensor flags (1 byte a tensor) are gathered with the counts.
     Without segments, "the tensor" is the whole model and this rule is plain dilution,
     sum_{i sent p} n_i u_i[p] / N (every site sends some non-zero value somewhere).
 
@@ -46,11 +52,10 @@ exchange of the same value format, the dense one runs instead: fp32 above densit
 (8 vs 4 bytes a value), int8 values above ~0.2 (5 + 4/256 vs 1 + 4/256 bytes).
 
 Memory. The update is built in the residual (error feedback) or one model-sized fp32
-buffer (without); `local` is scratch until the end and accumulates the weighted sums.
-Per-position averaging also records who sent each position: one byte a value for up to
-8 sites (a bitmask, 1/4 of the model), else 4 (a weight sum); this is the one buffer beyond
-"one model-sized buffer plus one bucket", the price of not diluting (the fl4health rule needs
-only a flag per site and tensor). All other temporaries are chunks within `bucket_bytes`.
+buffer (without); `local` is scratch until the end and accumulates the weighted sums. Every
+other buffer (score keys, who sent what, one site's received indices and values, this site's
+selection) covers one index bucket, ~36 bytes a position at most, and lives within
+`bucket_bytes`: one model-sized buffer plus one bucket.
 """
 
 from __future__ import annotations
@@ -211,21 +216,27 @@ def _check_segments(segments: list[tuple[int, int]], numel: int) -> list[tuple[i
 class SparseExchange:
     """exchange_(local, global_, weight, strategy) -> payload bytes this site sent (see the module docstring).
 
-    sparsity_level      fraction of values each site sends, in (0, 1]; k = max(1, floor(level * n))
+    sparsity_level      fraction of values each site sends, in (0, 1] (see the module docstring for k)
     sparsity_scope      "model" (global top-k) or "tensor" (ceil(level * n_t) per tensor; needs segments)
     segments            [(offset, numel)] of the model's tensors in the flat vector (segments_from_model)
     selection_criterion largest_magnitude_change | largest_final_magnitude | largest_increase_in_magnitude
     sparse_average      "per_position" (not diluted) | "fl4health" (their per-tensor rule; give segments)
     error_feedback      keep what was not sent (or its quantization error) for the next exchange
     values              "fp32" | "int8" (block_size, scale_dtype as in Int8Exchange)
-    bucket_bytes        bound of the temporaries (not counting the residual and who-sent-what)
+    bucket_bytes        bound of every buffer but the residual: sets the index bucket size
     world_size          defaults to the process group's
     site_weights        every site's n_i / N, by rank; given, no 8-byte gather per exchange
 
     After a call: `stats` (comm.bytes_per_site, comm.density, comm.wire_bytes_per_site,
     memory.exchange_peak_mb, memory.exchange_state_mb); `uses_dense`, `density`, `k`,
-    `sparse_payload_bytes`, `dense_payload_bytes` are known at construction.
+    `sparse_payload_bytes` (an upper bound with int8 values, exact otherwise) and
+    `dense_payload_bytes` are known at construction.
     """
+
+    # Bytes a bucket position may need at most: its score key (4), who sent it (4), this site's
+    # selection (int64 index 8, value 4, code 1) and one site's received index (4 + an int64 copy 8)
+    # and value (4, + 4 decoded).
+    BYTES_PER_POSITION = 41
 
     def __init__(self, numel: int, *, sparsity_level: float, sparsity_scope: str = "model",
                  segments: list[tuple[int, int]] | None = None,
@@ -253,28 +264,27 @@ class SparseExchange:
         self.bucket_bytes, self.device, self.dtype = bucket_bytes, torch.device(device), dtype
         self.world_size = world_size or dist.get_world_size()
         self.site_weights = SiteWeights(site_weights)
-        self.regions = topk_regions(numel, sparsity_level, self.segments, sparsity_scope)
-        self.k = sum(k for _, _, k in self.regions)
+        self.bucket_numel = min(numel, max(block_size, bucket_bytes // self.BYTES_PER_POSITION))
+        self.buckets = bucket_ranges(numel, self.bucket_numel)
 
-        # Chunk sizes, so that each phase's temporaries stay within bucket_bytes. While streaming,
-        # the score chunk and its temporaries (<= ~24 bytes a value) take half, the send chunk
-        # the other half: per entry its int64 + int32 index, value, decoded value, and everyone's
-        # index + value twice (the collective flattens the gathered list into one more buffer).
-        self.score_numel = max(1024, bucket_bytes // 48)
-        value_bytes = 4 if values == "fp32" else 1
-        per_entry = 8 + 4 + 4 + 4 + 2 * self.world_size * (4 + value_bytes)
-        chunk = max(1, bucket_bytes // 2 // per_entry)
-        if values == "int8":
-            chunk = max(block_size, chunk // block_size * block_size)
-        self.send_chunk = min(chunk, self.k)
-        self.final_numel = max(1, bucket_bytes // 12)  # dividing by the senders' weight: int64 + fp32 a value
-        self.sparse_payload_bytes = self.site_weights.bytes + sum(self._chunk_bytes(m) for m in self._chunk_sizes())
-
-        # The dense exchange of the same value format, and what it would cost.
-        if values == "fp32":
-            self.dense_payload_bytes = 4 * numel
+        # What every exchange sends besides the values: sample shares, per-bucket counts, per-tensor flags.
+        self.overhead_bytes = (self.site_weights.bytes + 4 * len(self.buckets)
+                               + (len(self.segments) if sparse_average == "fl4health" else 0))
+        value_bytes = 8 if values == "fp32" else 5
+        if sparsity_scope == "model":  # the counts are paid out of the budget of floor(level * n) values
+            k = max(1, math.floor(sparsity_level * numel) - math.ceil(self.overhead_bytes / value_bytes))
+            self.regions = [(0, numel, k)]
         else:
+            self.regions = topk_regions(numel, sparsity_level, self.segments, sparsity_scope)
+        self.k = sum(k for _, _, k in self.regions)
+        if values == "fp32":
+            self.sparse_payload_bytes = self.overhead_bytes + 8 * self.k
+            self.dense_payload_bytes = 4 * numel
+        else:  # each bucket may start one more (partial) block of scales
+            scales = (num_blocks(self.k, block_size) + len(self.buckets)) * self.scale_dtype.itemsize
+            self.sparse_payload_bytes = self.overhead_bytes + 5 * self.k + scales
             self.dense_payload_bytes = int8_payload_bytes(numel, block_size, self.scale_dtype) + self.site_weights.bytes
+
         self._dense = None
         if self.sparse_payload_bytes >= self.dense_payload_bytes:
             if values == "fp32":
@@ -295,15 +305,6 @@ class SparseExchange:
         """True when this configuration falls back to the dense exchange (sparse would not save bytes)."""
         return self._dense is not None
 
-    def _chunk_sizes(self) -> list[int]:
-        full, rest = divmod(self.k, self.send_chunk)
-        return [self.send_chunk] * full + ([rest] if rest else [])
-
-    def _chunk_bytes(self, m: int) -> int:
-        if self.values == "fp32":
-            return 8 * m
-        return 5 * m + num_blocks(m, self.block_size) * self.scale_dtype.itemsize
-
     @torch.no_grad()
     def exchange_(self, local: torch.Tensor, global_: torch.Tensor, weight: float, strategy) -> int:
         """Applies the per-position mean of everyone's top-k updates; leaves local == global. Returns bytes sent."""
@@ -312,141 +313,169 @@ class SparseExchange:
             self.stats = dict(self._dense.stats)
             return sent
         weights = self.site_weights(weight, local.device)
+        sent = self.site_weights.bytes
         error_feedback = self.residual is not None
 
         # 1. The update (+ residual) into `work`; `local` becomes the accumulator of weighted sums.
         work = self.residual if error_feedback else torch.empty_like(local)
-        for start, end in bucket_ranges(self.numel, max(1, self.bucket_bytes // 4)):
+        for start, end in bucket_ranges(self.numel, self.bucket_numel):
             update = local[start:end].sub_(global_[start:end])
             work[start:end].add_(update) if error_feedback else work[start:end].copy_(update)
         local.zero_()
 
-        # 2-3. Select, send, and add everyone's values into `local`; learn who sent what.
-        senders, sent, stream_bytes = self._send_and_sum_(local, global_, work, weights)
-        if not error_feedback:
-            del work
+        # 2. The exact k-th score of every region, then how many positions each bucket sends.
+        keys_of = _Keys(work, global_, self.criterion, self.bucket_numel)
+        cuts = [find_cut(keys_of, s, e, k, self.bucket_numel) for s, e, k in self.regions]
+        counts, flags = self._count_(keys_of, cuts, work)
+        counts_all, flags_all = self._gather_counts(counts, flags, local.device)
+        sent += counts.nbytes + (flags.nbytes if flags is not None else 0)
 
-        # 4. Weighted sums -> means -> the strategy, bucket by bucket from the start.
-        self._divide_by_senders_(local, senders, weights)
-        senders_bytes = senders.nbytes
-        del senders
-        for start, end in bucket_ranges(self.numel, max(1, self.bucket_bytes // 4)):
+        # 3. Bucket by bucket: send, sum in rank order, divide by who sent, apply.
+        if self.average == "fl4health":
+            denominators = self._tensor_denominators(flags_all, weights)
+        else:
+            table = _mask_table(weights, local.device) if self.world_size <= _MAX_BITMASK_SITES else None
+        workspace = keys_of.buffer.nbytes
+        ties = [cut.ties for cut in cuts]
+        for bucket, (start, end) in enumerate(self.buckets):
+            own = self._select(keys_of, cuts, ties, start, end)
+            sent_here, buffers, senders = self._send_and_sum_(local, work, own, counts_all[:, bucket], weights,
+                                                               start, end)
+            sent += sent_here
+            workspace = max(workspace, keys_of.buffer.nbytes + buffers)
+            if self.average == "fl4health":
+                _divide_by_tensor_(local, self.segments, denominators, start, end)
+            elif table is not None:  # bitmask of senders -> the sum of their weights
+                local[start:end].div_(table[senders.long()])
+            else:
+                local[start:end].div_(senders.masked_fill_(senders == 0, 1.0))
             strategy.apply_update_(global_[start:end], local[start:end], slice(start, end))
             local[start:end].copy_(global_[start:end])
+        if sent > self.sparse_payload_bytes:
+            raise RuntimeError(f"sparse exchange sent {sent} bytes, planned at most {self.sparse_payload_bytes}")
 
         state = self.residual.nbytes if error_feedback else 0
-        workspace = (senders_bytes + (0 if error_feedback else local.nbytes)
-                     + max(stream_bytes, 12 * min(self.final_numel, self.numel)))
+        if not error_feedback:
+            workspace += work.nbytes
         self.stats = {"comm.bytes_per_site": sent, "comm.density": self.density,
                       "comm.wire_bytes_per_site": ring_wire_bytes(sent, self.world_size, "all_gather"),
                       "memory.exchange_peak_mb": (workspace + state) / 2**20,
                       "memory.exchange_state_mb": state / 2**20}
         return sent
 
-    def _send_and_sum_(self, local: torch.Tensor, global_: torch.Tensor, work: torch.Tensor,
-                       weights: list[float]) -> tuple[torch.Tensor, int, int]:
-        """Streams the selection out in fixed-size chunks; every site adds every site's chunk into `local`.
+    def _select(self, keys_of, cuts: list[Cut], ties: list[int], start: int, end: int) -> torch.Tensor:
+        """This site's selected positions in [start, end), in increasing order (int64). Every key above
+        its region's cut, then the region's first remaining ties; `ties` is consumed in index order."""
+        parts = []
+        for index, cut in enumerate(cuts):
+            a, b = max(start, cut.start), min(end, cut.end)
+            if a >= b:
+                continue
+            keys = keys_of(a, b)
+            chosen = keys > cut.key
+            if ties[index] > 0:
+                equal = torch.nonzero(keys == cut.key).squeeze(1)[: ties[index]]
+                chosen[equal] = True
+                ties[index] -= equal.numel()
+            parts.append(torch.nonzero(chosen).squeeze(1).add_(a))
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=keys_of.device)
 
-        Returns (who sent what: a per-position bitmask / weight sum, or per-tensor flags; bytes
-        sent; bytes of the buffers held while streaming). Its buffers are freed on return.
-        """
-        world, device, error_feedback = self.world_size, local.device, self.residual is not None
-        keys_of = _Keys(work, global_, self.criterion, self.score_numel)
-        cuts = [find_cut(keys_of, s, e, k, self.score_numel) for s, e, k in self.regions]
+    def _count_(self, keys_of, cuts: list[Cut], work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Selected positions per bucket (int32), and for the fl4health rule whether this site sends a
+        non-zero value into each tensor (uint8)."""
+        counts = torch.zeros(len(self.buckets), dtype=torch.int32, device=work.device)
+        flags = (torch.zeros(len(self.segments), dtype=torch.uint8, device=work.device)
+                 if self.average == "fl4health" else None)
+        seg_starts = torch.tensor([o for o, _ in self.segments], dtype=torch.int64, device=work.device)
+        ties = [cut.ties for cut in cuts]
+        for bucket, (start, end) in enumerate(self.buckets):
+            chosen = self._select(keys_of, cuts, ties, start, end)
+            counts[bucket] = chosen.numel()
+            if flags is not None and chosen.numel():
+                nonzero = chosen[work[chosen] != 0]
+                flags[torch.searchsorted(seg_starts, nonzero, right=True) - 1] = 1
+        if any(ties):
+            raise RuntimeError(f"sparse selection left ties {ties} unassigned")
+        return counts, flags
 
-        c, int8 = self.send_chunk, self.values == "int8"
-        indices_all = torch.empty(world, c, dtype=torch.int32, device=device)
-        if int8:
-            codes_all = torch.empty(world, c, dtype=torch.int8, device=device)
-            scales_all = torch.empty(world, num_blocks(c, self.block_size), dtype=self.scale_dtype, device=device)
-            own_codes = torch.empty(c, dtype=torch.int8, device=device)
-            buffers = [indices_all, codes_all, scales_all, own_codes]
-        else:
-            values_all = torch.empty(world, c, dtype=torch.float32, device=device)
-            buffers = [indices_all, values_all]
-        decoded = torch.empty(c, dtype=torch.float32, device=device)
-        ones = torch.ones(c, dtype=torch.uint8 if world <= _MAX_BITMASK_SITES else torch.float32, device=device)
-        if self.average == "per_position":
-            senders = torch.zeros(self.numel, dtype=ones.dtype, device=device)
-        else:
-            seg_starts = torch.tensor([o for o, _ in self.segments], dtype=torch.int64, device=device)
-            senders = torch.zeros(world, len(self.segments), dtype=torch.bool, device=device)
-        sent = self.site_weights.bytes
-
-        def send(index: torch.Tensor) -> None:
-            nonlocal sent
-            m = index.numel()
-            values = work[index]
-            if int8:
-                scales = block_scales(values, self.block_size, self.scale_dtype)
-                codes = quantize_into(values, scales, self.block_size, own_codes[:m], decoded[:m])
-                if error_feedback:  # keep what the others will not decode
-                    work.index_put_((index,), values.sub_(dequantize_into(codes, scales, self.block_size,
-                                                                          decoded[:m])))
-                nb = scales.numel()
-                dist.all_gather([codes_all[i, :m] for i in range(world)], codes)
-                dist.all_gather([scales_all[i, :nb] for i in range(world)], scales)
-            else:
-                if error_feedback:
-                    work.index_fill_(0, index, 0.0)
-                dist.all_gather([values_all[i, :m] for i in range(world)], values)
-            dist.all_gather([indices_all[i, :m] for i in range(world)], index.to(torch.int32))
-            sent += self._chunk_bytes(m)
-            for site in range(world):  # rank order: every site adds bitwise the same
-                site_index = indices_all[site, :m]
-                if int8:
-                    site_values = dequantize_into(codes_all[site, :m], scales_all[site, :nb], self.block_size,
-                                                  decoded[:m])
-                else:
-                    site_values = values_all[site, :m]
-                local.index_add_(0, site_index, site_values, alpha=weights[site])
-                if self.average == "per_position":
-                    alpha = (1 << site) if world <= _MAX_BITMASK_SITES else weights[site]
-                    senders.index_add_(0, site_index, ones[:m], alpha=alpha)
-                else:  # FL4Health counts a site in a tensor when it sent a non-zero value there
-                    nonzero = site_index[site_values != 0].long()
-                    senders[site, torch.searchsorted(seg_starts, nonzero, right=True) - 1] = True
-
-        pending, count, emitted = [], 0, 0
-        for chosen in iter_selected(cuts, keys_of, self.score_numel):
-            pending.append(chosen)
-            count += chosen.numel()
-            while count >= c:
-                joined = torch.cat(pending)
-                send(joined[:c])
-                emitted += c
-                pending, count = [joined[c:]], count - c
-        if count:
-            send(torch.cat(pending))
-            emitted += count
-        if emitted != self.k or sent != self.sparse_payload_bytes:
-            raise RuntimeError(f"sparse exchange sent {emitted} values / {sent} bytes, planned {self.k} / "
-                               f"{self.sparse_payload_bytes}")
-        gathered = indices_all.nbytes + (codes_all.nbytes + scales_all.nbytes if int8 else values_all.nbytes)
-        stream_bytes = (sum(b.nbytes for b in buffers) + gathered + decoded.nbytes + ones.nbytes
-                        + 12 * c + 6 * keys_of.buffer.nbytes)  # + index copies, score-chunk temporaries
-        return senders, sent, stream_bytes
-
-    def _divide_by_senders_(self, local: torch.Tensor, senders: torch.Tensor, weights: list[float]) -> None:
-        """local <- weighted sums / the weight of the sites each position is averaged over."""
+    def _gather_counts(self, counts: torch.Tensor, flags: torch.Tensor | None, device) -> tuple:
         world = self.world_size
-        if self.average == "fl4health":
-            per_tensor = (senders.to(torch.float64) * torch.tensor(weights, dtype=torch.float64,
-                                                                   device=local.device)[:, None]).sum(0).tolist()
-            for (offset, size), den in zip(self.segments, per_tensor):
-                if den > 0:
-                    local[offset:offset + size].div_(den)
-            return
-        if world <= _MAX_BITMASK_SITES:  # bitmask -> weight sum through a 2**W table
-            sums = [sum(weights[i] for i in range(world) if mask >> i & 1) for mask in range(1 << world)]
-            table = torch.tensor([s if s > 0 else 1.0 for s in sums], dtype=torch.float32, device=local.device)
-        for start, end in bucket_ranges(self.numel, self.final_numel):
-            if world <= _MAX_BITMASK_SITES:
-                local[start:end].div_(table.index_select(0, senders[start:end].long()))
+        counts_all = torch.empty(world, counts.numel(), dtype=counts.dtype, device=device)
+        dist.all_gather(list(counts_all.unbind(0)), counts)
+        if int(counts_all.sum(dim=1).min()) != int(counts_all.sum(dim=1).max()) or int(counts_all[0].sum()) != self.k:
+            raise RuntimeError(f"sites selected {counts_all.sum(dim=1).tolist()} values, expected {self.k} each")
+        flags_all = None
+        if flags is not None:
+            flags_all = torch.empty(world, flags.numel(), dtype=flags.dtype, device=device)
+            dist.all_gather(list(flags_all.unbind(0)), flags)
+        return counts_all.cpu(), flags_all
+
+    def _send_and_sum_(self, local: torch.Tensor, work: torch.Tensor, own: torch.Tensor, counts: torch.Tensor,
+                       weights: list[float], start: int, end: int) -> tuple[int, int, torch.Tensor]:
+        """Every site broadcasts its selection of [start, end) in turn; all add it into `local` in rank
+        order (bitwise the same everywhere) and record who sent each position. Returns (bytes this
+        site sent, bytes of the buffers used, who sent each position: a bitmask or a weight sum)."""
+        world, device, rank = self.world_size, local.device, dist.get_rank()
+        int8, error_feedback = self.values == "int8", self.residual is not None
+        width = max(1, int(counts.max()))
+        indices = torch.empty(width, dtype=torch.int32, device=device)
+        decoded = torch.empty(width, dtype=torch.float32, device=device)
+        received = torch.empty(width, dtype=torch.int8 if int8 else torch.float32, device=device)
+        scales = torch.empty(num_blocks(width, self.block_size), dtype=self.scale_dtype, device=device)
+        by_mask = world <= _MAX_BITMASK_SITES
+        senders = torch.zeros(end - start if self.average == "per_position" else 0,
+                              dtype=torch.uint8 if by_mask else torch.float32, device=device)
+
+        m = own.numel()
+        own_values = work[own]
+        own_scales = None
+        if int8 and m:
+            own_scales = block_scales(own_values, self.block_size, self.scale_dtype)
+            own_codes = quantize_into(own_values, own_scales, self.block_size, torch.empty(m, dtype=torch.int8,
+                                                                                          device=device),
+                                      decoded[:m])
+            if error_feedback:  # keep what the others will decode differently
+                work.index_put_((own,), own_values.sub_(dequantize_into(own_codes, own_scales, self.block_size,
+                                                                        decoded[:m])))
+            own_values = own_codes
+        elif error_feedback:
+            work.index_fill_(0, own, 0.0)
+
+        sent = 0
+        for site in range(world):
+            n = int(counts[site])
+            if n == 0:
+                continue
+            site_indices, site_values = indices[:n], received[:n]
+            nb = num_blocks(n, self.block_size)
+            if site == rank:
+                site_indices.copy_(own)
+                site_values.copy_(own_values)
+                if int8:
+                    scales[:nb].copy_(own_scales)
+            dist.broadcast(site_indices, src=site)
+            dist.broadcast(site_values, src=site)
+            if int8:
+                dist.broadcast(scales[:nb], src=site)
+                values = dequantize_into(site_values, scales[:nb], self.block_size, decoded[:n])
             else:
-                den = senders[start:end]
-                den[den == 0] = 1.0
-                local[start:end].div_(den)
+                values = site_values
+            if site == rank:
+                sent += n * (4 + (1 if int8 else 4)) + (nb * self.scale_dtype.itemsize if int8 else 0)
+            positions = site_indices.long()
+            local.index_add_(0, positions, values, alpha=weights[site])
+            if self.average == "per_position":
+                alpha = (1 << site) if by_mask else weights[site]
+                senders.index_add_(0, positions.sub_(start), torch.ones(n, dtype=senders.dtype, device=device),
+                                   alpha=alpha)
+        buffers = (indices.nbytes + decoded.nbytes + received.nbytes + scales.nbytes + senders.nbytes
+                   + own.nbytes + 4 * m + 12 * width)  # + own values, int64 positions, ones
+        return sent, buffers, senders
+
+    def _tensor_denominators(self, flags_all: torch.Tensor, weights: list[float]) -> list[float]:
+        """FL4Health's rule: per tensor, the weight of every site that sent a non-zero value into it."""
+        w = torch.tensor(weights, dtype=torch.float64, device=flags_all.device)
+        return (flags_all.to(torch.float64) * w[:, None]).sum(0).tolist()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Per-site state (save one per site): the residual of error feedback."""
@@ -454,3 +483,19 @@ class SparseExchange:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_residual(self.residual, state, "sparse")
+
+
+def _mask_table(weights: list[float], device) -> torch.Tensor:
+    """Denominators of per-position averaging, indexed by the bitmask of the sites that sent a
+    position (up to 8 sites): the sum of their weights (1 where nobody sent: the sum is 0 there)."""
+    world = len(weights)
+    sums = [sum(weights[i] for i in range(world) if mask >> i & 1) for mask in range(1 << world)]
+    return torch.tensor([s if s > 0 else 1.0 for s in sums], dtype=torch.float32, device=device)
+
+
+def _divide_by_tensor_(local: torch.Tensor, segments: list[tuple[int, int]], denominators: list[float],
+                       start: int, end: int) -> None:
+    for (offset, size), den in zip(segments, denominators):
+        a, b = max(start, offset), min(end, offset + size)
+        if a < b and den > 0:
+            local[a:b].div_(den)

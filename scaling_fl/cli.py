@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 import warnings
 
@@ -22,8 +23,17 @@ def _config_keys_given(argv: list[str]) -> list[str]:
     return keys
 
 
+def load_dotenv_file() -> None:
+    """Variables from ./.env (the current directory), as run-local.sh and compose read it;
+    variables already set in the environment win."""
+    from dotenv import load_dotenv
+
+    load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
+    load_dotenv_file()  # before anything reads SACRED_* / AWS_* (and before the sites inherit the environment)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 

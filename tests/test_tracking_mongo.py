@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import socket
+import threading
 import time
 from urllib.parse import quote_plus
 
@@ -12,10 +15,12 @@ import pytest
 from safetensors.torch import load as load_safetensors
 
 from tests.cli import TINY_JOB, run_cli, run_records
-from tests.servers import MONGO_TEST_PASSWORD, free_port
+from tests.servers import _SACRED_VARS, MONGO_TEST_PASSWORD, free_port
 
 SMALL = [*TINY_JOB, "synthetic_train_size=160", "synthetic_test_size=40", "site_ids=[0,0,0]"]
+TWO_SITES = [*TINY_JOB, "synthetic_train_size=96", "synthetic_test_size=32", "site_ids=[0,0]"]
 AWS_SECRET = "aws-secret-never-logged-Zq81"
+DOTENV_AWS_SECRET = "dotenv-aws-secret-never-logged-Xk42"
 
 
 def _database(mongo_server, name):
@@ -98,11 +103,90 @@ def test_a_live_mongo_run_with_the_same_job_name_is_refused(tmp_path, server_env
     assert result.returncode == 2 and "already running as run 41" in result.stderr
 
 
-@pytest.mark.parametrize("problem", ["unreachable", "wrong_password", "not_configured"])
-def test_tracking_problems_fail_in_seconds_with_one_line_before_any_worker(tmp_path, server_env, problem):
-    if problem == "unreachable":
+def test_dash_m_host_port_db_records_there_instead_of_the_environment_choice(tmp_path, server_env, mongo_server):
+    env = server_env(s3=False, gcs=False, mongo=True, database="from_env_unused")
+    result = run_cli(tmp_path, "-m", f"{mongo_server.host}:flag_db", "with", *TWO_SITES, "num_rounds=1",
+                     "job_name=flag-m", f"runs_dir={tmp_path / 'runs'}", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = list(_database(mongo_server, "flag_db").runs.find())
+    assert run["status"] == "COMPLETED" and run["config"]["job_name"] == "flag-m"
+    assert not list(_database(mongo_server, "from_env_unused").runs.find())
+    assert not (tmp_path / "runs").exists()
+
+
+def _without_sacred_variables(env: dict) -> dict:
+    return {name: value for name, value in env.items() if name not in _SACRED_VARS}
+
+
+def test_a_dotenv_in_the_working_directory_points_the_run_at_mongo_and_its_secrets_stay_out(
+        tmp_path, server_env, mongo_server, mongo_auth_server):
+    """./.env holds a credentialed SACRED_URL (and an AWS key); a variable of the real environment wins."""
+    url = mongo_auth_server.url()  # mongodb://sacred-writer:<escaped password>@127.0.0.1:P/?authSource=admin
+    (tmp_path / ".env").write_text(f"# written by the test\nSACRED_URL='{url}'\nSACRED_DATABASE=from_dotenv\n"
+                                   f"AWS_SECRET_ACCESS_KEY={DOTENV_AWS_SECRET}\n")
+    env = _without_sacred_variables(server_env(s3=False, gcs=False))
+    env["SACRED_DATABASE"] = "from_environment"  # set in the real environment: wins over .env
+    env.pop("AWS_SECRET_ACCESS_KEY", None)
+    result = run_cli(tmp_path, "with", *TWO_SITES, "num_rounds=1", "job_name=dotenv", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not run_records(tmp_path / "runs")  # .env configured Mongo: no file-store record
+    assert not list(_database(mongo_server, "from_dotenv").runs.find())
+    database = _database(mongo_server, "from_environment")
+    (run,) = list(database.runs.find())
+    assert run["status"] == "COMPLETED" and run["config"]["job_name"] == "dotenv"
+    assert database.metrics.find_one({"run_id": run["_id"], "name": "validation.accuracy"})["steps"] == [1]
+
+    stored = _dump(database)
+    for secret in (MONGO_TEST_PASSWORD, quote_plus(MONGO_TEST_PASSWORD), url, DOTENV_AWS_SECRET):
+        assert secret not in stored
+        assert secret not in result.stdout + result.stderr
+
+
+def test_sacred_url_in_the_real_environment_wins_over_dotenv(tmp_path, server_env, mongo_server):
+    refused = free_port()
+    (tmp_path / ".env").write_text(f"SACRED_URL={mongo_server.url}\nSACRED_DATABASE=dotenv_loses\n")
+    env = {**_without_sacred_variables(server_env(s3=False, gcs=False)),
+           "SACRED_URL": f"mongodb://127.0.0.1:{refused}/"}
+    result = run_cli(tmp_path, "with", *TWO_SITES, "num_rounds=1", env=env)
+    assert result.returncode == 2
+    assert f"MongoDB at 127.0.0.1:{refused} is not reachable" in result.stderr
+    assert not list(_database(mongo_server, "dotenv_loses").runs.find())
+
+
+@pytest.fixture
+def silent_port():
+    """A port that accepts TCP connections and never says a word: (port, connections accepted)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, name="silent-port", daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("problem", ["refused", "silent", "wrong_password", "not_configured"])
+def test_tracking_problems_fail_in_seconds_with_one_line_before_any_worker(tmp_path, server_env, request, problem):
+    accepted = None
+    if problem == "refused":
         env = server_env(s3=False, gcs=False, SACRED_URL=f"mongodb://127.0.0.1:{free_port()}/")
         expected, args = "is not reachable", []
+    elif problem == "silent":
+        port, accepted = request.getfixturevalue("silent_port")
+        env = server_env(s3=False, gcs=False, SACRED_URL=f"mongodb://127.0.0.1:{port}/")
+        expected, args = f"MongoDB at 127.0.0.1:{port} is not reachable within 5 s (no answer", []
     elif problem == "wrong_password":
         env = server_env(s3=False, gcs=False, mongo="auth", mongo_password="not-the-password")
         expected, args = "authentication failed", []
@@ -111,11 +195,17 @@ def test_tracking_problems_fail_in_seconds_with_one_line_before_any_worker(tmp_p
         expected, args = "tracking=mongo needs SACRED_URL", ["tracking=mongo"]
     start = time.monotonic()
     result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", *args, env=env)
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 15  # imports included; the server check itself gives up after 5 s
     assert result.returncode == 2
     (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert expected in line and "Traceback" not in result.stderr
     assert "not-the-password" not in result.stderr
     if problem != "not_configured":
         assert "127.0.0.1:" in line  # names the host
+    if problem == "refused":
+        assert "connection refused" in line
+    if accepted is not None:
+        assert accepted  # the client really got a TCP connection, and waited for an answer in vain
     assert "Started run" not in result.stderr
+    assert "site 0:" not in result.stderr  # the split is logged just before the sites start
+    assert not (tmp_path / "runs").exists()  # no record anywhere

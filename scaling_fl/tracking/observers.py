@@ -85,11 +85,24 @@ def check_mongo(target: MongoTarget, timeout_s: float = MONGO_TIMEOUT_S) -> None
         raise TrackingError(f"MongoDB at {target.hosts} (database {target.database!r}): {what}; "
                             "check SACRED_USER / SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE") from None
     except Exception as error:  # PyMongoError, or a server that breaks the auth handshake (KeyError)
-        cause = type(error).__name__
+        cause = _unreachable_cause(error)
         raise TrackingError(f"MongoDB at {target.hosts} is not reachable within {timeout_s:g} s ({cause}); "
                             "check SACRED_HOST / SACRED_URL and that the server is up, or run with tracking=file") from None
     finally:
         client.close()
+
+
+def _unreachable_cause(error: Exception) -> str:
+    """Why no server answered, in a few words (pymongo's message may quote the address, never shown)."""
+    text = str(error).lower()
+    if "refused" in text:
+        return "connection refused"
+    if any(sign in text for sign in ("name or service not known", "nodename nor servname", "name resolution",
+                                     "getaddrinfo", "no address associated")):
+        return "host name not found"
+    if "timed out" in text or "no servers found yet" in text:
+        return "no answer, timed out"
+    return type(error).__name__
 
 
 def choose_tracking(mode: str, env: dict | None = None) -> tuple[str, MongoTarget | None]:

@@ -50,6 +50,8 @@ def round_metrics(validation_sums: torch.Tensor, num_labels: int, per_site: torc
             metrics[f"site.{site}.train.loss"] = float(col["train_loss_sum"][site] / count)
             metrics[f"site.{site}.train.accuracy"] = float(col["train_correct"][site] / count)
             metrics[f"site.{site}.memory.peak_rss_mb"] = float(col["peak_rss_mb"][site])
+            if cuda:
+                metrics[f"site.{site}.memory.peak_cuda_mb"] = float(col["peak_cuda_mb"][site])
             if col["local_val_count"][site] > 0:
                 metrics[f"site.{site}.validation.accuracy"] = float(col["local_val_correct"][site] / col["local_val_count"][site])
                 metrics[f"site.{site}.validation.loss"] = float(col["local_val_loss_sum"][site] / col["local_val_count"][site])

@@ -4,13 +4,15 @@ Layout (one folder per checkpointed round, directly under `checkpoints_dir`):
 
     round-000012/global.safetensors     the global model (the flat vector) + layout metadata
     round-000012/strategy.safetensors   the strategy's state (server-optimizer moments)
-    round-000012/site-00003.safetensors a site's own exchange state (error-feedback residual), if any
+    round-000012/site-00003.safetensors a site's own state, if any: its error-feedback residual, and its
+                                        local model when the round ended between synchronizations
     round-000012/state.json             round, experiment-defining config and its hash, metrics so far
     round-000012/COMMITTED              written last: every file's size and sha256
 
 A folder without a valid COMMITTED marker, or whose files do not match it (truncated,
 tampered), is never used: a run skips it with a warning and takes the previous one.
 Only safetensors and JSON are ever read, so loading cannot execute code.
+Retention (keep_last_checkpoints) counts only checkpoints that verify.
 """
 
 from __future__ import annotations
@@ -88,16 +90,28 @@ def commit(directory: str) -> None:
 
 
 def prune(checkpoints_dir: str, keep_last: int) -> list[str]:
-    """Keeps the newest `keep_last` committed checkpoints; removes older ones and stale partial ones."""
+    """Keeps the newest `keep_last` checkpoints that verify (so never the newest good one); removes
+    older ones, and folders older than the newest kept one that do not verify (partial, truncated,
+    tampered). Folders newer than every good checkpoint are left alone (one may be being written)."""
     rounds = list_rounds(checkpoints_dir)
-    committed = [number for number in rounds if storage.exists(f"{round_dir(checkpoints_dir, number)}/{MARKER}")]
-    keep = set(committed[-keep_last:])
+    keep, broken = set(), {}
+    for number in reversed(rounds):  # newest first; what is older than the N-th good one goes anyway
+        if len(keep) >= max(1, keep_last):
+            break
+        try:
+            verify(round_dir(checkpoints_dir, number))
+            keep.add(number)
+        except CheckpointError as error:
+            broken[number] = error
     newest_kept = max(keep) if keep else 0
     removed = []
     for number in rounds:
         if number not in keep and number < newest_kept:
-            storage.remove_tree(round_dir(checkpoints_dir, number))
-            removed.append(round_dir(checkpoints_dir, number))
+            directory = round_dir(checkpoints_dir, number)
+            if number in broken:
+                log.warning("removing broken checkpoint %s: %s", directory, broken[number])
+            storage.remove_tree(directory)
+            removed.append(directory)
     return removed
 
 
@@ -209,18 +223,34 @@ def check_compatible(found: Checkpoint, defining: dict, force: bool) -> None:
                           "use a new job_name / checkpoints_dir, or resume=force to continue anyway")
 
 
+def check_job_name(found: Checkpoint, job_name: str, force: bool) -> None:
+    """checkpoints_dir belongs to one job: another job_name would continue (and prune) its checkpoints."""
+    stored = found.state.get("job_name")
+    if stored is None or stored == job_name:  # (a checkpoint that names no job: nothing to compare)
+        return
+    if force:
+        log.warning("resume=force: job %r continues %s of job %r", job_name, found.directory, stored)
+        return
+    raise CheckpointError(f"checkpoint {found.directory} belongs to job_name={stored!r}, not {job_name!r}: "
+                          f"run with job_name={stored} to continue it, another checkpoints_dir for a new job, "
+                          "or resume=force to continue it anyway")
+
+
 def preflight(cfg, num_sites: int) -> Checkpoint | None:
-    """In the launcher: the checkpoint a run will continue from, refused early if incompatible."""
+    """In the launcher: the checkpoint a run will continue from, refused early if incompatible.
+
+    The newest checkpoint of checkpoints_dir must belong to this job_name; an explicit
+    resume_from may come from another job (that is what naming it is for)."""
     if cfg.checkpoints_dir:
         storage.check_writable(cfg.checkpoints_dir)
-    candidates = []
-    if cfg.checkpoints_dir:
-        candidates.append(latest(cfg.checkpoints_dir))
-    if cfg.resume_from:
-        candidates.append(open_checkpoint(cfg.resume_from))
-    candidates = [found for found in candidates if found is not None]
+    own = latest(cfg.checkpoints_dir) if cfg.checkpoints_dir else None
+    explicit = open_checkpoint(cfg.resume_from) if cfg.resume_from else None
+    candidates = [found for found in (own, explicit) if found is not None]
     if not candidates:
         return None
-    found = max(candidates, key=lambda c: c.round)
-    check_compatible(found, defining_config(cfg.as_dict(), num_sites), force=cfg.resume == "force")
+    force = cfg.resume == "force"
+    if own is not None:
+        check_job_name(own, cfg.job_name, force)
+    found = max(candidates, key=lambda c: c.round)  # a tie goes to checkpoints_dir, as in the sites' _restore
+    check_compatible(found, defining_config(cfg.as_dict(), num_sites), force=force)
     return found

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -12,32 +12,57 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from scaling_fl import checkpoint
 from tests.cli import SCRIPT, TINY_JOB, read_record, run_cli, run_records
 
-SMALL = [*TINY_JOB, "synthetic_train_size=240", "synthetic_test_size=60", "site_ids=[0,0,0]"]
+SMALL = [*TINY_JOB, "synthetic_train_size=240", "synthetic_test_size=60", "site_ids=[0,0]"]
 COMPARABLE = ("validation.loss", "validation.accuracy", "validation.f1_macro", "train.loss", "train.accuracy",
               "comm.bytes_per_site")
+# Top-k with error feedback, a server optimizer, and rounds that end between synchronizations
+# (sync after every 3 local steps, 4 steps a round): residuals, moments and local models must all come back.
+# 1 %, not 10 %: tiny-bert's update is non-zero on only ~104k weights besides the embedding rows of the
+# synthetic task's few tokens (2.06M in all), so top-10 % sends all of it and every residual stays zero.
+STATEFUL = ["exchange=sparse", "sparsity_level=0.01", "strategy=fedadam", "sync=periodic", "comm_period=3",
+            "local_steps=4"]
 
 
 def _final(runs: Path) -> dict:
     return read_record(run_records(runs)[-1])
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path):
-    common = [*SMALL, "num_rounds=3", "learning_rate=0.003"]
+def _rounds(ck: Path) -> list[str]:
+    return sorted(p.name for p in ck.iterdir())
+
+
+@pytest.mark.parametrize("exchange", [[], STATEFUL], ids=["dense-fedavg", "sparse-fedadam-periodic"])
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, exchange):
+    common = [*SMALL, *exchange, "num_rounds=3", "learning_rate=0.003"]
     straight = run_cli(tmp_path, "with", *common, "job_name=straight", f"runs_dir={tmp_path / 'a'}")
     assert straight.returncode == 0, straight.stderr[-2000:]
     stopped = run_cli(tmp_path, "with", *common, "job_name=stopped", f"runs_dir={tmp_path / 'b'}",
                       f"checkpoints_dir={tmp_path / 'ck'}", "max_restarts=0",
                       env={"SCALING_FL_FAIL_AT": "site=0,round=3"})  # dies after round 2 is checkpointed
     assert stopped.returncode != 0
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["round-000001", "round-000002"]
+    assert _rounds(tmp_path / "ck") == ["round-000001", "round-000002"]
+    saved = checkpoint.verify(str(tmp_path / "ck" / "round-000002"))
+    extra = sorted(name for name in os.listdir(saved.directory) if name not in ("global.safetensors", "state.json",
+                                                                               checkpoint.MARKER))
+    if exchange:  # each site's residual and (round 2 ended unsynchronized) local model; the server moments
+        assert extra == ["site-00000.safetensors", "site-00001.safetensors", "strategy.safetensors"]
+        for site in (0, 1):
+            own = saved.tensors(checkpoint.site_file(site))
+            assert sorted(own) == ["local", "residual"]
+            assert own["residual"].count_nonzero() > 0  # what top-k did not send yet: it must come back
+        assert sorted(saved.tensors("strategy.safetensors")) == ["m", "step", "v"]
+    else:  # dense FedAvg synchronized every round has no state beyond the global model
+        assert extra == []
     resumed = run_cli(tmp_path, "with", *common, "job_name=stopped", f"runs_dir={tmp_path / 'b'}",
                       f"checkpoints_dir={tmp_path / 'ck'}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "continuing at round 3" in resumed.stderr
+    assert f"resumed from {tmp_path / 'ck' / 'round-000002'}: continuing at round 3" in resumed.stderr
+    assert len(run_records(tmp_path / "b")) == 1  # the resumed run continued the stopped run's Sacred record
     a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
     assert a["info"]["final_weights_sha256"] == b["info"]["final_weights_sha256"]
     for name in COMPARABLE:
@@ -45,74 +70,154 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path):
         assert b["metrics"][name]["steps"] == [1, 2, 3]
 
 
-def _site_pids(launcher_pid: int) -> list[int]:
-    """The launcher's spawned site processes (not multiprocessing's resource tracker)."""
-    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    pids = []
-    for pid in map(int, children):
+def _children(pid: int) -> list[tuple[int, str]]:
+    found = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            found.append((int(child), Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")))
         except OSError:
             continue
-        if "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+    return found
+
+
+def _site_pids(launcher_pid: int) -> list[int]:
+    """The launcher's site processes: its spawn_main children (start_method=spawn) or its fork
+    server's children (forkserver); not multiprocessing's resource tracker, not tee."""
+    pids = []
+    for pid, cmdline in _children(launcher_pid):
+        if "resource_tracker" in cmdline:
+            continue
+        if "spawn_main" in cmdline:
             pids.append(pid)
+        elif "forkserver" in cmdline:
+            pids.extend(child for child, line in _children(pid) if "resource_tracker" not in line)
     return pids
 
 
 def test_a_site_killed_mid_round_is_restarted_and_the_run_finishes_logging_each_round_once(tmp_path):
     runs, ck = tmp_path / "runs", tmp_path / "ck"
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "with", *TINY_JOB, "site_ids=[0,0,0]", "synthetic_train_size=1500",
+        [sys.executable, str(SCRIPT), "with", *TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=1000",
          "synthetic_test_size=60", "num_rounds=4", "max_restarts=3", "job_name=killed", f"runs_dir={runs}",
          f"checkpoints_dir={ck}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
-        while not (ck / "round-000001" / checkpoint.MARKER).exists():
-            assert process.poll() is None and time.time() < deadline, "round 1 never got checkpointed"
+        while not (ck / "round-000002" / checkpoint.MARKER).exists():
+            assert process.poll() is None and time.time() < deadline, "round 2 never got checkpointed"
             time.sleep(0.2)
         victims = _site_pids(process.pid)
-        assert len(victims) == 3
+        assert len(victims) == 2
         os.kill(victims[1], signal.SIGKILL)
         output, _ = process.communicate(timeout=300)
     finally:
         process.kill()
     assert process.returncode == 0, output[-3000:]
     record = read_record(run_records(runs)[0])
+    assert len(run_records(runs)) == 1
     assert record["run"]["status"] == "COMPLETED"
     assert record["info"]["restarts"] == 1
     for name in COMPARABLE:
         assert record["metrics"][name]["steps"] == [1, 2, 3, 4], name
-    assert "sites restarted (restart 1" in output
+    restarted = re.search(r"sites restarted \(restart 1 of at most 3\), continuing after round (\d+)", output)
+    resumed = re.search(r"resumed from \S+/round-(\d{6}): continuing at round (\d+)", output)
+    assert restarted and resumed, output[-3000:]
+    # the restarted sites took the checkpoint (round 2 or later), they did not start over
+    assert int(resumed.group(1)) >= 2
+    assert int(restarted.group(1)) == int(resumed.group(1)) == int(resumed.group(2)) - 1
 
 
-def test_a_truncated_checkpoint_is_skipped_and_retention_keeps_the_last_n(tmp_path):
-    ck = tmp_path / "ck"
-    first = run_cli(tmp_path, "with", *SMALL, "num_rounds=4", "keep_last_checkpoints=2", "job_name=trunc",
-                    f"checkpoints_dir={ck}", f"runs_dir={tmp_path / 'runs'}")
+def test_broken_checkpoints_are_skipped_and_retention_counts_only_good_ones(tmp_path):
+    ck, runs = tmp_path / "ck", tmp_path / "runs"
+    job = [*SMALL, "job_name=broken", f"checkpoints_dir={ck}", f"runs_dir={runs}"]
+    first = run_cli(tmp_path, "with", *job, "num_rounds=4", "keep_last_checkpoints=3")
     assert first.returncode == 0, first.stderr[-2000:]
-    assert sorted(p.name for p in ck.iterdir()) == ["round-000003", "round-000004"]
+    assert _rounds(ck) == ["round-000002", "round-000003", "round-000004"]
     newest = ck / "round-000004" / "global.safetensors"
-    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    again = run_cli(tmp_path, "with", *SMALL, "num_rounds=5", "keep_last_checkpoints=2", "job_name=trunc",
-                    f"checkpoints_dir={ck}", f"runs_dir={tmp_path / 'runs'}")
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, still marked
+    (ck / "round-000003" / checkpoint.MARKER).unlink()  # as if killed before the marker was written
+    # Checkpoint rounds 3 and 6 only: the truncated round 4 is not rewritten, so retention meets it.
+    again = run_cli(tmp_path, "with", *job, "num_rounds=6", "keep_last_checkpoints=2", "checkpoint_every=3")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "skipping checkpoint" in again.stderr and "round-000004" in again.stderr
-    assert "continuing at round 4" in again.stderr
-    record = read_record(run_records(tmp_path / "runs")[0])
-    assert record["metrics"]["validation.accuracy"]["steps"] == [1, 2, 3, 4, 5]
-    assert sorted(p.name for p in ck.iterdir()) == ["round-000004", "round-000005"]
+    assert (f"skipping checkpoint {ck}/round-000004: {ck}/round-000004/global.safetensors does not match its marker"
+            in again.stderr)
+    assert f"skipping checkpoint {ck}/round-000003: {ck}/round-000003 has no COMMITTED marker" in again.stderr
+    assert f"resumed from {ck}/round-000002: continuing at round 3" in again.stderr
+    assert len(run_records(runs)) == 1
+    record = read_record(run_records(runs)[0])
+    assert record["metrics"]["validation.accuracy"]["steps"] == [1, 2, 3, 4, 5, 6]
+    # Kept: the 2 newest good ones (3, 6); the broken round 4 is older than the newest good one: removed.
+    assert _rounds(ck) == ["round-000003", "round-000006"]
+    assert f"removing broken checkpoint {ck}/round-000004" in again.stderr
 
 
-def test_a_changed_experiment_is_refused_unless_forced(tmp_path):
+def _good(ck: Path, number: int) -> None:
+    directory = ck / f"round-{number:06d}"
+    directory.mkdir(parents=True)
+    checkpoint.write_tensors(str(directory), "global.safetensors", {"global": torch.full((4,), float(number))})
+    checkpoint.write_state(str(directory), {"round": number})
+    checkpoint.commit(str(directory))
+
+
+def test_retention_keeps_the_newest_good_checkpoints_and_drops_older_broken_ones(tmp_path):
     ck = tmp_path / "ck"
-    base = [*SMALL, "num_rounds=1", "job_name=changed", f"checkpoints_dir={ck}", f"runs_dir={tmp_path / 'runs'}"]
-    assert run_cli(tmp_path, "with", *base).returncode == 0
-    refused = run_cli(tmp_path, "with", *base, "num_rounds=2", "split=label_sorted")
+    for number in range(1, 8):
+        _good(ck, number)
+    for number in (3, 6):  # marked but truncated
+        path = ck / f"round-{number:06d}" / "global.safetensors"
+        path.write_bytes(path.read_bytes()[:-4])
+    for number in (4, 7):  # partial: no marker
+        (ck / f"round-{number:06d}" / checkpoint.MARKER).unlink()
+    removed = checkpoint.prune(str(ck), keep_last=2)
+    # good: 1 2 5; keep the newest two (2, 5); 1 (too old), 3 (broken) and 4 (partial) are older than 5;
+    # 6 and 7 are newer than every good checkpoint and stay (they may be a write in flight).
+    assert _rounds(ck) == ["round-000002", "round-000005", "round-000006", "round-000007"]
+    assert sorted(Path(path).name for path in removed) == ["round-000001", "round-000003", "round-000004"]
+    assert checkpoint.latest(str(ck)).round == 5
+    assert checkpoint.prune(str(ck), keep_last=1) == [str(ck / "round-000002")]  # never the newest good one
+    assert _rounds(ck) == ["round-000005", "round-000006", "round-000007"]
+
+
+def test_checkpoint_every_and_resume_from_a_round_folder(tmp_path):
+    ck = tmp_path / "ck"
+    every = run_cli(tmp_path, "with", *SMALL, "num_rounds=5", "checkpoint_every=2", "keep_last_checkpoints=10",
+                    "job_name=every", f"checkpoints_dir={ck}", f"runs_dir={tmp_path / 'a'}")
+    assert every.returncode == 0, every.stderr[-2000:]
+    assert _rounds(ck) == ["round-000002", "round-000004", "round-000005"]  # every 2nd round, and the last
+    # An explicit round folder (not the newest), taken by another job: it starts from there.
+    fork = run_cli(tmp_path, "with", *SMALL, "num_rounds=5", "job_name=fork", f"resume_from={ck / 'round-000002'}",
+                   f"runs_dir={tmp_path / 'b'}")
+    assert fork.returncode == 0, fork.stderr[-2000:]
+    assert f"resumed from {ck / 'round-000002'}: continuing at round 3" in fork.stderr
+    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
+    assert a["info"]["final_weights_sha256"] == b["info"]["final_weights_sha256"]
+    for name in COMPARABLE:
+        assert b["metrics"][name]["steps"] == [1, 2, 3, 4, 5], name
+        assert a["metrics"][name]["values"] == b["metrics"][name]["values"], name
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("scaling-fl: error:")]
+
+
+def test_a_changed_experiment_or_another_job_is_refused_unless_forced(tmp_path):
+    ck, runs = tmp_path / "ck", tmp_path / "runs"
+    base = [*SMALL, f"checkpoints_dir={ck}", f"runs_dir={runs}"]
+    assert run_cli(tmp_path, "with", *base, "num_rounds=1", "job_name=changed").returncode == 0
+    refused = run_cli(tmp_path, "with", *base, "num_rounds=2", "job_name=changed", "split=label_sorted")
     assert refused.returncode == 2
     assert "different experiment (split: 'iid' -> 'label_sorted')" in refused.stderr
     assert "resume=force" in refused.stderr
-    forced = run_cli(tmp_path, "with", *base, "num_rounds=2", "split=label_sorted", "resume=force")
+    stranger = run_cli(tmp_path, "with", *base, "num_rounds=2", "job_name=stranger")
+    assert stranger.returncode == 2
+    assert _error_lines(stranger.stderr) == [
+        f"scaling-fl: error: checkpoint {ck}/round-000001 belongs to job_name='changed', not 'stranger': run with "
+        "job_name=changed to continue it, another checkpoints_dir for a new job, or resume=force to continue it anyway"]
+    assert _rounds(ck) == ["round-000001"] and len(run_records(runs)) == 1  # refused before anything was written
+    forced = run_cli(tmp_path, "with", *base, "num_rounds=2", "job_name=stranger", "split=label_sorted",
+                     "resume=force")
     assert forced.returncode == 0, forced.stderr[-2000:]
+    assert f"resume=force: job 'stranger' continues {ck}/round-000001 of job 'changed'" in forced.stderr
+    assert "resume=force: continuing" in forced.stderr and "continuing at round 2" in forced.stderr
 
 
 class _Bomb:
@@ -125,8 +230,6 @@ def test_a_malicious_checkpoint_cannot_execute_code(tmp_path, monkeypatch):
     monkeypatch.setenv("BOMB_SENTINEL", str(sentinel))
     good = tmp_path / "ck" / "round-000001"
     good.mkdir(parents=True)
-    import torch
-
     checkpoint.write_tensors(str(good), "global.safetensors", {"global": torch.ones(3)})
     checkpoint.write_state(str(good), {"round": 1})
     checkpoint.commit(str(good))

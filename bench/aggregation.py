@@ -10,7 +10,7 @@ told to return every freed block above 64 KiB to the OS, so a freed buffer canno
 later one) or, on CUDA, of max_memory_allocated. Each method runs in fresh processes.
 Targets (issue 2): ours <= 1.3x the flat all_reduce, <= 0.5x per-tensor, extra memory <= one bucket.
 
-    .venv/bin/python bench/aggregation.py --ranks 4 --repeats 5
+    .venv/bin/python bench/aggregation.py --ranks 4 --repeats 5 --cycles 3
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> di
     model = BertForSequenceClassification(BertConfig.from_pretrained(minilm_path(), num_labels=4)).to(device)
     params = [p for p in model.parameters()]
     local = flatten_model_(model)
-    global_ = local.clone()
+    # As in the round loop: dense FedAvg keeps no separate global copy (train/federated.py).
+    global_ = local if method == "ours" else local.clone()
     local.add_(0.01 * (rank + 1))  # a non-zero update
     exchange = DenseExchange(local.numel(), int(bucket_mb * 2**20), local.dtype) if method == "ours" else None
     strategy = FedAvg()
@@ -98,7 +99,7 @@ def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> di
         times.append(time.perf_counter() - start)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a round waits for the slowest site
-    result = {"median_s": statistics.median(slowest.tolist()), "extra_peak_mb": extra_mb,
+    result = {"median_s": statistics.median(slowest.tolist()), "times": slowest.tolist(), "extra_peak_mb": extra_mb,
               "numel": local.numel(), "tensors": len(params), "model_mb": local.numel() * 4 / 2**20}
     dist.destroy_process_group()
     return result
@@ -115,18 +116,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cycles", type=int, default=3,
+                        help="run the three methods this many times in turn (fresh processes each time) and take "
+                             "the median over all repeats, so a noisy moment does not decide a ratio")
     parser.add_argument("--bucket-mb", type=float, default=32)
     parser.add_argument("--backend", default="nccl" if torch.cuda.is_available() else "gloo")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the rank processes
 
-    results = {method: run(method, args.ranks, args.repeats, args.bucket_mb, args.backend)
-               for method in ("flat", "ours", "per_tensor")}
+    cycles = [{method: run(method, args.ranks, args.repeats, args.bucket_mb, args.backend)
+               for method in ("flat", "ours", "per_tensor")} for _ in range(args.cycles)]
+    results = {}
+    for method in ("flat", "ours", "per_tensor"):
+        runs = [cycle[method] for cycle in cycles]
+        results[method] = {**runs[0], "times": [t for r in runs for t in r["times"]],
+                           "median_s": statistics.median(t for r in runs for t in r["times"]),
+                           "extra_peak_mb": max(r["extra_peak_mb"] for r in runs)}
     ours, flat, per_tensor = results["ours"], results["flat"], results["per_tensor"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, backend {args.backend}, "
           f"{args.ranks} ranks, {ours['numel'] / 1e6:.1f}M params in {ours['tensors']} tensors "
-          f"({ours['model_mb']:.1f} MiB), bucket {args.bucket_mb:g} MiB, median of {args.repeats}")
+          f"({ours['model_mb']:.1f} MiB), bucket {args.bucket_mb:g} MiB, median of {args.cycles} x {args.repeats} "
+          "(the slowest rank of each)")
     print("| method | median time (s) | vs flat all_reduce | vs per-tensor | extra peak memory (MiB) |")
     print("|---|---|---|---|---|")
     for name, label in (("flat", "one flat all_reduce (limit)"), ("ours", "scaling-fl dense buckets"),

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -29,15 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1)) / 1024
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
+from bench.peak_memory import reset_peak, rss_mb  # noqa: E402
 
 
 def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> dict:
@@ -76,14 +67,14 @@ def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> di
                 param.data.div_(world)
 
     dist.barrier()
-    baseline_mb = _rss_mb("VmRSS")
-    _reset_peak_rss()
+    baseline_mb = rss_mb("VmRSS")
+    reset_peak()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     once()  # warm-up, and the run the memory is read from
-    extra_mb = _rss_mb("VmHWM") - baseline_mb
+    extra_mb = rss_mb("VmHWM") - baseline_mb
     if device.type == "cuda":
         torch.cuda.synchronize()
         extra_mb = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2**20

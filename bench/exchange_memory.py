@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench.peak_memory import reset_peak, rss_mb  # noqa: E402
 
 METHODS = {
     "state_dict_copy": ("state_dict_copy", {}),
@@ -44,16 +45,6 @@ METHODS = {
     "int8": ("int8", {}),
     "sparse_int8 10%": ("sparse_int8", {"sparsity_level": 0.1}),
 }
-
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1)) / 1024
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
 
 
 def _bench_rank(label: str, repeats: int, bucket_mb: float) -> dict:
@@ -100,10 +91,10 @@ def _bench_rank(label: str, repeats: int, bucket_mb: float) -> dict:
         return sent
 
     dist.barrier()
-    rss_before = _rss_mb("VmRSS")
-    _reset_peak_rss()
+    rss_before = rss_mb("VmRSS")
+    reset_peak()
     sent = once()
-    extra_mb = _rss_mb("VmHWM") - rss_before
+    extra_mb = rss_mb("VmHWM") - rss_before
     times = []
     for _ in range(repeats):
         dist.barrier()

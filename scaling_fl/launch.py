@@ -115,6 +115,7 @@ def log_split(prepared: PreparedData) -> None:
 def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event: Callable[[dict], None],
               max_restarts: int = 0) -> dict[int, dict]:
     """Starts this node's sites and blocks until they finish; returns each local site's result."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -142,26 +143,76 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
             max_restarts=max_restarts,
             monitor_interval=0.5,
             start_method="forkserver",
+            logs_specs=DefaultLogsSpecs(log_dir=os.path.join(workdir, "elastic")),  # every site's error.json
             local_addr=topology.master_addr if topology.num_nodes == 1 else None,
         )
         with EventFollower(os.path.join(workdir, "events.jsonl"), on_event):
             try:
                 return elastic_launch(launch_config, run_site)(cfg.as_dict(), workdir)
             except ChildFailedError as error:
-                raise SiteFailure(_describe_failure(error, len(cfg.site_ids))) from None
+                description = _describe_failure(error, topology.node_rank, len(cfg.site_ids),
+                                                os.path.join(workdir, "elastic"))
+                log.error("%s", description.splitlines()[0])  # the root cause, also in the captured output
+                raise SiteFailure(description) from None
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _describe_failure(error, sites_per_node: int) -> str:
-    rank, failure = error.get_first_failure()
-    trace = ""
-    if isinstance(failure.error_file_data, dict):
-        extra = failure.error_file_data.get("message", {})
-        if isinstance(extra, dict):
-            trace = extra.get("extraInfo", {}).get("py_callstack", "")
-    cause = failure.message if isinstance(failure.message, str) and failure.message else f"exit code {failure.exitcode}"
-    if failure.signal_name() != "<N/A>":
-        cause = f"killed by {failure.signal_name()}"
+# Errors a site raises because ANOTHER site died: its peer closed the connection or stopped answering.
+_COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
+               "DistNetworkError", "DistBackendError", "Timed out waiting", "timed out", "NCCL communicator was aborted",
+               "ProcessGroupNCCL", "ECONNRESET")
+
+
+def _site_errors(log_dir: str, node_rank: int, sites_per_node: int) -> dict[int, dict]:
+    """Every error file this node's sites wrote in their last attempt: global rank -> {timestamp, message,
+    trace}. torch elastic itself reports only the first process to exit, which may be a peer that lost
+    its connection to the site that really failed."""
+    import glob
+    import json
+    import re
+
+    found: dict[int, tuple[int, dict]] = {}
+    for path in glob.glob(os.path.join(log_dir, "*", "attempt_*", "*", "error.json")):
+        match = re.search(r"attempt_(\d+)[/\\](\d+)[/\\]error\.json$", path)
+        if not match:
+            continue
+        attempt, local_rank = int(match.group(1)), int(match.group(2))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                message = json.load(handle)["message"]
+            error = {"timestamp": int(message["extraInfo"]["timestamp"]), "message": message.get("message", ""),
+                     "trace": message["extraInfo"].get("py_callstack", "")}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rank = node_rank * sites_per_node + local_rank
+        if rank not in found or attempt > found[rank][0]:
+            found[rank] = (attempt, error)
+    newest = max((attempt for attempt, _ in found.values()), default=0)
+    return {rank: error for rank, (attempt, error) in found.items() if attempt == newest}
+
+
+def _is_collateral(trace: str) -> bool:
+    return any(marker in trace for marker in _COLLATERAL)
+
+
+def _describe_failure(error, node_rank: int, sites_per_node: int, log_dir: str) -> str:
+    """The site that failed first for a reason of its own, with its traceback. Error files carry whole
+    seconds only, so sites that failed in the same second are told apart by their traceback: a lost
+    peer is collateral."""
+    errors = _site_errors(log_dir, node_rank, sites_per_node)
+    for rank, failure in error.failures.items():  # signals and sites without an error file
+        if rank not in errors:
+            cause = failure.message if isinstance(failure.message, str) and failure.message else ""
+            if failure.signal_name() != "<N/A>":
+                cause = f"killed by {failure.signal_name()}"
+            errors[rank] = {"timestamp": failure.timestamp, "message": cause or f"exit code {failure.exitcode}",
+                            "trace": "", "exitcode": failure.exitcode}
+    rank = min(errors, key=lambda r: (errors[r]["timestamp"], _is_collateral(errors[r]["trace"]), r))
+    chosen = errors[rank]
+    cause = chosen["message"] or f"exit code {chosen.get('exitcode', 1)}"
     header = f"site {rank} (node rank {rank // sites_per_node}, local index {rank % sites_per_node}) failed: {cause}"
-    return header + (f"\n--- traceback of site {rank} ---\n{trace}" if trace else "")
+    others = sorted(r for r in errors if r != rank)
+    if others:
+        header += f" (then site(s) {', '.join(map(str, others))} stopped)"
+    return header + (f"\n--- traceback of site {rank} ---\n{chosen['trace']}" if chosen["trace"] else "")

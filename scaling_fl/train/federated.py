@@ -54,11 +54,12 @@ def run_site(config: dict, workdir: str) -> dict:
                     "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None})
     site = start_site(cfg.site_ids, cfg.backend, cfg.collective_timeout_s)
     _quiet_unless_leader(site.is_leader)
-    try:
-        with logging_redirect_tqdm():
-            return _federate(cfg, site, workdir)
-    finally:
-        stop_site()
+    with logging_redirect_tqdm():
+        result = _federate(cfg, site, workdir)
+    # Only on success: a failing site must not close its connections before @record has written
+    # its error file, or its peers fail (and are reported) first; the OS closes them on exit.
+    stop_site()
+    return result
 
 
 def _federate(cfg: Config, site, workdir: str) -> dict:

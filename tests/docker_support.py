@@ -6,9 +6,9 @@
   with python3 is made with debootstrap (installed with apt-get if missing) and imported.
   Like the real pytorch/pytorch image it brings torch, installed system-wide (the host's
   torch build, put there by the host's pip from the host's package sources), so the build
-  takes the Dockerfile's keep-the-base-image's-torch path. The root file system is kept as a
-  tarball under /var/tmp (keyed by BASE_VERSION) and the image stays in dockerd's store
-  (/var/lib/docker), as does docker's build cache; older versions of both are removed.
+  takes the Dockerfile's keep-the-base-image's-torch path. The root file system is streamed
+  into `docker import`; the image stays in dockerd's store (/var/lib/docker, keyed by
+  BASE_VERSION), as does docker's build cache; older versions are removed.
 - A package server for pip inside `docker build`. The host's pip reads its packages from
   local folders (find-links, file:// indexes) and from PyPI through a TLS-intercepting
   gateway whose CA only the host trusts. A build container sees neither, so this serves
@@ -180,10 +180,9 @@ def install_host_torch(root: Path) -> None:
 
 
 def remove_stale_base_images() -> None:
-    """Earlier versions of the test base image (about 1 GB each) and their tarballs."""
+    """Earlier versions of the test base image (about 1 GB each), and tarballs of older test versions."""
     for tarball in CACHE_DIR.glob("rootfs-*.tar"):
-        if tarball.name != f"rootfs-{BASE_VERSION}.tar":
-            tarball.unlink()
+        tarball.unlink()
     listed = run([docker_cli(), "image", "ls", "--format", "{{.Repository}}:{{.Tag}}", BASE_REPOSITORY], check=False)
     for name in listed.stdout.split():
         if name != BASE_IMAGE:
@@ -191,18 +190,18 @@ def remove_stale_base_images() -> None:
 
 
 def ensure_base_image(phases: dict[str, float] | None = None) -> str:
-    """A minimal Debian bookworm with python3, venv and torch, made with debootstrap (cached).
+    """A minimal Debian bookworm with python3, venv and torch, made with debootstrap and streamed
+    into `docker import` (no tarball on disk); docker's image store is the cache.
     `phases` receives the seconds each step of a fresh build took."""
     phases = {} if phases is None else phases
     if image_exists(BASE_IMAGE):
         return BASE_IMAGE
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     remove_stale_base_images()
-    tarball = CACHE_DIR / f"rootfs-{BASE_VERSION}.tar"
-    if not tarball.exists():
-        ensure_packages("debootstrap")
-        root = CACHE_DIR / f"rootfs-{BASE_VERSION}.tmp"
-        shutil.rmtree(root, ignore_errors=True)
+    ensure_packages("debootstrap")
+    root = CACHE_DIR / f"rootfs-{BASE_VERSION}.tmp"
+    shutil.rmtree(root, ignore_errors=True)
+    try:
         started = time.monotonic()
         run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
              "bookworm", str(root), DEBIAN_MIRROR], timeout=900)
@@ -215,18 +214,16 @@ def ensure_base_image(phases: dict[str, float] | None = None) -> str:
         install_host_torch(root)
         phases["torch_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
-        partial = tarball.with_suffix(".partial")
-        run(["tar", "-C", str(root), "-cf", str(partial), "."], timeout=600)
-        partial.rename(tarball)
-        shutil.rmtree(root, ignore_errors=True)
-        phases["tarball_s"] = round(time.monotonic() - started, 1)
-    started = time.monotonic()
-    with open(tarball, "rb") as stream:
-        result = subprocess.run([docker_cli(), "import", "-", BASE_IMAGE], stdin=stream, capture_output=True,
+        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
+        result = subprocess.run([docker_cli(), "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True,
                                 text=True, timeout=600)
-    if result.returncode != 0:
-        raise DockerSetupError(f"docker import of {tarball} failed:\n{result.stderr[-3000:]}")
-    phases["import_s"] = round(time.monotonic() - started, 1)
+        tar.stdout.close()
+        if tar.wait(timeout=60) != 0 or result.returncode != 0:
+            raise DockerSetupError(f"tar -C {root} | docker import failed (tar exit {tar.returncode}):\n"
+                                   f"{result.stderr[-3000:]}")
+        phases["import_s"] = round(time.monotonic() - started, 1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return BASE_IMAGE
 
 

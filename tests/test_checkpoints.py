@@ -126,6 +126,24 @@ def test_a_site_killed_mid_round_is_restarted_and_the_run_finishes_logging_each_
     assert int(restarted.group(1)) == int(resumed.group(1)) == int(resumed.group(2)) - 1
 
 
+def test_a_hung_site_is_detected_within_the_collective_timeout_and_the_run_recovers(tmp_path):
+    """A peer that stops answering (alive, connections open) must not block the others for torch's
+    30-minute default: after collective_timeout_s they fail, elastic restarts every site from the
+    last checkpoint, and the run finishes."""
+    runs, ck = tmp_path / "runs", tmp_path / "ck"
+    started = time.monotonic()
+    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=3", "collective_timeout_s=10", "max_restarts=1",
+                     "job_name=hung", f"runs_dir={runs}", f"checkpoints_dir={ck}",
+                     env={"SCALING_FL_FAIL_AT": "site=1,round=2,attempts=1,mode=hang"}, timeout=300)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sites restarted (restart 1 of at most 1), continuing after round 1" in result.stderr
+    assert elapsed < 120, elapsed  # one 10 s timeout, a restart, three tiny rounds: far from 30 minutes
+    record = read_record(run_records(runs)[0])
+    assert record["run"]["status"] == "COMPLETED" and record["info"]["restarts"] == 1
+    assert record["metrics"]["validation.accuracy"]["steps"] == [1, 2, 3]
+
+
 def test_broken_checkpoints_are_skipped_and_retention_counts_only_good_ones(tmp_path):
     ck, runs = tmp_path / "ck", tmp_path / "runs"
     job = [*SMALL, "job_name=broken", f"checkpoints_dir={ck}", f"runs_dir={runs}"]

@@ -153,6 +153,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         del optimizer, scheduler
         local_eval = local_eval_summary(*evaluate(test_full)) if test_full is not None else None
         train_done = time.perf_counter()
+        synchronizing_while_training_s = communication.seconds
 
         # --- 2. exchange: mean update over sites, applied by the strategy ----------
         # (sync=round: every round; the last round always ends synchronized)
@@ -172,11 +173,10 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         if site.is_leader:
             metrics = round_metrics(validation_sums, num_labels, per_site, with_per_site=cfg.per_site_metrics,
                                     cuda=site.device.type == "cuda")
-            aggregate_s = round_communication.pop("seconds")
             metrics.update({
                 "time.round_s": eval_done - round_start,
-                "time.train_s": train_done - round_start - (aggregate_s - (aggregate_done - train_done)),
-                "time.aggregate_s": aggregate_s,
+                "time.train_s": train_done - round_start - synchronizing_while_training_s,
+                "time.aggregate_s": round_communication.pop("seconds"),  # every sync check and exchange
                 "time.eval_s": eval_done - aggregate_done,
                 **round_communication,
                 "comm.bytes_per_site": round_communication["comm.bytes_per_site"] + sync_stats["sync.check_bytes"],

@@ -47,11 +47,11 @@ CONFIGS = {
     "sparse 10% + int8": ["exchange=sparse_int8", "sparsity_level=0.1"],
     "fedadam": ["strategy=fedadam"],
     # Kamp et al. 2018: a divergence check at the end of every round (the dense cadence), a sync
-    # only when the largest ||w - r||^2 over sites exceeds delta. Calibrated on this task with
-    # checks every 10 steps (sync=dynamic delta_threshold=0 check_every=10): 1.42, 0.38, 0.15,
-    # 0.047, 0.040 in rounds 1-5 as the learning rate decays, so 0.25 after 20 steps lets the
-    # early rounds synchronize and skips the late ones.
-    "dynamic averaging": ["sync=dynamic", "check_every=20", "delta_threshold=0.25"],
+    # only when the largest ||w - r||^2 over sites exceeds delta. On this task it falls as the
+    # learning rate decays: 4.9, 2.0, 0.82, 0.32 after rounds 1-4 (20 steps each; measured with
+    # delta_threshold=0.25, which therefore synchronized every round), so 0.5 lets the early
+    # rounds synchronize and skips the late ones.
+    "dynamic averaging": ["sync=dynamic", "check_every=20", "delta_threshold=0.5"],
 }
 
 

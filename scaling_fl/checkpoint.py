@@ -142,15 +142,15 @@ class Checkpoint:
 
 
 def verify(directory: str) -> Checkpoint:
-    """Returns the checkpoint if its marker and every listed file check out; raises CheckpointError otherwise."""
+    """Returns the checkpoint if its marker and every listed file check out; raises CheckpointError otherwise.
+
+    Every way a sealed folder can be malformed (a marker or state.json of the wrong shape, a
+    file name that leaves the folder, a round that is not the folder's) is a CheckpointError,
+    so callers skip every broken checkpoint alike."""
     marker_path = f"{directory}/{MARKER}"
     if not storage.exists(marker_path):
         raise CheckpointError(f"{directory} has no {MARKER} marker (interrupted while being written)")
-    try:
-        marker = json.loads(storage.read_bytes(marker_path))
-        files = marker["files"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{marker_path} is not a valid marker") from None
+    files = _read_marker(marker_path)
     for name, expected in files.items():
         path = f"{directory}/{name}"
         if not storage.exists(path):
@@ -164,11 +164,66 @@ def verify(directory: str) -> Checkpoint:
             _check_safetensors_header(f"{directory}/{name}", storage.read_bytes(f"{directory}/{name}"))
     if "state.json" not in files or "global.safetensors" not in files:
         raise CheckpointError(f"{directory} lacks state.json or global.safetensors")
+    state = _read_state(directory)
+    return Checkpoint(directory=directory, round=state["round"], state=state)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_count(value) -> bool:
+    """An int that is not a bool (JSON true would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _load_json(path: str, what: str):
     try:
-        state = json.loads(storage.read_bytes(f"{directory}/state.json"))
-    except ValueError:
-        raise CheckpointError(f"{directory}/state.json is not valid JSON") from None
-    return Checkpoint(directory=directory, round=int(state["round"]), state=state)
+        return json.loads(storage.read_bytes(path))
+    except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
+        raise CheckpointError(f"{path} is not a valid {what} (not JSON)") from None
+
+
+def _read_marker(marker_path: str) -> dict[str, dict]:
+    """The marker's table of files, each entry checked: a plain name inside the folder, a size and a sha256."""
+    marker = _load_json(marker_path, "marker")
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
+        raise CheckpointError(f"{marker_path} is not a valid marker (no table of files)")
+    if "format" in marker and not (_is_count(marker["format"]) and marker["format"] == FORMAT_VERSION):
+        raise CheckpointError(f"{marker_path} has format {marker['format']!r}, this version reads {FORMAT_VERSION}")
+    files = marker["files"]
+    for name, entry in files.items():
+        if (not name or name.startswith(".") or ".." in name or any(sign in name for sign in "/\\\0")
+                or name == MARKER):
+            raise CheckpointError(f"{marker_path} is not a valid marker (file name {name!r} is not a plain "
+                                  "name inside the folder)")
+        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+            raise CheckpointError(f"{marker_path} is not a valid marker (entry {name!r} lacks a size or sha256)")
+    return files
+
+
+def _read_state(directory: str) -> dict:
+    """state.json, checked for what resuming reads: round (the folder's), history, job_name, defining_config."""
+    path = f"{directory}/state.json"
+    state = _load_json(path, "checkpoint state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a valid checkpoint state (not a JSON object)")
+    number = state.get("round")
+    if not _is_count(number) or number < 1:
+        raise CheckpointError(f"{path} is not a valid checkpoint state (round {number!r} is not a round number)")
+    folder = ROUND_DIR.match(directory.rstrip("/").rsplit("/", 1)[-1])
+    if folder and int(folder.group(1)) != number:
+        raise CheckpointError(f"{path} says round {number}, its folder is round {int(folder.group(1))}")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(
+            isinstance(entry, dict) and _is_count(entry.get("round")) and isinstance(entry.get("metrics"), dict)
+            for entry in history):
+        raise CheckpointError(f"{path} is not a valid checkpoint state (history is not a list of rounds)")
+    if not isinstance(state.get("defining_config", {}), dict):
+        raise CheckpointError(f"{path} is not a valid checkpoint state (defining_config is not an object)")
+    if not isinstance(state.get("job_name", ""), (str, type(None))):
+        raise CheckpointError(f"{path} is not a valid checkpoint state (job_name is not a string)")
+    return state
 
 
 def _check_safetensors_header(path: str, data: bytes) -> None:
@@ -181,11 +236,17 @@ def _check_safetensors_header(path: str, data: bytes) -> None:
         raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + header_length])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not a JSON object)")
     body = len(data) - 8 - header_length
     for name, entry in header.items():
-        if name != "__metadata__" and (not isinstance(entry, dict) or entry.get("data_offsets", [0, body + 1])[1] > body):
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(offset) for offset in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= body):
             raise CheckpointError(f"{path} is not a valid safetensors file (tensor {name!r} out of bounds)")
 
 

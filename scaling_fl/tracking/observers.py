@@ -86,10 +86,50 @@ def check_mongo(target: MongoTarget, timeout_s: float = MONGO_TIMEOUT_S) -> None
                             "check SACRED_USER / SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE") from None
     except Exception as error:  # PyMongoError, or a server that breaks the auth handshake (KeyError)
         cause = _unreachable_cause(error)
+        if cause not in _NETWORK_CAUSES and _answers_without_credentials(target, min(timeout_s, PROBE_TIMEOUT_S)):
+            # It answers, so it is reachable: what failed is logging in (a server without authentication,
+            # such as nx-27017, or one that breaks the handshake, makes pymongo fail with a KeyError).
+            raise TrackingError(f"MongoDB at {target.hosts} (database {target.database!r}): authentication failed "
+                                "(the server did not complete the login handshake); check SACRED_USER / "
+                                "SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE") from None
         raise TrackingError(f"MongoDB at {target.hosts} is not reachable within {timeout_s:g} s ({cause}); "
                             "check SACRED_HOST / SACRED_URL and that the server is up, or run with tracking=file") from None
     finally:
         client.close()
+
+
+PROBE_TIMEOUT_S = 2
+_NETWORK_CAUSES = ("connection refused", "host name not found", "no answer, timed out")
+_AUTH_OPTIONS = ("authsource", "authmechanism", "authmechanismproperties")
+_OWN_OPTIONS = ("serverselectiontimeoutms", "connecttimeoutms", "sockettimeoutms", "appname")
+
+
+def _answers_without_credentials(target: MongoTarget, timeout_s: float) -> bool:
+    """Whether the target's servers answer a ping when no credentials are given: False for a URL
+    without credentials (nothing to leave out), or when anything goes wrong. The probe is built
+    from the parsed URL (hosts and options, the user, password and auth options left out), so no
+    secret can reach a message through it."""
+    import pymongo
+    from pymongo.uri_parser import parse_uri
+
+    client = None
+    try:
+        parsed = parse_uri(target.url, connect_timeout=timeout_s) if target.url.startswith("mongodb+srv://") \
+            else parse_uri(target.url)
+        if not parsed.get("username") or not parsed["nodelist"]:
+            return False
+        hosts = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in parsed["nodelist"]]
+        options = {name: value for name, value in parsed["options"].items()
+                   if name.lower() not in _AUTH_OPTIONS + _OWN_OPTIONS}
+        millis = int(timeout_s * 1000)
+        client = pymongo.MongoClient(hosts, serverSelectionTimeoutMS=millis, connectTimeoutMS=millis,
+                                     socketTimeoutMS=millis, appname="scaling-fl-probe", **options)
+        return bool(client.admin.command("ping").get("ok"))
+    except Exception:  # unreachable after all, or an address the probe cannot use: not an authentication problem
+        return False
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _unreachable_cause(error: Exception) -> str:

@@ -24,6 +24,7 @@ answer within about ``CHECK_TIMEOUT_S`` seconds even when the endpoint never ans
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
@@ -56,8 +57,13 @@ _S3_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredT
 _S3_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden", "403"}
 
 
+PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 class StorageError(RuntimeError):
     """One secret-free line: the path, what is wrong, and how to fix it."""
+
+    permanent = False  # True when trying again cannot help (no space, permission, credentials)
 
 
 class StorageNotFoundError(StorageError, FileNotFoundError):
@@ -628,7 +634,7 @@ def redact(text: str) -> str:
     return text
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return redact(lines[0] if lines else type(exc).__name__)[:200]
 
@@ -695,7 +701,7 @@ def _cause(exc: BaseException) -> str:
             return "host name not found"
         if isinstance(item, ConnectionResetError):
             return "connection reset"
-    return f"{type(exc).__name__}: {_first_line(exc)[:120]}"
+    return f"{type(exc).__name__}: {first_line(exc)[:120]}"
 
 
 def _is_missing(exc: BaseException) -> bool:
@@ -703,9 +709,22 @@ def _is_missing(exc: BaseException) -> bool:
         _s3_code(exc) in ("NoSuchBucket", "NoSuchKey")
 
 
+def _is_permanent(exc: BaseException) -> bool:
+    """Errors that trying again cannot fix: no space, no permission, a read-only disk, bad or missing credentials."""
+    for item in _chain(exc):
+        if isinstance(item, PermissionError) or getattr(item, "errno", None) in PERMANENT_ERRNOS:
+            return True
+        if type(item).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
+                                   "RefreshError"):
+            return True
+    return _s3_code(exc) in _S3_CREDENTIAL_CODES | _S3_DENIED_CODES or _http_code(exc) in (401, 403)
+
+
 def _storage_error(path: str, exc: BaseException, **kwargs) -> StorageError:
     message = _explain(path, exc, **kwargs)
-    return (StorageNotFoundError if _is_missing(exc) else StorageError)(message)
+    error = (StorageNotFoundError if _is_missing(exc) else StorageError)(message)
+    error.permanent = _is_permanent(exc)
+    return error
 
 
 def _explain_setup(path: str, exc: BaseException) -> str:
@@ -714,7 +733,7 @@ def _explain_setup(path: str, exc: BaseException) -> str:
         credentials = (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
         if credentials:
             return (f"{path}: GOOGLE_APPLICATION_CREDENTIALS file {credentials} holds no usable credentials "
-                    f"({type(exc).__name__}: {_first_line(exc)[:80]}); use a service-account JSON key file "
+                    f"({type(exc).__name__}: {first_line(exc)[:80]}); use a service-account JSON key file "
                     "or `gcloud auth application-default login`")
     if protocol(path) in S3_PROTOCOLS and s3_endpoint() and isinstance(exc, ValueError):
         return f"{path}: {_endpoint_var(path)}={safe_url(s3_endpoint())} is not a valid URL; use http(s)://host:port"

@@ -1,0 +1,129 @@
+"""Process lifetimes, in-process: signals, parent death, stopped peers, temp folders, permanent errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from scaling_fl import processes, storage
+
+
+def test_the_first_signal_interrupts_and_a_second_one_waits_for_the_cleanup():
+    handler = processes.InterruptHandler()
+    previous = {signum: signal.getsignal(signum) for signum in processes.INTERRUPT_SIGNALS}
+    try:
+        handler.install()
+        with pytest.raises(processes.Interrupted) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        assert stop.value.exit_code == 143 and str(stop.value) == "SIGTERM"
+        assert isinstance(stop.value, KeyboardInterrupt)  # so Sacred records INTERRUPTED
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C during the cleanup: noted, not raised
+        time.sleep(0.1)
+        assert handler.received == signal.SIGTERM
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
+
+
+def test_a_grandchild_dies_with_its_parent_killed_by_sigkill(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    (tmp_path / "grandchild.py").write_text(textwrap.dedent(f"""
+        import os, sys, time
+        from scaling_fl import processes
+        processes.die_with_parent(expected_parent=int(sys.argv[1]))
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(60)
+    """))
+    (tmp_path / "parent.py").write_text(textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        subprocess.Popen([sys.executable, {str(tmp_path / "grandchild.py")!r}, str(os.getpid())])
+        time.sleep(60)
+    """))
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline, "the grandchild did not start"
+            time.sleep(0.05)
+        grandchild = int(pid_file.read_text())
+        assert processes.pid_alive(grandchild)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while processes.pid_alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not processes.pid_alive(grandchild)
+    finally:
+        parent.kill()
+
+
+def test_a_stopped_process_is_continued_once_a_peer_has_exited():
+    stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(stopped.pid, signal.SIGSTOP)
+        with processes.StoppedSiteWatch(poll_s=0.1):
+            time.sleep(0.5)
+            assert processes.process_state(stopped.pid) == "T"  # nobody failed yet: left alone
+            peer.kill()
+            peer.wait()
+            deadline = time.monotonic() + 5
+            while processes.process_state(stopped.pid) == "T" and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert processes.process_state(stopped.pid) not in ("T", None)
+    finally:
+        stopped.kill()
+        peer.kill()
+
+
+def test_a_dead_launchers_temp_folder_is_removed_at_the_next_start_and_a_live_ones_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name, pid in (("scaling-fl-job-dead", dead.pid), ("scaling-fl-job-live", os.getpid()),
+                      ("scaling-fl-other-dead", dead.pid)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "owner.json").write_text(json.dumps({"pid": pid, "start_time": None}))
+    workdir = processes.make_workdir("job")
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != os.path.basename(workdir)) == \
+        ["scaling-fl-job-live", "scaling-fl-other-dead"]
+    assert json.loads((tmp_path / os.path.basename(workdir) / "owner.json").read_text())["pid"] == os.getpid()
+
+
+@pytest.mark.parametrize("error, permanent", [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (PermissionError(errno.EACCES, "Permission denied"), True),
+    (OSError(errno.EROFS, "Read-only file system"), True),
+    (OSError(errno.ECONNRESET, "Connection reset by peer"), False),
+    (RuntimeError("Connection closed by peer"), False),
+], ids=["no-space", "permission", "read-only", "connection-reset", "peer-gone"])
+def test_errors_a_restart_cannot_fix_are_told_from_the_others(error, permanent, tmp_path):
+    assert processes.restart_cannot_fix(error) is permanent
+    try:  # also when wrapped by another exception, and when it comes as the storage layer's one line
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("while saving the checkpoint") from inner
+    except RuntimeError as outer:
+        assert processes.restart_cannot_fix(outer) is permanent
+    full = tmp_path / "full"
+    stored = storage._storage_error(str(full), error, writing=True)
+    assert stored.permanent is permanent
+
+
+def test_a_permanent_error_is_recorded_once_and_stops_the_restarted_sites(tmp_path):
+    processes.record_permanent_error(str(tmp_path), 1, OSError(errno.ENOSPC, "No space left on device"))
+    processes.record_permanent_error(str(tmp_path), 0, RuntimeError("a later error"))  # first writer wins
+    found = processes.read_permanent_error(str(tmp_path))
+    assert found["rank"] == 1 and "No space left on device" in found["message"]
+    with pytest.raises(processes.PermanentSiteError, match="site 1 met an error a restart cannot fix"):
+        processes.stop_if_permanent_error(str(tmp_path))

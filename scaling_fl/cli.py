@@ -60,11 +60,23 @@ def main(argv: list[str] | None = None) -> None:
                   "set SACRED_URL (or SACRED_USER / SACRED_PASSWORD / SACRED_HOST) in .env instead", file=sys.stderr)
             raise SystemExit(2)
 
+    from scaling_fl import processes
     from scaling_fl.tracking import experiment
 
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(
         arg.startswith(tuple(f"{flag}=" for flag in OBSERVER_FLAGS if flag.startswith("--"))) for arg in argv)
-    experiment.ex.run_commandline(argv)
+    processes.InterruptHandler().install()
+    try:
+        run = experiment.ex.run_commandline(argv)
+    except processes.Interrupted as stop:
+        print(f"scaling-fl: {experiment.interrupted_line(stop)}", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code) from None
+    finally:
+        experiment.release_claims()
+    lost = experiment.lost_record_line(run)
+    if lost:
+        print(f"scaling-fl: error: {lost}", file=sys.stderr, flush=True)
+        raise SystemExit(experiment.EXIT_RECORD_LOST)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,20 @@ import multiprocessing
 import os
 import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from scaling_fl import processes
 from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, prepare_data, save_prepared
 from scaling_fl.sites import threads_per_site
 from scaling_fl.tracking.events import EventFollower
 
 log = logging.getLogger("scaling_fl")
+
+SHUTDOWN_GRACE_S = 3
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def log_split(prepared: PreparedData) -> None:
 def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event: Callable[[dict], None],
               max_restarts: int = 0) -> dict[int, dict]:
     """Starts this node's sites and blocks until they finish; returns each local site's result."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -126,11 +128,15 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
     # server is a fresh single-threaded process, so forking from it is safe (CUDA is never
     # initialized there), unlike forking this launcher.
     multiprocessing.set_forkserver_preload(["scaling_fl.train.preload"])
-    workdir = tempfile.mkdtemp(prefix=f"scaling-fl-{cfg.job_name}-")
+    workdir = processes.make_workdir(cfg.job_name)
     try:
         save_prepared(prepared, os.path.join(workdir, "data"))
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_site(len(cfg.site_ids))))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        os.environ[processes.LAUNCHER_PID_ENV] = str(os.getpid())  # the sites and the fork server watch it
+        # SIGINT / SIGTERM stay with our handler (processes.InterruptHandler), which lets a second
+        # Ctrl-C wait for the cleanup; elastic keeps SIGHUP, which it turns into a SignalException.
+        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP"
         logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
         launch_config = LaunchConfig(
             min_nodes=topology.num_nodes,
@@ -145,15 +151,21 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
             start_method="forkserver",
             logs_specs=DefaultLogsSpecs(log_dir=os.path.join(workdir, "elastic")),  # every site's error.json
             local_addr=topology.master_addr if topology.num_nodes == 1 else None,
+            # Sites stopped for a restart get SIGTERM, then SIGKILL this much later: a frozen (SIGSTOPped,
+            # wedged) site would otherwise hold the restart back by elastic's default 30 s.
+            shutdown_timeout=SHUTDOWN_GRACE_S,
         )
-        with EventFollower(os.path.join(workdir, "events.jsonl"), on_event):
+        with EventFollower(os.path.join(workdir, "events.jsonl"), on_event), \
+                processes.StoppedSiteWatch():
             try:
                 return elastic_launch(launch_config, run_site)(cfg.as_dict(), workdir)
             except ChildFailedError as error:
                 description = _describe_failure(error, topology.node_rank, len(cfg.site_ids),
-                                                os.path.join(workdir, "elastic"))
+                                                os.path.join(workdir, "elastic"), workdir)
                 log.error("%s", description.splitlines()[0])  # the root cause, also in the captured output
                 raise SiteFailure(description) from None
+            except SignalException as error:  # SIGHUP, through elastic
+                raise processes.Interrupted(error.sigval) from None
     finally:
         _stop_fork_server()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -207,10 +219,14 @@ def _is_collateral(trace: str) -> bool:
     return any(marker in trace for marker in _COLLATERAL)
 
 
-def _describe_failure(error, node_rank: int, sites_per_node: int, log_dir: str) -> str:
+def _describe_failure(error, node_rank: int, sites_per_node: int, log_dir: str, workdir: str) -> str:
     """The site that failed first for a reason of its own, with its traceback. Error files carry whole
     seconds only, so sites that failed in the same second are told apart by their traceback: a lost
-    peer is collateral."""
+    peer is collateral. An error a restart cannot fix, recorded by the site that met it, comes first."""
+    permanent = processes.read_permanent_error(workdir)
+    if permanent is not None:
+        return (f"site {permanent['rank']} failed: {permanent['message']} (not retried: a restart cannot fix this)"
+                + (f"\n--- traceback of site {permanent['rank']} ---\n{permanent['trace']}" if permanent["trace"] else ""))
     errors = _site_errors(log_dir, node_rank, sites_per_node)
     for rank, failure in error.failures.items():  # signals and sites without an error file
         if rank not in errors:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import pickle
 import re
@@ -9,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,7 +37,7 @@ def _final(runs: Path) -> dict:
 
 
 def _rounds(ck: Path) -> list[str]:
-    return sorted(p.name for p in ck.iterdir())
+    return sorted(p.name for p in ck.iterdir() if not p.name.startswith("."))  # (.claims: the job's claim)
 
 
 @pytest.mark.parametrize("exchange", [[], STATEFUL], ids=["dense-fedavg", "sparse-fedadam-periodic"])
@@ -262,3 +266,120 @@ def test_a_malicious_checkpoint_cannot_execute_code(tmp_path, monkeypatch):
     with pytest.raises(checkpoint.CheckpointError, match="not a safetensors file"):
         checkpoint.verify(str(evil))
     assert not sentinel.exists()
+
+
+def _rewrite_state(state) -> Callable:
+    def apply(directory: Path) -> None:
+        data = state if isinstance(state, bytes) else json.dumps(state).encode()
+        (directory / "state.json").write_bytes(data)
+        checkpoint.commit(str(directory))  # re-sealed: every hash matches, only the content is wrong
+    return apply
+
+
+def _rewrite_marker(change) -> Callable:
+    """Replaces COMMITTED by change(marker as written by commit, directory): the seal itself is the bad part."""
+    def apply(directory: Path) -> None:
+        marker = json.loads((directory / checkpoint.MARKER).read_bytes())
+        changed = change(marker, directory)
+        data = changed if isinstance(changed, bytes) else json.dumps(changed).encode()
+        (directory / checkpoint.MARKER).write_bytes(data)
+    return apply
+
+
+def _entry(path: Path) -> dict:
+    data = path.read_bytes()
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _with_file(name: str, target: str):
+    """A marker that also lists `name`, with the true size and hash of `target` (relative to the folder)."""
+    def change(marker, directory):
+        return {**marker, "files": {**marker["files"], name: _entry(directory / target)}}
+    return change
+
+
+def _with_entry(name: str, entry) -> Callable:
+    return lambda marker, directory: {**marker, "files": {**marker["files"], name: entry}}
+
+
+def _rewrite_global(data: bytes) -> Callable:
+    def apply(directory: Path) -> None:
+        (directory / "global.safetensors").write_bytes(data)
+        checkpoint.commit(str(directory))
+    return apply
+
+
+def _safetensors(header) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded + bytes(16)
+
+
+MALFORMED = {
+    "state-not-utf8": _rewrite_state(b"\xff\xfe{}"),
+    "state-is-a-list": _rewrite_state([{"round": 2}]),
+    "state-without-round": _rewrite_state({"history": []}),
+    "round-is-a-string": _rewrite_state({"round": "x"}),
+    "round-is-a-float": _rewrite_state({"round": 2.0}),
+    "round-is-zero": _rewrite_state({"round": 0}),
+    "round-is-negative": _rewrite_state({"round": -2}),
+    "round-is-a-bool": _rewrite_state({"round": True}),
+    "round-is-not-the-folders": _rewrite_state({"round": 3}),
+    "history-is-a-dict": _rewrite_state({"round": 2, "history": {"round": 1, "metrics": {}}}),
+    "history-entry-is-a-number": _rewrite_state({"round": 2, "history": [1]}),
+    "history-entry-without-metrics": _rewrite_state({"round": 2, "history": [{"round": 1}]}),
+    "defining-config-is-a-list": _rewrite_state({"round": 2, "defining_config": ["model"]}),
+    "job-name-is-a-list": _rewrite_state({"round": 2, "job_name": ["a"]}),
+    "marker-not-utf8": _rewrite_marker(lambda marker, directory: b"\xff\xfe{}"),
+    "marker-is-a-list": _rewrite_marker(lambda marker, directory: [marker]),
+    "marker-without-files": _rewrite_marker(lambda marker, directory: {"format": 1}),
+    "marker-format-is-a-string": _rewrite_marker(lambda marker, directory: {**marker, "format": "1"}),
+    "files-is-a-list": _rewrite_marker(lambda marker, directory: {**marker, "files": sorted(marker["files"])}),
+    "entry-is-a-list": _rewrite_marker(_with_entry("state.json", [1, "ab"])),
+    "entry-without-size": _rewrite_marker(
+        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
+            "sha256": marker["files"]["state.json"]["sha256"]}}}),
+    "entry-without-sha256": _rewrite_marker(
+        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
+            "size": marker["files"]["state.json"]["size"]}}}),
+    "size-is-a-string": _rewrite_marker(
+        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
+            **marker["files"]["state.json"], "size": str(marker["files"]["state.json"]["size"])}}}),
+    "sha256-is-a-number": _rewrite_marker(
+        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
+            **marker["files"]["state.json"], "sha256": 7}}}),
+    "name-leaves-the-folder": _rewrite_marker(_with_file("../round-000001/state.json", "../round-000001/state.json")),
+    "name-with-a-separator": _rewrite_marker(_with_file("sub/state.json", "state.json")),
+    "name-with-a-backslash": _rewrite_marker(_with_file("sub\\state.json", "state.json")),
+    "safetensors-header-is-a-list": _rewrite_global(_safetensors([1, 2])),
+    "safetensors-offsets-are-strings": _rewrite_global(
+        _safetensors({"global": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}})),
+    "safetensors-offsets-are-short": _rewrite_global(
+        _safetensors({"global": {"dtype": "F32", "shape": [4], "data_offsets": [0]}})),
+}
+
+
+@pytest.mark.parametrize("malform", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_sealed_checkpoint_with_malformed_content_is_skipped_like_any_broken_one(tmp_path, caplog, malform):
+    """The marker's hashes match, but what it seals (or the marker itself) has the wrong shape:
+    verify() says CheckpointError naming the folder, never KeyError/TypeError/..., and latest()
+    takes the previous good round with exactly one warning."""
+    ck = tmp_path / "ck"
+    _good(ck, 1)
+    _good(ck, 2)
+    broken = ck / "round-000002"
+    malform(broken)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(str(broken))):
+        checkpoint.verify(str(broken))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scaling_fl"):
+        found = checkpoint.latest(str(ck))
+    assert found is not None and found.round == 1 and found.directory == str(ck / "round-000001")
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"skipping checkpoint {broken}: " in warnings[0], warnings
+    _good(ck, 3)  # now older than a good round, the broken one goes, with one warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="scaling_fl"):
+        removed = checkpoint.prune(str(ck), keep_last=2)
+    assert removed == [str(broken)] and _rounds(ck) == ["round-000001", "round-000003"]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and f"removing broken checkpoint {broken}: " in warnings[0], warnings

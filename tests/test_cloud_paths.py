@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def test_cloud_data_and_checkpoints_with_resume(tmp_path, s3_env, gcs_env, data_
     assert record["info"]["sites"]["sizes"] == [291, 290]  # the 581 AG News rows, read over HTTP
     assert record["info"]["sites"]["test_rows"] == 200
     assert record["metrics"]["validation.accuracy"]["steps"] == [1, 2]
-    rounds = [path.rsplit("/", 1)[-1] for path in storage.list_dir(checkpoints)]
-    assert rounds == ["round-000001", "round-000002"]
+    names = [path.rsplit("/", 1)[-1] for path in storage.list_dir(checkpoints)]
+    assert names == [".claims", "round-000001", "round-000002"]
+    # Each start claimed the job in checkpoints_dir (an exclusive create on the object store) and released it.
+    claims = [path.rsplit("/", 1)[-1] for path in storage.list_dir(f"{checkpoints}/.claims")]
+    assert claims == ["claim-000002.json"]  # the older generation is deleted by the newer one
+    assert json.loads(storage.read_bytes(f"{checkpoints}/.claims/claim-000002.json"))["released"] is True
     assert storage.exists(f"{checkpoints}/round-000002/COMMITTED")

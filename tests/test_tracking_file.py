@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import os
 import time
 import uuid
 from urllib.parse import quote_plus
@@ -11,6 +11,7 @@ from urllib.parse import quote_plus
 import torch
 from safetensors.torch import load_file
 
+from scaling_fl import claim
 from scaling_fl.train.metrics import SITE_COLUMNS, round_metrics
 from tests.cli import TINY_JOB, read_record, run_cli, run_records
 from tests.servers import _SACRED_VARS, free_port
@@ -55,15 +56,19 @@ def test_restarts_exhausted_exit_nonzero_naming_the_failing_site(tmp_path):
 
 
 def test_a_live_run_with_the_same_job_name_is_refused(tmp_path):
+    """Live = its launcher holds the job's claim (here: this test process), whatever its record says."""
     run_dir = tmp_path / "runs" / "7"
     run_dir.mkdir(parents=True)
-    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
-    (run_dir / "run.json").write_text(json.dumps({"status": "RUNNING", "heartbeat": now.isoformat()}))
+    (run_dir / "run.json").write_text(json.dumps({"status": "RUNNING", "heartbeat": None}))
     (run_dir / "config.json").write_text(json.dumps({"job_name": "busy"}))
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", "job_name=busy", f"runs_dir={tmp_path / 'runs'}")
+    held = claim.claim_in_directory(str(tmp_path / "runs" / ".claims" / "busy"), "busy").acquire()
+    try:
+        result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", "job_name=busy", f"runs_dir={tmp_path / 'runs'}")
+    finally:
+        held.release()
     assert result.returncode == 2
-    assert "already running as run 7" in result.stderr
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["7"]
+    assert f"scaling-fl: error: job_name='busy' is already running: launcher pid {os.getpid()} on host" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [".claims", "7"]
 
 
 def test_artifacts_per_site_metrics_and_tensorboard(tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import os
 import socket
 import threading
 import time
@@ -14,6 +14,7 @@ import pymongo
 import pytest
 from safetensors.torch import load as load_safetensors
 
+from scaling_fl import claim
 from tests.cli import TINY_JOB, run_cli, run_records
 from tests.servers import _SACRED_VARS, MONGO_TEST_PASSWORD, free_port
 
@@ -96,11 +97,17 @@ def test_a_crashed_job_fails_its_record_then_continues_it_without_duplicates(tmp
 
 def test_a_live_mongo_run_with_the_same_job_name_is_refused(tmp_path, server_env, mongo_server):
     env = server_env(s3=False, gcs=False, mongo=True, database="live")
-    _database(mongo_server, "live").runs.insert_one({
-        "_id": 41, "status": "RUNNING", "config": {"job_name": "busy"},
-        "heartbeat": dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)})
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", "job_name=busy", env=env)
-    assert result.returncode == 2 and "already running as run 41" in result.stderr
+    database = _database(mongo_server, "live")
+    database.runs.insert_one({"_id": 41, "status": "RUNNING", "config": {"job_name": "busy"}, "heartbeat": None})
+    held = claim.claim_in_mongo(database, "busy").acquire()
+    try:
+        result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", "job_name=busy", env=env)
+    finally:
+        held.release()
+    assert result.returncode == 2
+    assert f"job_name='busy' is already running: launcher pid {os.getpid()} on host" in result.stderr
+    assert "claim at MongoDB database live" in result.stderr
+    assert database.runs.count_documents({}) == 1
 
 
 def test_dash_m_host_port_db_records_there_instead_of_the_environment_choice(tmp_path, server_env, mongo_server):
@@ -209,3 +216,35 @@ def test_tracking_problems_fail_in_seconds_with_one_line_before_any_worker(tmp_p
     assert "Started run" not in result.stderr
     assert "site 0:" not in result.stderr  # the split is logged just before the sites start
     assert not (tmp_path / "runs").exists()  # no record anywhere
+
+
+def test_credentials_for_a_server_without_authentication_fail_as_an_authentication_problem(mongo_server):
+    """nx-27017 has no authentication: given a user and password, pymongo's SCRAM handshake dies with
+    KeyError 'payload'. The server does answer, so the line must say the login failed, not that
+    the server is unreachable, and must hold no secret."""
+    from scaling_fl.tracking.observers import TrackingError, check_mongo, mongo_target_from_env
+
+    target = mongo_target_from_env({"SACRED_HOST": mongo_server.host, "SACRED_USER": "sacred-writer",
+                                    "SACRED_PASSWORD": MONGO_TEST_PASSWORD, "SACRED_AUTH_SOURCE": "admin",
+                                    "SACRED_DATABASE": "auth_probe"})
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as raised:
+        check_mongo(target)
+    assert time.monotonic() - start < 10
+    message = str(raised.value)
+    assert message.startswith(f"MongoDB at {mongo_server.host} (database 'auth_probe'): authentication failed")
+    assert "SACRED_USER / SACRED_PASSWORD" in message and "SACRED_AUTH_SOURCE" in message
+    assert "KeyError" not in message and "not reachable" not in message
+    assert MONGO_TEST_PASSWORD not in message and quote_plus(MONGO_TEST_PASSWORD) not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__  # no traceback that quotes the URL
+
+
+def test_credentials_for_an_unreachable_server_still_say_not_reachable():
+    """The probe without credentials must not turn a server that is not there into a login problem."""
+    from scaling_fl.tracking.observers import TrackingError, check_mongo, mongo_target_from_env
+
+    port = free_port()
+    target = mongo_target_from_env({"SACRED_HOST": f"127.0.0.1:{port}", "SACRED_USER": "sacred-writer",
+                                    "SACRED_PASSWORD": MONGO_TEST_PASSWORD})
+    with pytest.raises(TrackingError, match=rf"MongoDB at 127\.0\.0\.1:{port} is not reachable .*connection refused"):
+        check_mongo(target, timeout_s=1)

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
-from scaling_fl import checkpoint, models  # noqa: E402
+from scaling_fl import checkpoint, claim, models, processes  # noqa: E402
 from scaling_fl.config import DEFAULTS, Config, ConfigError, resolve  # noqa: E402
 from scaling_fl.data.dataset import DataError  # noqa: E402
 from scaling_fl.data.prepared import PreparedData, prepare_data  # noqa: E402
@@ -36,6 +36,7 @@ sacred_fixes.apply()
 
 MAIN_COMMAND = "train_federated"
 EXIT_BAD_INPUT = 2
+EXIT_RECORD_LOST = 3
 
 log = logging.getLogger("scaling_fl")
 ex = Experiment("scaling_fl", save_git_info=False)
@@ -45,6 +46,21 @@ ex.logger = log
 
 # Set by the command line front end when the user chose observers with Sacred flags (-F, -m, ...).
 explicit_observers = False
+
+
+@dataclass
+class Progress:
+    """What the command line front end needs for its last line after a signal."""
+
+    job_name: str = ""
+    rounds_logged: int = 0
+    num_rounds: int = 0
+    checkpoints_dir: str | None = None
+
+
+progress = Progress()
+# The claims this process holds on its job (tracking store, checkpoints_dir); released at exit.
+claims: claim.JobClaims | None = None
 
 
 @dataclass(frozen=True)
@@ -88,11 +104,62 @@ def preflight(cfg: Config) -> Plan:
                 client.close()
         elif tracking == "file":
             previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
-        resume.refuse_if_live(previous, cfg.job_name)
     resume_point = checkpoint.preflight(cfg, topology.num_sites)
     prepared = prepare_data(cfg, topology.num_sites)
     check_sync_steps(cfg, prepared.site_sizes())
+    if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
+        claim_job(cfg, tracking, mongo)
     return Plan(prepared, topology, tracking, mongo, previous, resume_point)
+
+
+def claim_job(cfg: Config, tracking: str, mongo: MongoTarget | None) -> None:
+    """One live run per job: an atomic claim with a renewed lease in the tracking store and in
+    checkpoints_dir, taken before any record or checkpoint is written. A second start of a live
+    job is refused; the claim of a launcher that died is taken over (at once on the same host)."""
+    global claims
+    if claims is not None:
+        return
+    places = []
+    if tracking == "mongo":
+        places.append(claim.claim_in_mongo(mongo_client(mongo)[mongo.database], cfg.job_name))
+    elif tracking == "file":
+        places.append(claim.claim_in_directory(storage.join(cfg.runs_dir, ".claims", cfg.job_name), cfg.job_name))
+    if cfg.checkpoints_dir:
+        places.append(claim.claim_in_directory(storage.join(cfg.checkpoints_dir, ".claims"), cfg.job_name))
+    claims = claim.JobClaims(places).acquire_all(force=cfg.resume == "force")
+    claims.start_renewing(on_lost=_claim_lost)
+
+
+def _claim_lost(message: str) -> None:
+    """Another launcher took this job over (resume=force): stop, as if interrupted."""
+    import signal
+
+    log.error("%s: stopping this launcher", message)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def release_claims() -> None:
+    if claims is not None:
+        claims.release_all()
+
+
+def interrupted_line(stop: processes.Interrupted) -> str:
+    where = f" after round {progress.rounds_logged} of {progress.num_rounds}" if progress.num_rounds else ""
+    if not progress.job_name:
+        return f"interrupted by {stop}{where}; nothing was started"
+    how = "resume from its last checkpoint" if progress.checkpoints_dir else \
+        "continue its record (without checkpoints_dir, training starts over)"
+    return f"interrupted by {stop}{where}; re-run with job_name={progress.job_name} to {how}"
+
+
+def lost_record_line(run) -> str | None:
+    """One line when an observer lost the run record mid-run (the job itself finished)."""
+    lost = [observer.lost for observer in getattr(run, "observers", []) if getattr(observer, "lost", None)]
+    if not lost:
+        return None
+    what = "training finished and its checkpoints are complete" if progress.checkpoints_dir else "training finished"
+    return (f"the run record was lost mid-run ({lost[0]}); {what}; re-run the same command "
+            f"(job_name={progress.job_name}) once the store is back to complete the record")
 
 
 def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:
@@ -112,7 +179,7 @@ def make_observer(plan: Plan, cfg: Config):
     resume_id = plan.previous.run_id if plan.previous else None
     if plan.tracking == "mongo":
         return resume.ResumableMongoObserver(client=mongo_client(plan.mongo), db_name=plan.mongo.database,
-                                             resume_id=resume_id)
+                                             resume_id=resume_id, hosts=plan.mongo.hosts)
     if plan.tracking == "file":
         return resume.ResumableFileStorageObserver(cfg.runs_dir, resume_id=resume_id)
     return None
@@ -128,7 +195,7 @@ def validate(config, command_name, logger):
                 observer = make_observer(plan, cfg)
                 ex.observers[:] = [observer] if observer else []
     except (ConfigError, DataError, models.ModelError, TrackingError, checkpoint.CheckpointError,
-            storage.StorageError) as error:
+            storage.StorageError, claim.ClaimRefused) as error:
         fail_bad_input(error)
     return {"split": cfg.split, "job_name": cfg.job_name}
 
@@ -140,6 +207,8 @@ def train_federated(_config, _run):
     for observer in _run.observers:  # a continued record keeps its info (and Mongo's metric references)
         _run.info.update(getattr(observer, "previous_info", {}) or {})
     last_logged = plan.previous.last_round if plan.previous else 0
+    progress.job_name, progress.num_rounds, progress.checkpoints_dir = cfg.job_name, cfg.num_rounds, cfg.checkpoints_dir
+    progress.rounds_logged = plan.resume_point.round if plan.resume_point else 0
     if plan.previous:
         log.info("continuing run %s of job %r (was %s, rounds logged: %d)", plan.previous.run_id, cfg.job_name,
                  plan.previous.status, last_logged)
@@ -166,7 +235,7 @@ def train_federated(_config, _run):
             log.warning("sites restarted (restart %d of at most %d), continuing after round %d",
                         event["restart"], cfg.max_restarts, event["start_round"])
         elif event["event"] == "round" and event["round"] > logged_up_to[0]:  # never log a round twice
-            logged_up_to[0] = event["round"]
+            logged_up_to[0] = progress.rounds_logged = event["round"]
             for name, value in event["metrics"].items():
                 _run.log_scalar(name, value, event["round"])
                 if tensorboard:

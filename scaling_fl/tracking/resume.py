@@ -3,8 +3,8 @@
 A restarted job re-opens its record (same id) instead of starting a new one: the
 captured output and `info` (including Mongo's metric references) are kept, status goes
 back to RUNNING, and the launcher skips rounds already logged, so a round logged
-before a crash is never logged twice. A record whose heartbeat is still fresh belongs
-to a live job: starting a second one with that job_name is refused.
+before a crash is never logged twice. Whether a job is live is not read from its record's
+heartbeat but from its claim (scaling_fl/claim.py), which the launcher holds while it runs.
 """
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+import logging
+
 from sacred.observers import FileStorageObserver, MongoObserver
 
 from scaling_fl.tracking.observers import TrackingError
 
-# Sacred beats every 10 s; a record silent for this long belongs to a dead job.
-LIVE_HEARTBEAT_S = 60
+log = logging.getLogger("scaling_fl")
+
 ROUND_METRIC = "validation.accuracy"
 
 
@@ -40,14 +42,52 @@ def _parse_time(value) -> dt.datetime | None:
     return dt.datetime.fromisoformat(str(value))
 
 
-def refuse_if_live(previous: PreviousRun | None, job_name: str, now: dt.datetime | None = None) -> None:
-    if previous is None or previous.status != "RUNNING" or previous.heartbeat is None:
-        return
-    now = now or dt.datetime.utcnow()
-    age = (now - previous.heartbeat.replace(tzinfo=None)).total_seconds()
-    if age < LIVE_HEARTBEAT_S:
-        raise TrackingError(f"job_name={job_name!r} is already running as run {previous.run_id} "
-                            f"(heartbeat {age:.0f} s ago); choose another job_name or stop that job first")
+# --- a record that can be lost --------------------------------------------------------
+
+class LossAwareObserver:
+    """Mixed into our observers: a store that fails mid-run (MongoDB gone, runs_dir unwritable)
+    marks the record as lost instead of raising into Sacred (which would print a traceback and
+    still exit 0) or retrying for a minute. Training goes on; the launcher reads `lost` at the
+    end and fails the job with one line. Re-running the same job_name completes the record."""
+
+    lost: str | None = None  # why the record stopped being written, one secret-free line
+
+    def _describe_store(self) -> str:
+        raise NotImplementedError
+
+    def _guarded(self, event, *args, **kwargs):
+        if self.lost is not None:
+            return None
+        try:
+            return event(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure of the store loses the record the same way
+            from scaling_fl.storage import first_line
+
+            self.lost = f"{self._describe_store()}: {type(error).__name__}: {first_line(error)}"
+            log.warning("the run record can no longer be written (%s); training goes on, its checkpoints are "
+                        "unaffected", self.lost)
+            return None
+
+    def heartbeat_event(self, *args, **kwargs):
+        return self._guarded(super().heartbeat_event, *args, **kwargs)
+
+    def completed_event(self, *args, **kwargs):
+        return self._guarded(super().completed_event, *args, **kwargs)
+
+    def interrupted_event(self, *args, **kwargs):
+        return self._guarded(super().interrupted_event, *args, **kwargs)
+
+    def failed_event(self, *args, **kwargs):
+        return self._guarded(super().failed_event, *args, **kwargs)
+
+    def artifact_event(self, *args, **kwargs):
+        return self._guarded(super().artifact_event, *args, **kwargs)
+
+    def resource_event(self, *args, **kwargs):
+        return self._guarded(super().resource_event, *args, **kwargs)
+
+    def log_metrics(self, *args, **kwargs):
+        return self._guarded(super().log_metrics, *args, **kwargs)
 
 
 # --- file store ----------------------------------------------------------------------
@@ -75,8 +115,11 @@ def find_file_run(runs_dir: str, job_name: str) -> PreviousRun | None:
     return None
 
 
-class ResumableFileStorageObserver(FileStorageObserver):
-    """Sacred's file store, plus: re-open an existing run folder, and atomic JSON writes."""
+class ResumableFileStorageObserver(LossAwareObserver, FileStorageObserver):
+    """Sacred's file store, plus: re-open an existing run folder, atomic JSON writes, loss detection."""
+
+    def _describe_store(self) -> str:
+        return f"runs_dir {self.basedir}"
 
     def __init__(self, basedir: str, resume_id: int | None = None):
         super().__init__(basedir)
@@ -133,11 +176,16 @@ def find_mongo_run(database, job_name: str) -> PreviousRun | None:
     return PreviousRun(entry["_id"], entry.get("status", "?"), _parse_time(entry.get("heartbeat")), int(last_round))
 
 
-class ResumableMongoObserver(MongoObserver):
-    """Sacred's Mongo observer, plus: re-open an existing run document (same _id)."""
+class ResumableMongoObserver(LossAwareObserver, MongoObserver):
+    """Sacred's Mongo observer, plus: re-open an existing run document (same _id), loss detection.
 
-    def __init__(self, *args, resume_id=None, **kwargs):
+    Sacred's own `save` ignores a lost connection and its final save retries for about a minute,
+    then pickles the record into the working directory; here a failed write raises at once (after
+    the client's server-selection timeout) and marks the record lost."""
+
+    def __init__(self, *args, resume_id=None, hosts: str = "?", **kwargs):
         super().__init__(*args, **kwargs)
+        self.hosts = hosts  # for messages: never the URL, which may carry a password
         self.resume_id = resume_id
         self.previous_info: dict = {}
         self.previous_out = ""
@@ -156,5 +204,14 @@ class ResumableMongoObserver(MongoObserver):
         self.runs.replace_one({"_id": self.resume_id}, self.run_entry)
         return self.resume_id
 
+    def _describe_store(self) -> str:
+        return f"MongoDB at {self.hosts} (database {self.runs.database.name!r})"
+
     def heartbeat_event(self, info, captured_out, beat_time, result):
         super().heartbeat_event(info, self.previous_out + captured_out, beat_time, result)
+
+    def save(self):
+        self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry})
+
+    def final_save(self, attempts):
+        self.runs.update_one({"_id": self.run_entry["_id"]}, {"$set": self.run_entry}, upsert=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from contextlib import contextmanager
 
@@ -21,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from scaling_fl import checkpoint, models
+from scaling_fl import checkpoint, models, processes
 from scaling_fl.config import Config
 from scaling_fl.data.prepared import load_site_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
@@ -50,12 +51,22 @@ log = logging.getLogger("scaling_fl")
 @record
 def run_site(config: dict, workdir: str) -> dict:
     """Entry point of one site process (started by torch.distributed.elastic)."""
+    # The launcher decides what a Ctrl-C means (it stops the sites with SIGTERM); a site never outlives it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    processes.die_with_parent()
+    processes.watch_launcher()
+    processes.stop_if_permanent_error(workdir)
     cfg = Config(**{**config, "site_ids": tuple(config["site_ids"]),
                     "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None})
     site = start_site(cfg.site_ids, cfg.backend, cfg.collective_timeout_s)
     _quiet_unless_leader(site.is_leader)
-    with logging_redirect_tqdm():
-        result = _federate(cfg, site, workdir)
+    try:
+        with logging_redirect_tqdm():
+            result = _federate(cfg, site, workdir)
+    except Exception as error:
+        if processes.restart_cannot_fix(error):
+            processes.record_permanent_error(workdir, site.rank, error)
+        raise
     # Only on success: a failing site must not close its connections before @record has written
     # its error file, or its peers fail (and are reported) first; the OS closes them on exit.
     stop_site()

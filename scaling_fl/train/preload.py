@@ -1,8 +1,20 @@
-"""What the sites' fork server imports once, so every site starts with it already loaded."""
+"""What the sites' fork server imports once, so every site starts with it already loaded.
 
-import torch  # noqa: F401
-import transformers  # noqa: F401
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: F401
-from transformers.models.bert import modeling_bert  # noqa: F401  (MiniLM, tiny-bert)
+Imported in the fork server, whose parent is the launcher: it asks to die with the launcher,
+so a launcher killed with SIGKILL leaves no fork server (and through it, no site) behind.
+"""
 
-from scaling_fl.train import federated  # noqa: F401
+import os
+
+from scaling_fl import processes
+
+_launcher = os.environ.get(processes.LAUNCHER_PID_ENV)
+if _launcher and _launcher.isdigit():
+    processes.die_with_parent(expected_parent=int(_launcher))
+
+import torch  # noqa: E402,F401
+import transformers  # noqa: E402,F401
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402,F401
+from transformers.models.bert import modeling_bert  # noqa: E402,F401  (MiniLM, tiny-bert)
+
+from scaling_fl.train import federated  # noqa: E402,F401

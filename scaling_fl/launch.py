@@ -15,7 +15,6 @@ Total sites = nodes x len(site_ids); global rank = node index x len(site_ids) + 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import shutil
 import socket
@@ -27,7 +26,6 @@ import torch
 from scaling_fl import processes
 from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, prepare_data, save_prepared
-from scaling_fl.sites import threads_per_site
 from scaling_fl.tracking.events import EventFollower
 
 log = logging.getLogger("scaling_fl")
@@ -123,20 +121,10 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
 
     from scaling_fl.train.federated import run_site
 
-    # Sites start from a fork server that imported torch, transformers and the round loop once,
-    # instead of each site importing them again (seconds per site on a small machine). The
-    # server is a fresh single-threaded process, so forking from it is safe (CUDA is never
-    # initialized there), unlike forking this launcher.
-    multiprocessing.set_forkserver_preload(["scaling_fl.train.preload"])
+    processes.start_fork_server()
     workdir = processes.make_workdir(cfg.job_name)
     try:
         save_prepared(prepared, os.path.join(workdir, "data"))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_site(len(cfg.site_ids))))
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        os.environ[processes.LAUNCHER_PID_ENV] = str(os.getpid())  # the sites and the fork server watch it
-        # SIGINT / SIGTERM stay with our handler (processes.InterruptHandler), which lets a second
-        # Ctrl-C wait for the cleanup; elastic keeps SIGHUP, which it turns into a SignalException.
-        os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP"
         logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
         launch_config = LaunchConfig(
             min_nodes=topology.num_nodes,
@@ -173,10 +161,20 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
 
 def _stop_fork_server() -> None:
     """The fork server holds this process's stdout and stderr; Sacred's output capture waits for
-    them to close when the run ends, so the server goes as soon as the sites are done."""
+    them to close when the run ends, so the server goes as soon as the sites are done. It holds no
+    state, and its graceful exit (an interpreter with torch and transformers to tear down) would
+    take ~2 s: it is killed. CPython's private forkserver attributes, used only here (3.9+; a test
+    in tests/test_processes.py fails when they change)."""
     import multiprocessing.forkserver
+    import signal
 
-    stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)  # CPython's, since 3.9
+    server = multiprocessing.forkserver._forkserver
+    stop, pid = getattr(server, "_stop", None), getattr(server, "_forkserver_pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
     if stop is not None:
         stop()
 

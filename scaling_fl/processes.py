@@ -147,6 +147,28 @@ def watch_launcher(interval_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="scaling-fl-launcher-watch", daemon=True).start()
 
 
+# --- the sites' fork server -------------------------------------------------------------
+
+def start_fork_server() -> None:
+    """Sites start from a fork server that imported torch, transformers and the round loop once,
+    instead of each site importing them again (seconds per site on a small machine). The server
+    is a fresh single-threaded process, so forking from it is safe (CUDA is never initialized
+    there), unlike forking this launcher. The command line starts it first thing, so that its
+    imports run while the launcher imports and checks the config; idempotent.
+
+    Its environment is fixed when it starts and the sites inherit it: what they need is set here.
+    """
+    import multiprocessing.forkserver
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the sites and the fork server watch it
+    # SIGINT / SIGTERM stay with our handler (InterruptHandler), which lets a second
+    # Ctrl-C wait for the cleanup; elastic keeps SIGHUP, which it turns into a SignalException.
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP"
+    multiprocessing.set_forkserver_preload(["scaling_fl.train.preload"])
+    multiprocessing.forkserver.ensure_running()
+
+
 # --- signals -----------------------------------------------------------------------------
 
 class Interrupted(KeyboardInterrupt):

@@ -127,3 +127,11 @@ def test_a_permanent_error_is_recorded_once_and_stops_the_restarted_sites(tmp_pa
     assert found["rank"] == 1 and "No space left on device" in found["message"]
     with pytest.raises(processes.PermanentSiteError, match="site 1 met an error a restart cannot fix"):
         processes.stop_if_permanent_error(str(tmp_path))
+
+
+def test_the_fork_server_internals_the_launcher_stops_are_still_there():
+    """launch._stop_fork_server uses CPython's private forkserver attributes: fail loudly when they go."""
+    import multiprocessing.forkserver
+
+    server = multiprocessing.forkserver._forkserver
+    assert callable(getattr(server, "_stop", None)) and hasattr(server, "_forkserver_pid")

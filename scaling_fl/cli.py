@@ -23,12 +23,6 @@ def _config_keys_given(argv: list[str]) -> list[str]:
     return keys
 
 
-def _runs_training(argv: list[str]) -> bool:
-    """Whether this command line runs the main command (not help, print_config or another command)."""
-    command = argv[1] if len(argv) > 1 and argv[1] != "with" and not argv[1].startswith("-") else None
-    return command in (None, "train_federated") and not {"-h", "--help", "help"} & set(argv)
-
-
 def load_dotenv_file() -> None:
     """Variables from ./.env (the current directory), as run-local.sh and compose read it;
     variables already set in the environment win."""
@@ -67,9 +61,6 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
 
     from scaling_fl import processes
-
-    if _runs_training(argv):  # its imports overlap the launcher's own (a few seconds a start)
-        processes.start_fork_server()
     from scaling_fl.tracking import experiment
 
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(

@@ -88,7 +88,7 @@ class StoppedSiteWatch:
     restarts every site with SIGTERM, which a stopped process only takes once continued. Elastic
     would otherwise wait its 30 s grace before SIGKILL, holding the restart back."""
 
-    def __init__(self, poll_s: float = 0.5):
+    def __init__(self, poll_s: float = 0.2):
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scaling-fl-stopped-sites", daemon=True)
@@ -153,10 +153,11 @@ def start_fork_server() -> None:
     """Sites start from a fork server that imported torch, transformers and the round loop once,
     instead of each site importing them again (seconds per site on a small machine). The server
     is a fresh single-threaded process, so forking from it is safe (CUDA is never initialized
-    there), unlike forking this launcher. The command line starts it first thing, so that its
-    imports run while the launcher imports and checks the config; idempotent.
+    there), unlike forking this launcher. Idempotent.
 
-    Its environment is fixed when it starts and the sites inherit it: what they need is set here.
+    Its environment and its stdout / stderr are fixed when it starts and the sites inherit them:
+    it must start after Sacred began capturing the output (the sites' output belongs to the run
+    record), and what the sites need from the environment is set here.
     """
     import multiprocessing.forkserver
 

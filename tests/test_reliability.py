@@ -172,8 +172,9 @@ def test_sigterm_and_a_double_ctrl_c_are_interruptions_not_failures(tmp_path):
 
 def test_a_frozen_site_is_restarted_within_the_collective_timeout_plus_5_s(tmp_path):
     ck = tmp_path / "ck"
-    launcher = Launcher(tmp_path, *JOB, "num_rounds=4", "collective_timeout_s=10", "max_restarts=1",
-                        "job_name=frozen", f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={ck}")
+    # Small rounds: the peer reaches the collective that waits for the frozen site at once.
+    launcher = Launcher(tmp_path, *JOB, "num_rounds=4", "synthetic_train_size=160", "collective_timeout_s=10",
+                        "max_restarts=1", "job_name=frozen", f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={ck}")
     try:
         wait_until(committed(ck, 1), launcher, "checkpoint of round 1")
         first = site_pids(launcher.pid)

@@ -121,7 +121,9 @@ def claim_job(cfg: Config, tracking: str, mongo: MongoTarget | None) -> None:
         return
     places = []
     if tracking == "mongo":
-        places.append(claim.claim_in_mongo(mongo_client(mongo)[mongo.database], cfg.job_name))
+        # A short server-selection timeout: with the server gone, renewing and releasing must not
+        # hold the launcher's exit for long.
+        places.append(claim.claim_in_mongo(mongo_client(mongo, timeout_s=2)[mongo.database], cfg.job_name))
     elif tracking == "file":
         places.append(claim.claim_in_directory(storage.join(cfg.runs_dir, ".claims", cfg.job_name), cfg.job_name))
     if cfg.checkpoints_dir:

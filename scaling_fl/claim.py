@@ -212,7 +212,7 @@ def _create_local_file(path: str, data: bytes) -> bool:
             os.unlink(temp)
         except OSError:
             pass
-    _fsync_directory(directory)
+    storage.fsync_dir(directory)
     return True
 
 
@@ -227,19 +227,6 @@ def _create_local_file_without_links(path: str, data: bytes) -> bool:
         handle.flush()
         os.fsync(handle.fileno())
     return True
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _create_object(fs, fs_path: str, url: str, data: bytes) -> bool:

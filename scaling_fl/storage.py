@@ -396,12 +396,12 @@ def atomic_write_bytes(path, data) -> None:
             except OSError:
                 pass
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except OSError as exc:
         raise _storage_error(path, exc, writing=True) from None
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

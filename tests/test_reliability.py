@@ -247,20 +247,29 @@ def test_a_full_disk_fails_at_once_without_burning_restarts(tmp_path, small_moun
     assert final_record(tmp_path / "runs")["run"]["status"] == "FAILED"
 
 
+def run_and_break_after_round_2(tmp_path, args: list[str], ck: Path, break_store, env: dict | None = None):
+    """Starts the job, breaks its tracking store once round 2 is checkpointed, lets training finish;
+    returns (launcher, exit code, seconds from the last checkpoint to the exit)."""
+    launcher = Launcher(tmp_path, *args, env=env)
+    try:
+        wait_until(committed(ck, 2), launcher, "checkpoint of round 2")
+        break_store()
+        wait_until(committed(ck, 6), launcher, "checkpoint of round 6")
+        trained_at = time.monotonic()
+        code = launcher.wait(120)
+        return launcher, code, time.monotonic() - trained_at
+    finally:
+        launcher.kill()
+
+
 def test_runs_dir_made_read_only_mid_run_fails_the_job_and_a_rerun_completes_the_record(tmp_path, small_mount):
     runs = small_mount("runs", "64m")
     ck = tmp_path / "ck"
     args = [*JOB, "job_name=readonly", f"runs_dir={runs}", f"checkpoints_dir={ck}"]
-    launcher = Launcher(tmp_path, *args)
     try:
-        wait_until(committed(ck, 2), launcher, "checkpoint of round 2")
-        subprocess.run(["mount", "-o", "remount,ro", str(runs)], check=True)
-        wait_until(committed(ck, 6), launcher, "checkpoint of round 6")
-        trained_at = time.monotonic()
-        code = launcher.wait(120)
-        exited_after = time.monotonic() - trained_at
+        launcher, code, exited_after = run_and_break_after_round_2(
+            tmp_path, args, ck, lambda: subprocess.run(["mount", "-o", "remount,ro", str(runs)], check=True))
     finally:
-        launcher.kill()
         subprocess.run(["mount", "-o", "remount,rw", str(runs)], check=True)
     output = launcher.output()
     assert code == 3, output[-3000:]
@@ -297,17 +306,9 @@ def test_mongo_lost_mid_run_fails_the_job_and_a_rerun_completes_the_record(tmp_p
     ck = tmp_path / "ck"
     args = [*JOB, "job_name=mongo-lost", f"checkpoints_dir={ck}"]
     server = start_mongo()
-    launcher = Launcher(tmp_path, *args, env=env)
     try:
-        wait_until(committed(ck, 2), launcher, "checkpoint of round 2")
-        server.kill()
-        server.wait()
-        wait_until(committed(ck, 6), launcher, "checkpoint of round 6")
-        trained_at = time.monotonic()
-        code = launcher.wait(120)
-        exited_after = time.monotonic() - trained_at
+        launcher, code, exited_after = run_and_break_after_round_2(tmp_path, args, ck, server.kill, env=env)
     finally:
-        launcher.kill()
         server.kill()
     output = launcher.output()
     assert code == 3, output[-3000:]

@@ -46,6 +46,11 @@ DEFAULTS: dict[str, Any] = {
     "job_name": None,
     "checkpoints_dir": None,
     "author": _default_author(),
+    # Sites: how many, on how many processes, and who trains each round (see README, "Many sites").
+    "num_sites": None,  # N sites spread over the devices of site_ids (None: one site per site_ids entry)
+    "processes_per_device": None,  # worker processes per device (None: one per site_ids entry; with num_sites one per CPU core / GPU)
+    "fraction_fit": 1.0,  # share of the sites that train each round, drawn from (seed, round)
+    "min_fit_sites": 1,  # at least this many train each round
     # Data.
     "split": None,  # None: "iid", or "label_sorted" when iid_split=False
     "dirichlet_beta": 0.5,
@@ -174,6 +179,15 @@ class Config:
     resume: str
     resume_from: str | None
     max_restarts: int
+    num_sites: int | None
+    processes_per_device: int | None
+    fraction_fit: float
+    min_fit_sites: int
+
+    @property
+    def total_sites(self) -> int:
+        """Sites on this node: num_sites, or one per site_ids entry."""
+        return self.num_sites if self.num_sites is not None else len(self.site_ids)
 
     def as_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -325,7 +339,7 @@ def resolve(raw: dict[str, Any]) -> Config:
     max_grad_norm = cfg["max_grad_norm"]
     if max_grad_norm is None:
         max_grad_norm = 0.0
-    return Config(
+    config = Config(
         learning_rate=_number(cfg, "learning_rate", 0.0, 10.0, low_open=True),
         max_seq_len=_int(cfg, "max_seq_len", 8),
         batch_size=_int(cfg, "batch_size", 1),
@@ -389,4 +403,25 @@ def resolve(raw: dict[str, Any]) -> Config:
         resume=_choice(cfg, "resume", RESUME),
         resume_from=_optional_str(cfg, "resume_from"),
         max_restarts=_int(cfg, "max_restarts", 0),
+        num_sites=_optional_int(cfg, "num_sites", 1),
+        processes_per_device=_optional_int(cfg, "processes_per_device", 1),
+        fraction_fit=_number(cfg, "fraction_fit", 0.0, 1.0, low_open=True),
+        min_fit_sites=_int(cfg, "min_fit_sites", 1),
     )
+    _check_sites(config)
+    return config
+
+
+def _check_sites(config: Config) -> None:
+    """Counts that contradict each other: more sites per round, or processes, than there are sites."""
+    sites = config.total_sites
+    if config.min_fit_sites > sites:
+        raise _fail("min_fit_sites", config.min_fit_sites, f"at most the number of sites ({sites})")
+    if config.processes_per_device is not None:
+        devices = list(dict.fromkeys(config.site_ids))
+        busiest = max(sum(1 for where in config.site_ids if where == device) for device in devices) \
+            if config.num_sites is None else math.ceil(sites / len(devices))
+        if config.processes_per_device > busiest:
+            raise _fail("processes_per_device", config.processes_per_device,
+                        f"at most the number of sites a device hosts ({busiest}); a process without a site has "
+                        "nothing to train")

@@ -14,6 +14,8 @@ Total sites = nodes x len(site_ids); global rank = node index x len(site_ids) + 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -26,6 +28,7 @@ import torch
 from scaling_fl import processes
 from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, prepare_data, save_prepared
+from scaling_fl.sites import Layout
 from scaling_fl.tracking.events import EventFollower
 
 log = logging.getLogger("scaling_fl")
@@ -40,6 +43,7 @@ class Topology:
     master_addr: str
     master_port: int
     sites_per_node: int
+    workers_per_node: int  # the processes that host this node's sites
 
     @property
     def num_sites(self) -> int:
@@ -67,8 +71,9 @@ def _env_int(env: dict, key: str) -> int:
         raise ConfigError(f"environment {key}={env[key]!r} is not an integer") from None
 
 
-def node_topology(sites_per_node: int, env: dict | None = None) -> Topology:
+def node_topology(sites_per_node: int, env: dict | None = None, workers_per_node: int | None = None) -> Topology:
     env = dict(os.environ if env is None else env)
+    workers_per_node = workers_per_node or sites_per_node
     if "TORCHELASTIC_RUN_ID" in env and "LOCAL_WORLD_SIZE" in env:  # inside torchrun
         if env["LOCAL_WORLD_SIZE"] != "1":
             raise ConfigError("under torchrun use --nproc-per-node=1: scaling-fl starts one process per site itself")
@@ -85,9 +90,10 @@ def node_topology(sites_per_node: int, env: dict | None = None) -> Topology:
     if num_nodes > 1:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ConfigError("a multi-node job needs MASTER_ADDR and MASTER_PORT (the address of node 0)")
-        return Topology(num_nodes, node_rank, env["MASTER_ADDR"], _env_int(env, "MASTER_PORT"), sites_per_node)
+        return Topology(num_nodes, node_rank, env["MASTER_ADDR"], _env_int(env, "MASTER_PORT"), sites_per_node,
+                        workers_per_node)
     port = _env_int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
-    return Topology(1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, sites_per_node)
+    return Topology(1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, sites_per_node, workers_per_node)
 
 
 def check_devices(cfg: Config) -> None:
@@ -104,16 +110,56 @@ def check_devices(cfg: Config) -> None:
                     len(cfg.site_ids))
 
 
-def log_split(prepared: PreparedData) -> None:
+def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
+    """Sites packed into fewer processes, or sampled, train through the dense exchange only (for now):
+    the sparse and int8 codecs and the step-level sync modes still exchange between processes, one
+    site each. Refused before any worker starts."""
+    if layout.one_site_per_worker and cfg.fraction_fit == 1.0:
+        return
+    how = (f"{layout.num_sites} sites in {layout.num_workers} process(es)" if not layout.one_site_per_worker
+           else f"fraction_fit={cfg.fraction_fit}")
+    fix = "or one process per site with every site training (no processes_per_device / num_sites, fraction_fit=1)"
+    if topology.num_nodes > 1:
+        raise ConfigError(f"{how} runs on one node for now; on {topology.num_nodes} nodes use site_ids=[...] "
+                          "with one process per site and fraction_fit=1")
+    if cfg.exchange != "dense":
+        raise ConfigError(f"exchange={cfg.exchange} with {how} is not supported yet: use exchange=dense, {fix}")
+    if cfg.sync != "round":
+        raise ConfigError(f"sync={cfg.sync} with {how} is not supported yet: a process trains its sites one after "
+                          f"another, so they can only synchronize at the end of a round; use sync=round, {fix}")
+    if cfg.per_site_metrics:
+        raise ConfigError(f"per_site_metrics=True with {how} is not supported yet; drop it, {fix}")
+
+
+def check_site_sizes(prepared: PreparedData) -> None:
+    empty = [site for site, size in enumerate(prepared.site_sizes()) if size == 0]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
+        raise ConfigError(f"{len(empty)} of {len(prepared.parts)} sites get no training rows (site {shown}): "
+                          f"use fewer sites (num_sites / site_ids) or more training data")
+
+
+def log_split(prepared: PreparedData, every_site_up_to: int = 16) -> None:
+    """One line per site for a few sites; a summary for many (info.json keeps the full table)."""
     names = prepared.label_names
-    for site, (size, histogram) in enumerate(zip(prepared.site_sizes(), prepared.histograms())):
-        labels = " ".join(f"{name}:{int(count)}" for name, count in zip(names, histogram))
-        log.info("site %d: %d rows  %s", site, size, labels)
+    sizes, histograms = prepared.site_sizes(), prepared.histograms()
+    if len(sizes) <= every_site_up_to:
+        for site, (size, histogram) in enumerate(zip(sizes, histograms)):
+            labels = " ".join(f"{name}:{int(count)}" for name, count in zip(names, histogram))
+            log.info("site %d: %d rows  %s", site, size, labels)
+    else:
+        import numpy as np
+
+        shares = histograms / np.maximum(histograms.sum(axis=1, keepdims=True), 1)
+        entropy = -(shares * np.log2(np.where(shares > 0, shares, 1))).sum(axis=1)
+        log.info("%d sites: rows min %d / median %d / max %d, label entropy min %.2f / median %.2f / max %.2f bits "
+                 "(per site: info.json)", len(sizes), min(sizes), int(np.median(sizes)), max(sizes),
+                 entropy.min(), np.median(entropy), entropy.max())
     log.info("test set: %d rows", len(prepared.test))
 
 
-def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event: Callable[[dict], None],
-              max_restarts: int = 0) -> dict[int, dict]:
+def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, layout: Layout,
+              on_event: Callable[[dict], None], max_restarts: int = 0) -> dict[int, dict]:
     """Starts this node's sites and blocks until they finish; returns each local site's result."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -125,11 +171,13 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
     workdir = processes.make_workdir(cfg.job_name)
     try:
         save_prepared(prepared, os.path.join(workdir, "data"))
+        with open(os.path.join(workdir, "layout.json"), "w", encoding="utf-8") as handle:
+            json.dump(dataclasses.asdict(layout), handle)  # the workers take the launcher's plan, not their own
         logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
         launch_config = LaunchConfig(
             min_nodes=topology.num_nodes,
             max_nodes=topology.num_nodes,
-            nproc_per_node=len(cfg.site_ids),
+            nproc_per_node=topology.workers_per_node,
             run_id=cfg.job_name,
             rdzv_backend="static",
             rdzv_endpoint=f"{topology.master_addr}:{topology.master_port}",
@@ -148,7 +196,7 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, on_event:
             try:
                 return elastic_launch(launch_config, run_site)(cfg.as_dict(), workdir)
             except ChildFailedError as error:
-                description = _describe_failure(error, topology.node_rank, len(cfg.site_ids),
+                description = _describe_failure(error, topology.node_rank, topology.workers_per_node,
                                                 os.path.join(workdir, "elastic"), workdir)
                 log.error("%s", description.splitlines()[0])  # the root cause, also in the captured output
                 raise SiteFailure(description) from None

@@ -1,8 +1,16 @@
-"""Rank <-> site, device pinning and the process group of one site worker."""
+"""Sites and workers: which process hosts which sites on which device, who takes part in a
+round, device pinning and the process group of one worker.
+
+A *site* is a data partition with its weight and its seeds (seed, site, round); a *worker* is a
+process pinned to a device that trains its sites one after another. `site_ids=[0,0,1,1]` alone
+keeps its meaning, one worker per site; `num_sites` and `processes_per_device` pack many sites
+into few workers. Nothing a site computes depends on which worker hosts it.
+"""
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,6 +30,79 @@ class Site:
     def is_leader(self) -> bool:
         """Rank 0 talks: logs, progress bars, events for the launcher."""
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sites over this node's worker processes: `sites[w]` are the sites worker w hosts (in order)."""
+
+    num_sites: int
+    devices: tuple[int, ...]  # the device id of each worker
+    sites: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.devices)
+
+    @property
+    def one_site_per_worker(self) -> bool:
+        return all(len(hosted) == 1 for hosted in self.sites)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def plan_layout(site_ids: tuple[int, ...], num_sites: int | None, processes_per_device: int | None,
+                cuda: bool, cores: int | None = None) -> Layout:
+    """Where every site runs.
+
+    - `site_ids` alone: site k on device site_ids[k], one worker per site (the classic layout).
+    - `num_sites=N`: N sites spread round-robin over the distinct devices of `site_ids`.
+    - `processes_per_device=P`: each device's sites are split into min(P, its sites) workers, in
+      contiguous blocks. Default with `num_sites`: one worker per GPU, or one per CPU core on a
+      machine without CUDA (never more workers than sites).
+    """
+    distinct = list(dict.fromkeys(site_ids))
+    if num_sites is None:
+        site_device = list(site_ids)
+        if processes_per_device is None:
+            return Layout(len(site_ids), tuple(site_ids), tuple((site,) for site in range(len(site_ids))))
+    else:
+        site_device = [distinct[site % len(distinct)] for site in range(num_sites)]
+        if processes_per_device is None:
+            processes_per_device = 1 if cuda else max(1, (cores or _cores()) // len(distinct))
+    devices, sites = [], []
+    for device in distinct:
+        on_device = [site for site, where in enumerate(site_device) if where == device]
+        workers = min(processes_per_device, len(on_device))
+        for worker in range(workers):  # contiguous, near-equal blocks
+            block = on_device[len(on_device) * worker // workers: len(on_device) * (worker + 1) // workers]
+            devices.append(device)
+            sites.append(tuple(block))
+    return Layout(len(site_device), tuple(devices), tuple(sites))
+
+
+def read_layout(workdir: str) -> Layout:
+    """The launcher's layout (workdir/layout.json): the workers do not plan their own."""
+    import json
+
+    with open(os.path.join(workdir, "layout.json"), encoding="utf-8") as handle:
+        raw = json.load(handle)
+    return Layout(raw["num_sites"], tuple(raw["devices"]), tuple(tuple(hosted) for hosted in raw["sites"]))
+
+
+def participants(seed: int, round_index: int, num_sites: int, fraction_fit: float, min_fit_sites: int) -> list[int]:
+    """The sites that train in round `round_index` (0-based): max(min_fit_sites, floor(fraction_fit x N))
+    of them, as Flower's fraction_fit / min_fit_clients, drawn from (seed, round) alone, so every
+    worker, every packing and every restart agrees. Sorted."""
+    import numpy as np
+
+    count = min(num_sites, max(min_fit_sites, math.floor(fraction_fit * num_sites + 1e-9)))
+    if count >= num_sites:
+        return list(range(num_sites))
+    generator = np.random.Generator(np.random.PCG64([seed, round_index, 0x5A3B1E]))
+    return sorted(int(site) for site in generator.choice(num_sites, size=count, replace=False))
 
 
 def site_device(site_ids: tuple[int, ...], local_rank: int) -> torch.device:

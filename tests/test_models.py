@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from scaling_fl import models
 from scaling_fl.data import TextDataset
-from scaling_fl.data.prepared import PreparedData, load_site_data, save_prepared
+from scaling_fl.data.prepared import PreparedData, load_worker_data, save_prepared
 from scaling_fl.data.tokenize import padding_collator, tokenize
 
 
@@ -65,7 +65,10 @@ def test_test_shards_score_every_row_exactly_once_with_uneven_sizes(tmp_path):
     prepared = PreparedData(train=dataset(9), test=dataset(7), parts=[np.array([0, 1, 2]), np.array([3, 4]),
                                                                         np.array([5, 6, 7, 8])])
     save_prepared(prepared, str(tmp_path))
-    shards = [load_site_data(str(tmp_path), rank, 3).test_shard.texts for rank in range(3)]
+    shards = [load_worker_data(str(tmp_path), (rank,), rank, 3).test_shard.texts for rank in range(3)]
     assert sorted(sum(shards, [])) == sorted(f"row {i}" for i in range(7))
     assert [len(s) for s in shards] == [3, 2, 2]
-    assert load_site_data(str(tmp_path), 1, 3).site_sizes == [3, 2, 4]
+    assert load_worker_data(str(tmp_path), (1,), 1, 3).site_sizes == [3, 2, 4]
+    packed = load_worker_data(str(tmp_path), (0, 2), 0, 2)  # one worker hosting two sites
+    assert {site: rows.texts for site, rows in packed.train.items()} == {
+        0: ["row 0", "row 1", "row 2"], 2: ["row 5", "row 6", "row 7", "row 8"]}

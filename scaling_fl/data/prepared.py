@@ -69,10 +69,11 @@ def save_prepared(prepared: PreparedData, directory: str) -> None:
 
 
 @dataclass(frozen=True)
-class SiteData:
-    """What one site needs: its training rows, its evaluation shard and every site's size."""
+class WorkerData:
+    """What one worker needs: the training rows of each site it hosts, its evaluation shard and
+    every site's size."""
 
-    train: TextDataset
+    train: dict[int, TextDataset]  # site -> its rows
     test_shard: TextDataset
     site_sizes: list[int]
     test_full: TextDataset | None  # only when a site scores its own local model (per_site_metrics)
@@ -84,18 +85,20 @@ def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source
                        label_names=label_names, source=source)
 
 
-def load_site_data(directory: str, rank: int, world_size: int, full_test: bool = False) -> SiteData:
+def load_worker_data(directory: str, sites: tuple[int, ...], worker: int, num_workers: int,
+                     full_test: bool = False) -> WorkerData:
+    """The rows of `sites`, and test rows worker, worker + num_workers, ... (every row scored once)."""
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     label_names = tuple(meta["label_names"])
-    test_path = os.path.join(directory, "test.arrow")
+    train_path, test_path = os.path.join(directory, "train.arrow"), os.path.join(directory, "test.arrow")
     num_test = feather.read_table(test_path, columns=["label"], memory_map=True).num_rows
     parts = [np.asarray(part, dtype=np.int64) for part in meta["parts"]]
-    if len(parts) != world_size:
-        raise RuntimeError(f"data was split for {len(parts)} sites but the job has {world_size}")
-    return SiteData(
-        train=_read_rows(os.path.join(directory, "train.arrow"), parts[rank], label_names, meta["train_source"]),
-        test_shard=_read_rows(test_path, np.arange(rank, num_test, world_size), label_names, meta["test_source"]),
+    if any(site >= len(parts) for site in sites):
+        raise RuntimeError(f"data was split for {len(parts)} sites but this worker hosts sites {list(sites)}")
+    return WorkerData(
+        train={site: _read_rows(train_path, parts[site], label_names, meta["train_source"]) for site in sites},
+        test_shard=_read_rows(test_path, np.arange(worker, num_test, num_workers), label_names, meta["test_source"]),
         site_sizes=[len(part) for part in parts],
         test_full=_read_rows(test_path, np.arange(num_test), label_names, meta["test_source"]) if full_test else None,
     )

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
+import torch  # noqa: E402
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
@@ -28,7 +29,10 @@ from scaling_fl.data.dataset import DataError  # noqa: E402
 from scaling_fl.data.prepared import PreparedData, prepare_data  # noqa: E402
 from scaling_fl.data.tasks import check_task_options  # noqa: E402
 from scaling_fl import storage  # noqa: E402
-from scaling_fl.launch import Topology, check_devices, log_split, node_topology, run_sites  # noqa: E402
+from scaling_fl.launch import (  # noqa: E402
+    Topology, check_devices, check_layout, check_site_sizes, log_split, node_topology, run_sites,
+)
+from scaling_fl.sites import Layout, plan_layout  # noqa: E402
 from scaling_fl.tracking import resume, sacred_fixes  # noqa: E402
 from scaling_fl.tracking.observers import MongoTarget, TrackingError, check_mongo, choose_tracking, mongo_client  # noqa: E402
 
@@ -69,6 +73,7 @@ class Plan:
 
     prepared: PreparedData
     topology: Topology
+    layout: Layout
     tracking: str  # "mongo", "file" or "none"
     mongo: MongoTarget | None
     previous: resume.PreviousRun | None  # this job's earlier record, continued by this run
@@ -87,7 +92,9 @@ def config_from_sacred(config: dict) -> Config:
 @functools.lru_cache(maxsize=4)
 def preflight(cfg: Config) -> Plan:
     """Everything that can be checked before a worker starts; cached for the main command."""
-    topology = node_topology(len(cfg.site_ids))
+    layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=torch.cuda.is_available())
+    topology = node_topology(layout.num_sites, workers_per_node=layout.num_workers)
+    check_layout(cfg, layout, topology)
     check_devices(cfg)
     check_task_options(cfg.task_name, cfg.train_path, cfg.test_path,
                        list(cfg.text_columns) if cfg.text_columns else None, cfg.label_column)
@@ -106,10 +113,11 @@ def preflight(cfg: Config) -> Plan:
             previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
     resume_point = checkpoint.preflight(cfg, topology.num_sites)
     prepared = prepare_data(cfg, topology.num_sites)
+    check_site_sizes(prepared)
     check_sync_steps(cfg, prepared.site_sizes())
     if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
         claim_job(cfg, tracking, mongo)
-    return Plan(prepared, topology, tracking, mongo, previous, resume_point)
+    return Plan(prepared, topology, layout, tracking, mongo, previous, resume_point)
 
 
 def claim_job(cfg: Config, tracking: str, mongo: MongoTarget | None) -> None:
@@ -221,6 +229,7 @@ def train_federated(_config, _run):
     log_split(prepared)
     _run.info["sites"] = {
         "count": plan.topology.num_sites,
+        "processes": plan.topology.num_nodes * plan.topology.workers_per_node,
         "sizes": prepared.site_sizes(),
         "label_names": list(prepared.label_names),
         "label_histograms": prepared.histograms().tolist(),
@@ -243,12 +252,14 @@ def train_federated(_config, _run):
                 if tensorboard:
                     tensorboard.add_scalar(name, value, event["round"])
             final.update(event["metrics"])
+            if "participants" in event:  # ids here, not one metric per site: N may be 1,000
+                _run.info.setdefault("participants", {})[str(event["round"])] = event["participants"]
         elif event["event"] == "final_model":
             for name in ("model.safetensors", "config.json"):
                 _run.add_artifact(os.path.join(event["path"], name), f"final_model.{name}")
 
     try:
-        results = run_sites(cfg, plan.prepared, plan.topology, on_event, max_restarts=cfg.max_restarts)
+        results = run_sites(cfg, plan.prepared, plan.topology, plan.layout, on_event, max_restarts=cfg.max_restarts)
     finally:
         if tensorboard:
             tensorboard.close()

@@ -24,7 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scaling_fl import checkpoint, models, processes
 from scaling_fl.config import Config
-from scaling_fl.data.prepared import load_site_data
+from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.exchange import (
     broadcast_flat_,
@@ -34,10 +34,12 @@ from scaling_fl.exchange import (
     make_sync_policy,
     segments_from_model,
     sum_across_sites,
+    average_and_apply_,
     wait_for_all_sites,
 )
+from scaling_fl.exchange.dense import ring_wire_bytes
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
-from scaling_fl.sites import start_site, stop_site
+from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site
 from scaling_fl.strategies import FedAvg, make_strategy
 from scaling_fl.tracking.events import EventWriter
 from scaling_fl.train import local
@@ -58,11 +60,15 @@ def run_site(config: dict, workdir: str) -> dict:
     processes.stop_if_permanent_error(workdir)
     cfg = Config(**{**config, "site_ids": tuple(config["site_ids"]),
                     "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None})
-    site = start_site(cfg.site_ids, cfg.backend, cfg.collective_timeout_s)
+    layout = read_layout(workdir)
+    site = start_site(layout.devices, cfg.backend, cfg.collective_timeout_s)
     _quiet_unless_leader(site.is_leader)
     try:
         with logging_redirect_tqdm():
-            result = _federate(cfg, site, workdir)
+            if layout.one_site_per_worker and cfg.fraction_fit == 1.0:
+                result = _federate(cfg, site, workdir)
+            else:
+                result = _federate_sites(cfg, site, layout, workdir)
     except Exception as error:
         if processes.restart_cannot_fix(error):
             processes.record_permanent_error(workdir, site.rank, error)
@@ -79,13 +85,14 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         log.info("%d sites, backend %s, device of site 0: %s", site.world_size, site.backend, site.device)
 
     # --- data: this site's rows and its shard of the test set -----------------------
-    data = load_site_data(os.path.join(workdir, "data"), site.rank, site.world_size, full_test=cfg.per_site_metrics)
+    data = load_worker_data(os.path.join(workdir, "data"), (site.rank,), site.rank, site.world_size,
+                            full_test=cfg.per_site_metrics)
     tokenizer = models.load_tokenizer(cfg.model)
-    train_set = tokenize(data.train.texts, data.train.labels, tokenizer, cfg.max_seq_len)
+    train_set = tokenize(data.train[site.rank].texts, data.train[site.rank].labels, tokenizer, cfg.max_seq_len)
     test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
     test_full = tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
     collate = padding_collator(tokenizer)
-    num_labels = len(data.train.label_names)
+    num_labels = len(data.test_shard.label_names)
     site_weights = [size / sum(data.site_sizes) for size in data.site_sizes]  # every site's share of the mean
     weight = site_weights[site.rank]
 
@@ -206,12 +213,127 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             site_state = dict(exchange.state_dict())
             if not in_sync:
                 site_state["local"] = local_weights  # this site's model since the last synchronization
-            _save_checkpoint(cfg, site, round_number, global_weights, strategy, site_state, history)
+            _save_checkpoint(cfg, site, site.world_size, round_number, global_weights, strategy, site_state, history)
 
     progress.close()
     if site.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
     return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights), "num_rows": len(train_set)}
+
+
+def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
+    """The round loop when a worker hosts several sites, or only a sampled fraction of the sites
+    trains each round (num_sites / processes_per_device / fraction_fit).
+
+    Each round: draw the participants from (seed, round) -> each worker trains its participating
+    sites one after another, every one from the round's global model with a fresh optimizer and
+    its own seeds (seed, site, round), and adds its local model, weighted by its share of the
+    participants' rows, into one sum -> the workers all_reduce their sums into the participants'
+    average -> the strategy applies it (mean update = average - global) -> evaluate -> report -> checkpoint. A site trains exactly as it
+    would in a process of its own, so packing changes only the order of fp32 sums. (Dense
+    exchange and sync=round only, for now: see launch.check_layout.)
+    """
+    events = EventWriter(os.path.join(workdir, "events.jsonl")) if worker.is_leader else None
+    hosted = layout.sites[worker.rank]
+    if worker.is_leader:
+        log.info("%d sites in %d processes, backend %s, device of process 0: %s", layout.num_sites,
+                 worker.world_size, worker.backend, worker.device)
+
+    # --- data: the rows of every hosted site, this worker's shard of the test set -------
+    data = load_worker_data(os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size)
+    tokenizer = models.load_tokenizer(cfg.model)
+    train_sets = {site: tokenize(rows.texts, rows.labels, tokenizer, cfg.max_seq_len) for site, rows in data.train.items()}
+    test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
+    collate = padding_collator(tokenizer)
+    num_labels = len(data.test_shard.label_names)
+    steps = {site: local.steps_per_round(len(rows), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
+                                         cfg.local_steps) for site, rows in train_sets.items()}
+
+    # --- model: one working copy per worker, the global model, the round's sum of updates
+    model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(worker.device)
+    local_weights = flatten_model_(model)
+    bucket_numel = max(1, int(cfg.bucket_size_mb * 2**20) // local_weights.element_size())
+    broadcast_flat_(local_weights, bucket_numel, src=0)
+    global_weights, weighted_sum = local_weights.clone(), torch.zeros_like(local_weights)
+    strategy = make_strategy(cfg.strategy, local_weights.numel(), worker.device, dtype=local_weights.dtype,
+                             server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum,
+                             beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    start_round, history = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
+    if worker.is_leader:
+        events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
+        for past in history:
+            events.write("round", round=past["round"], metrics=past["metrics"])
+
+    progress = tqdm(total=cfg.num_rounds, initial=start_round, disable=not worker.is_leader, dynamic_ncols=True,
+                    mininterval=1.0, unit="round")
+    for round_index in range(start_round, cfg.num_rounds):
+        round_number = round_index + 1
+        round_start = time.perf_counter()
+        maybe_fail(worker.rank, round_number)
+        chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
+        rows_this_round = sum(data.site_sizes[site] for site in chosen)
+
+        # --- 1. local training of this worker's participating sites, one after another -------
+        weighted_sum.zero_()
+        train_sums = local.TrainSums()
+        for site in sorted(set(hosted) & set(chosen)):
+            local_weights.copy_(global_weights)
+            torch.manual_seed(local.round_seed(cfg.seed, site, round_index, stream=1))  # dropout
+            plan = local.batch_plan(len(train_sets[site]), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
+                                    cfg.local_steps, local.round_seed(cfg.seed, site, round_index))
+            optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
+            total_steps, offset = steps[site] * cfg.num_rounds, round_index * steps[site]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, offset=offset, total=total_steps: (
+                local.lr_factor(offset + step, total, int(cfg.warmup_ratio * total), cfg.lr_scheduler)))
+            sums = local.train_round(model, train_sets[site], collate, plan, optimizer=optimizer, scheduler=scheduler,
+                                     precision=cfg.precision, max_grad_norm=cfg.max_grad_norm, device=worker.device)
+            del optimizer, scheduler
+            weighted_sum.add_(local_weights, alpha=data.site_sizes[site] / rows_this_round)
+            train_sums = local.TrainSums(train_sums.loss_sum + sums.loss_sum, train_sums.correct + sums.correct,
+                                         train_sums.count + sums.count)
+        train_done = time.perf_counter()
+
+        # --- 2. the workers' sums -> the mean update, applied by the strategy --------------
+        average_and_apply_(weighted_sum, global_weights, strategy, bucket_numel)
+        local_weights.copy_(global_weights)
+        aggregate_done = time.perf_counter()
+
+        # --- 3. evaluate the global model on the full test set ------------------------
+        loss_sum, confusion = evaluation_sums(model, test_shard, collate, batch_size=cfg.val_batch_size,
+                                              num_labels=num_labels, precision=cfg.precision, device=worker.device)
+        validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(worker.device)).cpu()
+        per_worker = gather_from_sites(site_vector(train_sums, worker.device, None).to(worker.device)).cpu()
+        eval_done = time.perf_counter()
+
+        # --- 4. report (worker 0 only) --------------------------------------------------
+        if worker.is_leader:
+            payload = local_weights.numel() * local_weights.element_size()  # what one site puts on the wire
+            metrics = round_metrics(validation_sums, num_labels, per_worker, with_per_site=False,
+                                    cuda=worker.device.type == "cuda")
+            metrics.update({
+                "time.round_s": eval_done - round_start, "time.train_s": train_done - round_start,
+                "time.aggregate_s": aggregate_done - train_done, "time.eval_s": eval_done - aggregate_done,
+                "comm.bytes_per_site": payload, "comm.density": 1.0,
+                "comm.wire_bytes_per_site": ring_wire_bytes(payload, worker.world_size, "all_reduce"),
+                "memory.exchange_peak_mb": weighted_sum.nbytes / 2**20, "sites.participants": len(chosen),
+            })
+            events.write("round", round=round_number, metrics=metrics, participants=chosen)
+            history.append({"round": round_number, "metrics": metrics})
+            progress.update(1)
+            log.info("round %d/%d  %d sites  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
+                     round_number, cfg.num_rounds, len(chosen), metrics["validation.accuracy"],
+                     metrics["validation.loss"], metrics["validation.f1_macro"], metrics["train.loss"],
+                     metrics["time.round_s"])
+
+        # --- 5. checkpoint: the global model and the strategy; sites keep no state here ---
+        if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
+            _save_checkpoint(cfg, worker, layout.num_sites, round_number, global_weights, strategy, {}, history)
+
+    progress.close()
+    if worker.is_leader and cfg.save_final_model:
+        events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
+    return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights),
+            "num_rows": sum(len(rows) for rows in train_sets.values())}
 
 
 class CommunicationLog:
@@ -280,7 +402,7 @@ def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: tor
     own = found.tensors(checkpoint.site_file(site.rank)) if found.has(checkpoint.site_file(site.rank)) else {}
     if "local" in own:
         local_weights.copy_(own["local"].to(local_weights.device))
-    if exchange.residual is not None:  # (a residual without an exchange that keeps one: only after resume=force)
+    if exchange is not None and exchange.residual is not None:  # (a residual without an exchange that keeps one: only after resume=force)
         if "residual" in own:
             exchange.load_state_dict({"residual": own["residual"].to(local_weights.device)})
         else:
@@ -290,7 +412,7 @@ def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: tor
     return found.round, list(found.state.get("history", []))
 
 
-def _save_checkpoint(cfg: Config, site, round_number: int, global_weights: torch.Tensor, strategy,
+def _save_checkpoint(cfg: Config, site, num_sites: int, round_number: int, global_weights: torch.Tensor, strategy,
                      site_state: dict[str, torch.Tensor], history) -> None:
     directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
     if site_state:  # every site writes its own state first; the leader seals the folder after all of them
@@ -301,7 +423,7 @@ def _save_checkpoint(cfg: Config, site, round_number: int, global_weights: torch
                                  metadata={"numel": global_weights.numel(), "sha256": flat_sha256(global_weights)})
         if strategy.state_dict():
             checkpoint.write_tensors(directory, "strategy.safetensors", strategy.state_dict())
-        defining = checkpoint.defining_config(cfg.as_dict(), site.world_size)
+        defining = checkpoint.defining_config(cfg.as_dict(), num_sites)
         checkpoint.write_state(directory, {
             "format": checkpoint.FORMAT_VERSION, "round": round_number, "job_name": cfg.job_name,
             "defining_config": defining, "config_hash": checkpoint.config_hash(defining),

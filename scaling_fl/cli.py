@@ -23,6 +23,12 @@ def _config_keys_given(argv: list[str]) -> list[str]:
     return keys
 
 
+def _runs_main_command(argv: list[str]) -> bool:
+    """True unless Sacred is asked for another command (print_config, help, ...)."""
+    rest = argv[1:]
+    return not rest or rest[0] == "with" or rest[0].startswith("-") and "--help" not in rest and "-h" not in rest
+
+
 def load_dotenv_file() -> None:
     """Variables from ./.env (the current directory), as run-local.sh and compose read it;
     variables already set in the environment win."""
@@ -61,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
 
     from scaling_fl import processes
+
+    if _runs_main_command(argv):  # its imports overlap the launcher's own (seconds per start)
+        processes.start_fork_server()
     from scaling_fl.tracking import experiment
 
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(

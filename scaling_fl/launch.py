@@ -167,7 +167,7 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, layout: L
 
     from scaling_fl.train.federated import run_site
 
-    processes.start_fork_server()
+    processes.start_fork_server()  # already running when started through the command line
     workdir = processes.make_workdir(cfg.job_name)
     try:
         save_prepared(prepared, os.path.join(workdir, "data"))
@@ -208,10 +208,8 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, layout: L
 
 
 def _stop_fork_server() -> None:
-    """The fork server holds this process's stdout and stderr; Sacred's output capture waits for
-    them to close when the run ends, so the server goes as soon as the sites are done. It holds no
-    state, and its graceful exit (an interpreter with torch and transformers to tear down) would
-    take ~2 s: it is killed. CPython's private forkserver attributes, used only here (3.9+; a test
+    """The fork server goes as soon as the sites are done: it holds no state, and its graceful exit
+    (an interpreter with torch and transformers to tear down) would take ~2 s: it is killed. CPython's private forkserver attributes, used only here (3.9+; a test
     in tests/test_processes.py fails when they change)."""
     import multiprocessing.forkserver
     import signal

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -155,9 +156,11 @@ def start_fork_server() -> None:
     is a fresh single-threaded process, so forking from it is safe (CUDA is never initialized
     there), unlike forking this launcher. Idempotent.
 
-    Its environment and its stdout / stderr are fixed when it starts and the sites inherit them:
-    it must start after Sacred began capturing the output (the sites' output belongs to the run
-    record), and what the sites need from the environment is set here.
+    The command line starts it first thing, so its imports (the slowest part of a start) run
+    while the launcher imports, reads the data and opens the run record. Its environment is
+    fixed now: what the sites need from it is set here. Its stdout / stderr are the launcher's
+    before Sacred began capturing; each site takes the launcher's current ones instead
+    (`adopt_launcher_output`), so the sites' output lands in the run record.
     """
     import multiprocessing.forkserver
 
@@ -168,6 +171,30 @@ def start_fork_server() -> None:
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP"
     multiprocessing.set_forkserver_preload(["scaling_fl.train.preload"])
     multiprocessing.forkserver.ensure_running()
+
+
+def adopt_launcher_output() -> None:
+    """Points this site's stdout and stderr at the launcher's current ones: while Sacred captures
+    the run's output they are pipes to its tee, which the fork server (started earlier) does not
+    hold. Only pipes and terminals are taken (opening a regular file again would start writing at
+    offset 0); when they are the ones this process already has, nothing changes."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit():
+        return
+    for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+        path = f"/proc/{launcher}/fd/{fd}"
+        try:
+            target, current = os.stat(path), os.fstat(fd)
+            if (target.st_dev, target.st_ino) == (current.st_dev, current.st_ino):
+                continue
+            if not (stat.S_ISFIFO(target.st_mode) or stat.S_ISCHR(target.st_mode)):
+                continue
+            opened = os.open(path, os.O_WRONLY)
+        except OSError:
+            continue
+        stream.flush()
+        os.dup2(opened, fd)
+        os.close(opened)
 
 
 # --- signals -----------------------------------------------------------------------------

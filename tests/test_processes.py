@@ -135,3 +135,36 @@ def test_the_fork_server_internals_the_launcher_stops_are_still_there():
 
     server = multiprocessing.forkserver._forkserver
     assert callable(getattr(server, "_stop", None)) and hasattr(server, "_forkserver_pid")
+
+
+def test_a_site_writes_where_the_launcher_writes_now_not_where_the_fork_server_started(tmp_path):
+    """The fork server starts before Sacred's capture; each site takes the launcher's current pipes."""
+    launcher = textwrap.dedent(f"""
+        import os, subprocess, sys
+        read_end, write_end = os.pipe()          # what Sacred's capture puts on fd 1 and 2
+        stale = open({str(tmp_path / 'stale.txt')!r}, 'w')  # what the fork server inherited
+        os.dup2(write_end, 1); os.dup2(write_end, 2); os.close(write_end)
+        site = subprocess.Popen([sys.executable, '-c',
+            'from scaling_fl import processes; processes.adopt_launcher_output(); print("from the site", flush=True)'],
+            stdout=stale, stderr=stale, env={{**os.environ, {processes.LAUNCHER_PID_ENV!r}: str(os.getpid())}})
+        site.wait()
+        os.close(1); os.close(2)
+        sys.__stdout__ = None
+        with open({str(tmp_path / 'captured.txt')!r}, 'wb') as out:
+            out.write(os.read(read_end, 1000))
+    """)
+    subprocess.run([sys.executable, "-c", launcher], timeout=60, check=False)
+    assert (tmp_path / "captured.txt").read_text() == "from the site\n"
+    assert (tmp_path / "stale.txt").read_text() == ""
+
+
+def test_a_site_keeps_a_regular_file_it_shares_with_the_launcher(tmp_path):
+    """`cmd > log.txt` without capture: reopening the file would write from offset 0; nothing changes."""
+    log_file = tmp_path / "log.txt"
+    with open(log_file, "w") as out:
+        out.write("launcher line\n")
+        out.flush()
+        code = 'from scaling_fl import processes; processes.adopt_launcher_output(); print("site line", flush=True)'
+        subprocess.run([sys.executable, "-c", code], stdout=out, stderr=out, timeout=60, check=True,
+                       env={**os.environ, processes.LAUNCHER_PID_ENV: str(os.getpid())})
+    assert log_file.read_text() == "launcher line\nsite line\n"

@@ -56,6 +56,7 @@ def run_site(config: dict, workdir: str) -> dict:
     # The launcher decides what a Ctrl-C means (it stops the sites with SIGTERM); a site never outlives it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     processes.die_with_parent()
+    processes.adopt_launcher_output()
     processes.watch_launcher()
     processes.stop_if_permanent_error(workdir)
     cfg = Config(**{**config, "site_ids": tuple(config["site_ids"]),

@@ -4,6 +4,6 @@ Imports stay under the main guard: site workers are spawned and re-import this f
 """
 
 if __name__ == "__main__":
-    from scaling_fl.cli import main
+    from scaling_fl.cli import run_and_exit
 
-    main()
+    run_and_exit()

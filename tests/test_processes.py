@@ -168,3 +168,18 @@ def test_a_site_keeps_a_regular_file_it_shares_with_the_launcher(tmp_path):
         subprocess.run([sys.executable, "-c", code], stdout=out, stderr=out, timeout=60, check=True,
                        env={**os.environ, processes.LAUNCHER_PID_ENV: str(os.getpid())})
     assert log_file.read_text() == "launcher line\nsite line\n"
+
+
+def test_the_command_line_skips_the_teardown_but_runs_exit_functions_and_keeps_the_exit_code(tmp_path):
+    """run_and_exit ends with os._exit after atexit's functions (a private CPython call, checked here)."""
+    marker = tmp_path / "exit-functions-ran"
+    code = textwrap.dedent(f"""
+        import atexit, sys
+        atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
+        print("buffered line", end="")  # no newline, no flush: run_and_exit must flush it
+        from scaling_fl.cli import run_and_exit
+        run_and_exit(["train_federated.py", "with", "no_such_key=1"])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unknown config key 'no_such_key'" in result.stderr
+    assert result.stdout == "buffered line" and marker.read_text() == "yes"

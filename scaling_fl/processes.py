@@ -166,6 +166,7 @@ def start_fork_server() -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the sites and the fork server watch it
+    os.environ.setdefault("SCALING_FL_PROGRESS", "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "lines")
     # SIGINT / SIGTERM stay with our handler (InterruptHandler), which lets a second
     # Ctrl-C wait for the cleanup; elastic keeps SIGHUP, which it turns into a SignalException.
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP"

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scaling_fl import checkpoint, models, processes
@@ -46,6 +45,7 @@ from scaling_fl.train import local
 from scaling_fl.train.evaluate import evaluation_sums
 from scaling_fl.train.faults import maybe_fail
 from scaling_fl.train.metrics import local_eval_summary, round_metrics, site_vector
+from scaling_fl.train.progress import progress_bar
 
 log = logging.getLogger("scaling_fl")
 
@@ -148,9 +148,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         communication.seconds += time.perf_counter() - started
         return synchronized
 
-    # One bar over all local steps of all rounds (rank 0 only): no cursor games in captured logs.
-    progress = tqdm(total=total_steps, initial=start_round * steps, disable=not site.is_leader, dynamic_ncols=True,
-                    mininterval=1.0, unit="step")
+    # One bar over all local steps of all rounds (rank 0 only); a line every few % when no terminal sees it.
+    progress = progress_bar(total=total_steps, initial=start_round * steps, disable=not site.is_leader, unit="step")
     for round_index in range(start_round, cfg.num_rounds):
         round_number = round_index + 1
         round_start = time.perf_counter()
@@ -265,8 +264,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for past in history:
             events.write("round", round=past["round"], metrics=past["metrics"])
 
-    progress = tqdm(total=cfg.num_rounds, initial=start_round, disable=not worker.is_leader, dynamic_ncols=True,
-                    mininterval=1.0, unit="round")
+    progress = progress_bar(total=cfg.num_rounds, initial=start_round, disable=not worker.is_leader, unit="round")
     for round_index in range(start_round, cfg.num_rounds):
         round_number = round_index + 1
         round_start = time.perf_counter()

@@ -26,9 +26,12 @@ def _config_keys_given(argv: list[str]) -> list[str]:
 
 
 def _runs_main_command(argv: list[str]) -> bool:
-    """True unless Sacred is asked for another command (print_config, help, ...)."""
+    """True unless Sacred is asked for its usage (help, -h, --help: the config keys' listing) or another
+    command (print_config, ...): the main command is the only one that starts sites."""
     rest = argv[1:]
-    return not rest or rest[0] == "with" or rest[0].startswith("-") and "--help" not in rest and "-h" not in rest
+    if "-h" in rest or "--help" in rest:
+        return False
+    return not rest or rest[0] == "with" or rest[0].startswith("-")
 
 
 def load_dotenv_file() -> None:

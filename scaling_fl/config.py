@@ -1,199 +1,54 @@
-"""One place for the experiment's defaults, aliases and validation.
+"""One place for the experiment's config: every key is declared once, as a field of `Config`.
+
+A declaration gives the key's name and type (the field), its default, the values it accepts
+(a rule: bounds, choices, ...) and one line of help. Everything else is derived from the
+declarations: `DEFAULTS` (Sacred's config), per-key validation in `resolve`, the `help`
+listing (`python scripts/train_federated.py help`) and the README's config reference
+(`python -m scaling_fl.config --readme README.md` rewrites it; a test fails when it drifts).
+Rules that tie several keys together (split / iid_split, sync modes, site counts, ...) are
+the explicit `_check_*` / `_resolve_*` functions below.
 
 Validation runs in the launching process, before any observer or worker starts, so
 a bad value costs the user one line and exit code 2, never a half-started job.
+
+This module imports nothing from the rest of the package (the launcher reads it first, and
+`python -m scaling_fl.config` renders the reference without torch); tests check that the
+choices declared here are the ones the package implements.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+import re
+import textwrap
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
+# Choices of the keys whose values name something the package implements; tests/test_config_reference.py
+# checks them against scaling_fl.data.TASK_NAMES, exchange.factory.EXCHANGES, exchange.sparse.*,
+# exchange.dynamic.SYNC_MODES and strategies.factory.STRATEGIES.
+TASK_NAMES = ("agnews", "yelp", "yelp_full", "imdb", "spooky_author", "csv", "synthetic")
 SPLITS = ("iid", "label_sorted", "dirichlet")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+EXCHANGES = ("dense", "sparse", "int8", "sparse_int8")
+SCOPES = ("model", "tensor")
+CRITERIA = ("largest_magnitude_change", "largest_final_magnitude", "largest_increase_in_magnitude")
+SPARSE_AVERAGES = ("per_position", "fl4health")
+SYNC_MODES = ("round", "periodic", "dynamic")
 BACKENDS = ("auto", "nccl", "gloo")
 TRACKING = ("auto", "mongo", "file", "none")
 RESUME = ("auto", "force")
 
 
-def _default_author() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry inside some containers
-        return os.environ.get("USER", "unknown")
-
-
-DEFAULTS: dict[str, Any] = {
-    # Keys of the original scaling_fl, same names and meaning.
-    "learning_rate": 5e-5,
-    "max_seq_len": 128,
-    "batch_size": 16,
-    "val_batch_size": 64,
-    "num_rounds": 10,
-    "num_local_epochs": 1,
-    "site_ids": [0, 0, 0, 0],
-    "task_name": "synthetic",
-    "train_path": None,
-    "test_path": None,
-    "model": "minilm",
-    "data_seed": 42,
-    "iid_split": True,
-    "job_name": None,
-    "checkpoints_dir": None,
-    "author": _default_author(),
-    # Sites: how many, on how many processes, and who trains each round (see README, "Many sites").
-    "num_sites": None,  # N sites spread over the devices of site_ids (None: one site per site_ids entry)
-    "processes_per_device": None,  # worker processes per device (None: one per site_ids entry; with num_sites one per CPU core / GPU)
-    "fraction_fit": 1.0,  # share of the sites that train each round, drawn from (seed, round)
-    "min_fit_sites": 1,  # at least this many train each round
-    # Data.
-    "split": None,  # None: "iid", or "label_sorted" when iid_split=False
-    "dirichlet_beta": 0.5,
-    "sample_percentage": 1.0,
-    "text_columns": None,
-    "label_column": None,
-    "synthetic_train_size": 2000,
-    "synthetic_test_size": 500,
-    # Local training.
-    "seed": 42,
-    "optimizer": "adamw",
-    "momentum": 0.0,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.0,
-    "lr_scheduler": "linear",
-    "grad_accum_steps": 1,
-    "max_grad_norm": 1.0,
-    "local_steps": 0,
-    "precision": "fp32",
-    # Server strategy (what is done with the mean update); None takes the strategy's default.
-    "strategy": "fedavg",
-    "server_learning_rate": None,
-    "server_momentum": None,
-    "beta1": None,
-    "beta2": None,
-    "tau": None,
-    # Exchange (how updates cross the wire) and synchronization (when).
-    "exchange": "dense",
-    "bucket_size_mb": 32,
-    "sparsity_level": 0.1,
-    "sparsity_scope": "model",
-    "selection_criterion": "largest_magnitude_change",
-    "sparse_average": "per_position",
-    "error_feedback": True,
-    "quantization_block_size": 256,
-    "sync": "round",
-    "comm_period": None,  # sync=periodic: local steps between synchronizations
-    "check_every": None,  # sync=dynamic: local steps between divergence checks (None: once a round)
-    "delta_threshold": None,  # sync=dynamic: synchronize when max ||w - r||^2 over sites exceeds it
-    # Tracking.
-    "tracking": "auto",  # mongo when SACRED_URL / SACRED_HOST is set, else the file store under runs_dir
-    "runs_dir": "runs",
-    "save_final_model": False,
-    "tensorboard_dir": None,
-    "per_site_metrics": False,
-    # Checkpoints and fault tolerance.
-    "checkpoint_every": 1,
-    "keep_last_checkpoints": 3,
-    "resume": "auto",  # auto: continue a compatible checkpoint; force: also when the config changed
-    "resume_from": None,
-    "max_restarts": 3,
-    # Runtime.
-    "backend": "auto",  # nccl when every GPU hosts one site, else gloo (NCCL refuses two ranks on one GPU)
-    "collective_timeout_s": 60,
-}
-
-
 class ConfigError(ValueError):
     """A user-facing, one-line description of a bad config value and what is allowed."""
-
-
-@dataclass(frozen=True)
-class Config:
-    """The validated, alias-resolved experiment config that workers receive."""
-
-    learning_rate: float
-    max_seq_len: int
-    batch_size: int
-    val_batch_size: int
-    num_rounds: int
-    num_local_epochs: int
-    site_ids: tuple[int, ...]
-    task_name: str
-    train_path: str | None
-    test_path: str | None
-    model: str
-    data_seed: int
-    iid_split: bool
-    job_name: str
-    checkpoints_dir: str | None
-    author: str
-    split: str
-    dirichlet_beta: float
-    sample_percentage: float
-    text_columns: tuple[str, ...] | None
-    label_column: str | None
-    synthetic_train_size: int
-    synthetic_test_size: int
-    seed: int
-    optimizer: str
-    momentum: float
-    weight_decay: float
-    warmup_ratio: float
-    lr_scheduler: str
-    grad_accum_steps: int
-    max_grad_norm: float
-    local_steps: int
-    precision: str
-    strategy: str
-    server_learning_rate: float | None
-    server_momentum: float | None
-    beta1: float | None
-    beta2: float | None
-    tau: float | None
-    exchange: str
-    bucket_size_mb: float
-    sparsity_level: float
-    sparsity_scope: str
-    selection_criterion: str
-    sparse_average: str
-    error_feedback: bool
-    quantization_block_size: int
-    sync: str
-    comm_period: int | None
-    check_every: int | None
-    delta_threshold: float | None
-    backend: str
-    collective_timeout_s: float
-    tracking: str
-    runs_dir: str
-    save_final_model: bool
-    tensorboard_dir: str | None
-    per_site_metrics: bool
-    checkpoint_every: int
-    keep_last_checkpoints: int
-    resume: str
-    resume_from: str | None
-    max_restarts: int
-    num_sites: int | None
-    processes_per_device: int | None
-    fraction_fit: float
-    min_fit_sites: int
-
-    @property
-    def total_sites(self) -> int:
-        """Sites on this node: num_sites, or one per site_ids entry."""
-        return self.num_sites if self.num_sites is not None else len(self.site_ids)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["site_ids"] = list(self.site_ids)
-        out["text_columns"] = list(self.text_columns) if self.text_columns else None
-        return out
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
@@ -208,208 +63,412 @@ def _is_number(value: Any) -> bool:
     return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
-def _int(cfg: dict, key: str, minimum: int) -> int:
-    value = cfg[key]
-    if not _is_int(value) or value < minimum:
-        raise _fail(key, value, f"an integer >= {minimum}")
-    return value
+def _short_number(value: float) -> str:
+    """1e6 -> 1e6, 10.0 -> 10, 0.5 -> 0.5: how bounds read in the help and the README."""
+    text = f"{value:g}"
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", text)
 
 
-def _number(cfg: dict, key: str, low: float, high: float, *, low_open=False, high_open=False) -> float:
-    value = cfg[key]
-    ok = _is_number(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        raise _fail(key, value, f"a number in {left}{low}, {high}{right}")
-    return float(value)
+# Rules: what one key accepts. `convert` returns the value the workers get or raises ValueError;
+# `allowed` is the error's "is not allowed: ..." text; `short` is the help's and the README's.
 
 
-def _choice(cfg: dict, key: str, choices: tuple[str, ...]) -> str:
-    value = cfg[key]
-    if value not in choices:
-        raise _fail(key, value, "one of " + ", ".join(choices))
-    return value
+class Rule:
+    allowed = ""
+    short = ""
+
+    def convert(self, value: Any) -> Any:
+        raise NotImplementedError
 
 
-def _bool(cfg: dict, key: str) -> bool:
-    value = cfg[key]
-    if not isinstance(value, bool):
-        raise _fail(key, value, "True or False")
-    return value
+@dataclass(frozen=True)
+class Int(Rule):
+    minimum: int
+
+    @property
+    def allowed(self) -> str:
+        return f"an integer >= {self.minimum}"
+
+    @property
+    def short(self) -> str:
+        return f"integer >= {self.minimum}"
+
+    def convert(self, value: Any) -> int:
+        if not _is_int(value) or value < self.minimum:
+            raise ValueError
+        return value
 
 
-def _optional_str(cfg: dict, key: str) -> str | None:
-    value = cfg[key]
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(key, value, "a non-empty string (a path, s3:// or gs:// URL) or None")
-    return value
+@dataclass(frozen=True)
+class Number(Rule):
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    def _interval(self, fmt: Callable[[float], str]) -> str:
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{left}{fmt(self.low)}, {fmt(self.high)}{right}"
+
+    @property
+    def allowed(self) -> str:
+        return f"a number in {self._interval(lambda bound: str(float(bound)))}"
+
+    @property
+    def short(self) -> str:
+        return f"number in {self._interval(_short_number)}"
+
+    def convert(self, value: Any) -> float:
+        ok = _is_number(value) and (value > self.low if self.low_open else value >= self.low) and \
+            (value < self.high if self.high_open else value <= self.high)
+        if not ok:
+            raise ValueError
+        return float(value)
 
 
-def _optional_number(cfg: dict, key: str, low: float, high: float, **bounds) -> float | None:
-    return None if cfg[key] is None else _number(cfg, key, low, high, **bounds)
+@dataclass(frozen=True)
+class Choice(Rule):
+    choices: tuple[str, ...]
+
+    @property
+    def allowed(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+    @property
+    def short(self) -> str:
+        return ", ".join(self.choices)
+
+    def convert(self, value: Any) -> str:
+        if value not in self.choices:
+            raise ValueError
+        return value
 
 
-def _optional_int(cfg: dict, key: str, minimum: int) -> int | None:
-    return None if cfg[key] is None else _int(cfg, key, minimum)
+@dataclass(frozen=True)
+class Flag(Rule):
+    allowed = "True or False"
+    short = "True, False"
+
+    def convert(self, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError
+        return value
 
 
-def _sync(cfg: dict) -> str:
-    from scaling_fl.exchange.dynamic import SYNC_MODES
+@dataclass(frozen=True)
+class Text(Rule):
+    """A string; non-empty (not only spaces) unless empty_ok."""
 
-    sync = _choice(cfg, "sync", SYNC_MODES)
-    if sync == "periodic" and cfg["comm_period"] is None:
-        raise _fail("comm_period", None, "an integer >= 1 (local steps between synchronizations) with sync=periodic")
-    if sync == "dynamic" and cfg["delta_threshold"] is None:
-        raise _fail("delta_threshold", None, "a number >= 0 (synchronize when max ||w - r||^2 exceeds it) "
-                                             "with sync=dynamic")
-    return sync
+    allowed: str
+    short: str = "text"
+    empty_ok: bool = False
+
+    def convert(self, value: Any) -> str:
+        if not isinstance(value, str) or not (self.empty_ok or value.strip()):
+            raise ValueError
+        return value
+
+
+PATH = Text("a non-empty string (a path, s3:// or gs:// URL)", "path, s3:// or gs:// URL")
+
+
+@dataclass(frozen=True)
+class Custom(Rule):
+    """A rule of its own: `check` returns the converted value or raises ValueError."""
+
+    check: Callable[[Any], Any]
+    allowed: str
+    short: str
+
+    def convert(self, value: Any) -> Any:
+        return self.check(value)
 
 
 def _site_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v >= 0 for v in value):
         return tuple(value)
-    raise _fail("site_ids", value, "a non-empty list of GPU ids >= 0, one entry per site, e.g. site_ids=[0,0,1,1]")
+    raise ValueError
 
 
-def _resolve_split(cfg: dict) -> str:
-    if cfg["split"] is None:
-        if not isinstance(cfg["iid_split"], bool):
-            raise _fail("iid_split", cfg["iid_split"], "True or False (or set split=iid|label_sorted|dirichlet)")
-        return "iid" if cfg["iid_split"] else "label_sorted"
-    return _choice(cfg, "split", SPLITS)
-
-
-def _text_columns(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
+def _text_columns(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
         return tuple(value)
-    raise _fail("text_columns", value, "a list of CSV column names, e.g. text_columns=['title','body']")
-
-
-def _backend(cfg: dict) -> str:
-    backend = _choice(cfg, "backend", BACKENDS)
-    if backend == "nccl" and isinstance(cfg["site_ids"], (list, tuple)) and len(set(cfg["site_ids"])) < len(cfg["site_ids"]):
-        raise _fail("backend", backend, "NCCL allows one site per GPU; use backend=gloo or auto when a GPU hosts several sites")
-    return backend
+    raise ValueError
 
 
 def _job_name(value: Any) -> str:
-    import re
-    import time
-
-    if value is None:
-        return time.strftime("%Y%m%d_%H%M%S")
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value):
-        raise _fail("job_name", value, "letters, digits, '_', '.', '-' (max 128), starting with a letter or digit")
-    return value
+    if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value):
+        return value
+    raise ValueError
 
 
-def resolve(raw: dict[str, Any]) -> Config:
-    """Validates every key and resolves aliases; raises ConfigError on the first bad value."""
-    from scaling_fl.data import TASK_NAMES
-    from scaling_fl.exchange.factory import EXCHANGES
-    from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES
-    from scaling_fl.strategies.factory import STRATEGIES
+def _default_author() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry inside some containers
+        return os.environ.get("USER", "unknown")
 
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-    cfg = {**DEFAULTS, **raw}
-    if cfg["precision"] in ("bf16", "fp16"):
+
+@dataclass(frozen=True)
+class Key:
+    """One config key, as declared in `Config` (name and type come from the field)."""
+
+    default: Any
+    rule: Rule
+    help: str
+    optional: bool  # None is accepted (and kept, unless a _resolve_* function gives it a meaning)
+    shown_default: str | None  # how the default reads where it is computed (author, job_name)
+    section: str | None  # set on the first key of each section; KEYS carries it to the keys below
+    name: str = ""
+    type: str = ""
+
+    @property
+    def allowed(self) -> str:
+        return self.rule.allowed + (" or None" if self.optional else "")
+
+    @property
+    def short(self) -> str:
+        return self.rule.short + (" or None" if self.optional else "")
+
+    @property
+    def default_text(self) -> str:
+        return self.shown_default if self.shown_default is not None else value_text(self.default)
+
+    def validate(self, value: Any) -> Any:
+        if value is None and self.optional:
+            return None
+        try:
+            return self.rule.convert(value)
+        except ValueError:
+            raise _fail(self.name, value, self.allowed) from None
+
+
+def value_text(value: Any) -> str:
+    """A value as it is typed after `with` (lists without spaces, strings unquoted)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(value_text(item) for item in value) + "]"
+    if isinstance(value, float):
+        return _short_number(value) if value != int(value) or abs(value) >= 1e6 else repr(value)
+    return str(value)
+
+
+def key(default: Any, rule: Rule, help: str, *, optional: bool | None = None, shown_default: str | None = None,
+        section: str | None = None) -> Any:
+    """Declares a key as a field of Config; optional (None accepted) defaults to `default is None`."""
+    optional = default is None if optional is None else optional
+    return field(metadata={"key": Key(default, rule, help, optional, shown_default, section)})
+
+
+# The README sections that say more about a section of keys: title and anchor.
+SECTION_LINKS = {
+    "strategy, exchange, sync": ("Strategies, exchanges and synchronization",
+                                 "strategies-exchanges-and-synchronization"),
+    "tracking": ("Tracking", "tracking"),
+    "checkpoints and faults": ("Checkpoints and resume", "checkpoints-and-resume"),
+}
+
+# The keys of the original scaling_fl, same names and meaning.
+ORIGINAL_KEYS = ("learning_rate", "max_seq_len", "batch_size", "val_batch_size", "num_rounds", "num_local_epochs",
+                 "site_ids", "task_name", "train_path", "test_path", "model", "data_seed", "iid_split", "job_name",
+                 "checkpoints_dir", "author")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated, alias-resolved experiment config that workers receive.
+
+    Each field declares one key: key(default, rule, help). The type is the resolved value's
+    (site_ids becomes a tuple, split and job_name are never None, ...).
+    """
+
+    # Sites: how many, on how many processes, and who trains each round (see README, "Many sites").
+    site_ids: tuple[int, ...] = key(
+        [0, 0, 0, 0],
+        Custom(_site_ids, "a non-empty list of GPU ids >= 0, one entry per site, e.g. site_ids=[0,0,1,1]",
+               "list of GPU ids >= 0"),
+        "one entry per site on this node: the GPU it runs on (a GPU may appear several times). On a machine "
+        "without CUDA all sites run on the CPU (gloo) and only the count matters",
+        section="sites and rounds")
+    num_sites: int | None = key(
+        None, Int(1), "N sites spread over the distinct devices of `site_ids` (`None`: one site per `site_ids` entry)")
+    processes_per_device: int | None = key(
+        None, Int(1), "worker processes per device that host its sites (`None`: one per site; with `num_sites` "
+                      "one per GPU, or per CPU core)")
+    fraction_fit: float = key(
+        1.0, Number(0.0, 1.0, low_open=True),
+        "share of the sites that train each round (at least `min_fit_sites`), drawn from (seed, round)")
+    min_fit_sites: int = key(1, Int(1), "at least this many sites train each round")
+    num_rounds: int = key(10, Int(1), "federated rounds")
+    num_local_epochs: int = key(1, Int(1), "local epochs per round (ignored when `local_steps` > 0)")
+    local_steps: int = key(0, Int(0), "local optimizer steps per round instead of epochs (0: use epochs)")
+
+    # Local training.
+    learning_rate: float = key(5e-5, Number(0.0, 10.0, low_open=True), "local learning rate",
+                               section="local training")
+    batch_size: int = key(16, Int(1), "local training batch size")
+    val_batch_size: int = key(64, Int(1), "evaluation batch size")
+    grad_accum_steps: int = key(
+        1, Int(1), "micro-batches per optimizer step (exactly one big batch: losses are summed over the step's rows)")
+    max_grad_norm: float = key(1.0, Number(0.0, 1e6), "gradient clipping; `0` or `None` turns it off", optional=True)
+    optimizer: str = key("adamw", Choice(OPTIMIZERS), "`adamw`, or `sgd` (with `momentum`)")
+    momentum: float = key(0.0, Number(0.0, 1.0, high_open=True), "SGD momentum")
+    weight_decay: float = key(0.0, Number(0.0, 1.0), "AdamW/SGD weight decay (not on biases and norm weights)")
+    lr_scheduler: str = key(
+        "linear", Choice(LR_SCHEDULERS), "learning rate schedule over all local steps of the whole run, after the "
+                                         "warm-up")
+    warmup_ratio: float = key(0.0, Number(0.0, 1.0, high_open=True), "share of all local steps spent warming up")
+    precision: str = key("fp32", Choice(PRECISIONS), "`fp32`, or `bf16` / `fp16` autocast (CUDA only)")
+    max_seq_len: int = key(128, Int(8), "truncation length; batches are padded only to their longest row")
+    seed: int = key(42, Int(0), "seeds model init, batch order and dropout (per site and round)")
+
+    # Data.
+    task_name: str = key("synthetic", Choice(TASK_NAMES), "the data set (see Tasks)", section="data")
+    train_path: str | None = key(None, PATH, "training data of the task (see Tasks)")
+    test_path: str | None = key(None, PATH, "test data of the task (see Tasks)")
+    text_columns: tuple[str, ...] | None = key(
+        None, Custom(_text_columns, "a list of CSV column names, e.g. text_columns=['title','body']",
+                     "list of column names"),
+        "for `task_name=csv`: the columns joined into the text")
+    label_column: str | None = key(None, Text("a CSV column name", "column name"),
+                                   "for `task_name=csv`: the label's column")
+    synthetic_train_size: int = key(2000, Int(4), "training rows of the synthetic task")
+    synthetic_test_size: int = key(500, Int(4), "test rows of the synthetic task")
+    split: str = key(None, Choice(SPLITS), "`iid`, `label_sorted` (the original non-IID split) or `dirichlet` "
+                                           "(`None`: from `iid_split`)")
+    iid_split: bool = key(True, Flag(), "the original key: `False` means `split=label_sorted` (when `split` is "
+                                        "not given)")
+    dirichlet_beta: float = key(0.5, Number(0.0, 1e6, low_open=True),
+                                "concentration of the Dirichlet split (small = skewed)")
+    sample_percentage: float = key(1.0, Number(0.0, 1.0, low_open=True),
+                                   "fraction of the training set used (seeded), before splitting")
+    data_seed: int = key(42, Int(0), "seeds the split and the synthetic data")
+    model: str = key("minilm", Text("a nickname (see README), a Hugging Face id or a local directory",
+                                    "nickname, Hugging Face id or directory"), "the model (see Models)")
+
+    # Server strategy (what is done with the mean update); None takes the strategy's default.
+    strategy: str = key("fedavg", Choice(STRATEGIES), "what the server does with the mean update",
+                        section="strategy, exchange, sync")
+    server_learning_rate: float | None = key(
+        None, Number(0.0, 1e3, low_open=True), "server step size (`None`: the strategy's default, see "
+                                               "`scaling_fl/strategies/factory.py`)")
+    server_momentum: float | None = key(None, Number(0.0, 1.0, high_open=True),
+                                        "`fedavgm` server momentum (`None`: the strategy's default)")
+    beta1: float | None = key(None, Number(0.0, 1.0, high_open=True),
+                              "`fedadam`/`fedyogi`/`fedadagrad` first moment decay (`None`: the strategy's default)")
+    beta2: float | None = key(None, Number(0.0, 1.0, high_open=True),
+                              "`fedadam`/`fedyogi`/`fedadagrad` second moment decay (`None`: the strategy's default)")
+    tau: float | None = key(None, Number(0.0, 1e3, low_open=True),
+                            "`fedadam`/`fedyogi`/`fedadagrad` adaptivity (`None`: the strategy's default)")
+    # Exchange (how updates cross the wire) and synchronization (when).
+    exchange: str = key("dense", Choice(EXCHANGES), "how updates cross the wire")
+    bucket_size_mb: float = key(32, Number(0.0, 4096.0, low_open=True),
+                                "bound of the buckets (and of every exchange buffer but the residual)")
+    sparsity_level: float = key(0.1, Number(0.0, 1.0, low_open=True), "fraction of values each site sends")
+    sparsity_scope: str = key("model", Choice(SCOPES),
+                              "`model` (global top-k) or `tensor` (the fraction of every tensor)")
+    selection_criterion: str = key("largest_magnitude_change", Choice(CRITERIA), "which values a sparse site sends")
+    sparse_average: str = key("per_position", Choice(SPARSE_AVERAGES),
+                              "`per_position`, or `fl4health` (their diluting rule, for comparison)")
+    error_feedback: bool = key(True, Flag(), "sparse and int8 keep what they did not send for the next exchange")
+    quantization_block_size: int = key(256, Int(1), "values per int8 scale")
+    sync: str = key("round", Choice(SYNC_MODES), "`round`, `periodic` (every `comm_period` steps) or `dynamic` "
+                                                 "(`check_every`, `delta_threshold`)")
+    comm_period: int | None = key(None, Int(1), "`sync=periodic`: local steps between synchronizations")
+    check_every: int | None = key(None, Int(1),
+                                  "`sync=dynamic`: local steps between divergence checks (`None`: once a round)")
+    delta_threshold: float | None = key(
+        None, Number(0.0, 1e12), "`sync=dynamic`: synchronize when max ‖w − r‖² over the sites exceeds it")
+
+    # Tracking.
+    job_name: str = key(None, Custom(_job_name, "letters, digits, '_', '.', '-' (max 128), starting with a letter "
+                                                "or digit", "letters, digits, _ . - (max 128)"),
+                        "names the run; the same name continues its record and checkpoints",
+                        shown_default="time stamp", section="tracking")
+    author: str = key(_default_author(), Text("a string", "text", empty_ok=True), "recorded in the config",
+                      shown_default="$USER")
+    tracking: str = key("auto", Choice(TRACKING), "`auto`: Mongo when `SACRED_URL`/`SACRED_HOST` is set, else the "
+                                                  "file store under `runs_dir`")
+    runs_dir: str = key("runs", Text("a directory path", "directory"), "the Sacred file store")
+    per_site_metrics: bool = key(False, Flag(), "also `site.{k}.*` metrics (each site scores its own local model on "
+                                                "the full test set)")
+    save_final_model: bool = key(False, Flag(),
+                                 "the final global model (safetensors + config.json) as a run artifact")
+    tensorboard_dir: str | None = key(None, PATH, "also write TensorBoard event files there")
+
+    # Checkpoints and fault tolerance.
+    checkpoints_dir: str | None = key(None, PATH, "where checkpoints go (local, `s3://`, `gs://`)",
+                                      section="checkpoints and faults")
+    checkpoint_every: int = key(1, Int(1), "rounds between checkpoints (the last round always gets one)")
+    keep_last_checkpoints: int = key(3, Int(1), "how many complete checkpoints to keep")
+    resume: str = key("auto", Choice(RESUME), "`auto` continues a compatible checkpoint; `force` also one of "
+                                              "another job or experiment")
+    resume_from: str | None = key(None, PATH, "an explicit checkpoint (a round folder or a checkpoints folder)")
+    max_restarts: int = key(3, Int(0), "restarts of all sites after a site failure (torch elastic), each from the "
+                                       "last checkpoint")
+
+    # Runtime.
+    backend: str = key("auto", Choice(BACKENDS), "`auto`: `nccl` when every GPU hosts one site, else `gloo` (NCCL "
+                                                 "refuses two ranks on one GPU); or force one", section="runtime")
+    collective_timeout_s: float = key(60, Number(1.0, 86400.0),
+                                      "seconds after which a dead peer is detected (not torch's 30 minutes)")
+
+    @property
+    def total_sites(self) -> int:
+        """Sites on this node: num_sites, or one per site_ids entry."""
+        return self.num_sites if self.num_sites is not None else len(self.site_ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["site_ids"] = list(self.site_ids)
+        out["text_columns"] = list(self.text_columns) if self.text_columns else None
+        return out
+
+
+def _declared_keys() -> dict[str, Key]:
+    keys, section = {}, None
+    for declared in fields(Config):
+        spec: Key = declared.metadata["key"]
+        section = spec.section or section
+        keys[declared.name] = dataclasses.replace(spec, name=declared.name, type=str(declared.type), section=section)
+    return keys
+
+
+KEYS: dict[str, Key] = _declared_keys()
+DEFAULTS: dict[str, Any] = {name: spec.default for name, spec in KEYS.items()}
+
+
+# Rules between keys, after each key passed its own.
+
+
+def _resolve_split(values: dict) -> str:
+    if values["split"] is None:
+        return "iid" if values["iid_split"] else "label_sorted"
+    return values["split"]
+
+
+def _check_precision(precision: str) -> None:
+    if precision in ("bf16", "fp16"):
         import torch
 
         if not torch.cuda.is_available():
-            raise _fail("precision", cfg["precision"], "bf16 and fp16 need CUDA; use precision=fp32 on CPU")
-    if not isinstance(cfg["model"], str) or not cfg["model"].strip():
-        raise _fail("model", cfg["model"], "a nickname (see README), a Hugging Face id or a local directory")
-    if not isinstance(cfg["author"], str):
-        raise _fail("author", cfg["author"], "a string")
-    if not isinstance(cfg["runs_dir"], str) or not cfg["runs_dir"]:
-        raise _fail("runs_dir", cfg["runs_dir"], "a directory path")
-    label_column = cfg["label_column"]
-    if label_column is not None and (not isinstance(label_column, str) or not label_column):
-        raise _fail("label_column", label_column, "a CSV column name")
-    max_grad_norm = cfg["max_grad_norm"]
-    if max_grad_norm is None:
-        max_grad_norm = 0.0
-    config = Config(
-        learning_rate=_number(cfg, "learning_rate", 0.0, 10.0, low_open=True),
-        max_seq_len=_int(cfg, "max_seq_len", 8),
-        batch_size=_int(cfg, "batch_size", 1),
-        val_batch_size=_int(cfg, "val_batch_size", 1),
-        num_rounds=_int(cfg, "num_rounds", 1),
-        num_local_epochs=_int(cfg, "num_local_epochs", 1),
-        site_ids=_site_ids(cfg["site_ids"]),
-        task_name=_choice(cfg, "task_name", TASK_NAMES),
-        train_path=_optional_str(cfg, "train_path"),
-        test_path=_optional_str(cfg, "test_path"),
-        model=cfg["model"],
-        data_seed=_int(cfg, "data_seed", 0),
-        iid_split=_bool(cfg, "iid_split"),
-        job_name=_job_name(cfg["job_name"]),
-        checkpoints_dir=_optional_str(cfg, "checkpoints_dir"),
-        author=cfg["author"],
-        split=_resolve_split(cfg),
-        dirichlet_beta=_number(cfg, "dirichlet_beta", 0.0, 1e6, low_open=True),
-        sample_percentage=_number(cfg, "sample_percentage", 0.0, 1.0, low_open=True),
-        text_columns=_text_columns(cfg["text_columns"]),
-        label_column=label_column,
-        synthetic_train_size=_int(cfg, "synthetic_train_size", 4),
-        synthetic_test_size=_int(cfg, "synthetic_test_size", 4),
-        seed=_int(cfg, "seed", 0),
-        optimizer=_choice(cfg, "optimizer", OPTIMIZERS),
-        momentum=_number(cfg, "momentum", 0.0, 1.0, high_open=True),
-        weight_decay=_number(cfg, "weight_decay", 0.0, 1.0),
-        warmup_ratio=_number(cfg, "warmup_ratio", 0.0, 1.0, high_open=True),
-        lr_scheduler=_choice(cfg, "lr_scheduler", LR_SCHEDULERS),
-        grad_accum_steps=_int(cfg, "grad_accum_steps", 1),
-        max_grad_norm=_number({"max_grad_norm": max_grad_norm}, "max_grad_norm", 0.0, 1e6),
-        local_steps=_int(cfg, "local_steps", 0),
-        precision=_choice(cfg, "precision", PRECISIONS),
-        strategy=_choice(cfg, "strategy", STRATEGIES),
-        server_learning_rate=_optional_number(cfg, "server_learning_rate", 0.0, 1e3, low_open=True),
-        server_momentum=_optional_number(cfg, "server_momentum", 0.0, 1.0, high_open=True),
-        beta1=_optional_number(cfg, "beta1", 0.0, 1.0, high_open=True),
-        beta2=_optional_number(cfg, "beta2", 0.0, 1.0, high_open=True),
-        tau=_optional_number(cfg, "tau", 0.0, 1e3, low_open=True),
-        exchange=_choice(cfg, "exchange", EXCHANGES),
-        bucket_size_mb=_number(cfg, "bucket_size_mb", 0.0, 4096.0, low_open=True),
-        sparsity_level=_number(cfg, "sparsity_level", 0.0, 1.0, low_open=True),
-        sparsity_scope=_choice(cfg, "sparsity_scope", SCOPES),
-        selection_criterion=_choice(cfg, "selection_criterion", CRITERIA),
-        sparse_average=_choice(cfg, "sparse_average", SPARSE_AVERAGES),
-        error_feedback=_bool(cfg, "error_feedback"),
-        quantization_block_size=_int(cfg, "quantization_block_size", 1),
-        sync=_sync(cfg),
-        comm_period=_optional_int(cfg, "comm_period", 1),
-        check_every=_optional_int(cfg, "check_every", 1),
-        delta_threshold=_optional_number(cfg, "delta_threshold", 0.0, 1e12),
-        backend=_backend(cfg),
-        collective_timeout_s=_number(cfg, "collective_timeout_s", 1.0, 86400.0),
-        tracking=_choice(cfg, "tracking", TRACKING),
-        runs_dir=cfg["runs_dir"],
-        save_final_model=_bool(cfg, "save_final_model"),
-        tensorboard_dir=_optional_str(cfg, "tensorboard_dir"),
-        per_site_metrics=_bool(cfg, "per_site_metrics"),
-        checkpoint_every=_int(cfg, "checkpoint_every", 1),
-        keep_last_checkpoints=_int(cfg, "keep_last_checkpoints", 1),
-        resume=_choice(cfg, "resume", RESUME),
-        resume_from=_optional_str(cfg, "resume_from"),
-        max_restarts=_int(cfg, "max_restarts", 0),
-        num_sites=_optional_int(cfg, "num_sites", 1),
-        processes_per_device=_optional_int(cfg, "processes_per_device", 1),
-        fraction_fit=_number(cfg, "fraction_fit", 0.0, 1.0, low_open=True),
-        min_fit_sites=_int(cfg, "min_fit_sites", 1),
-    )
-    _check_sites(config)
-    return config
+            raise _fail("precision", precision, "bf16 and fp16 need CUDA; use precision=fp32 on CPU")
+
+
+def _check_sync(values: dict) -> None:
+    if values["sync"] == "periodic" and values["comm_period"] is None:
+        raise _fail("comm_period", None, "an integer >= 1 (local steps between synchronizations) with sync=periodic")
+    if values["sync"] == "dynamic" and values["delta_threshold"] is None:
+        raise _fail("delta_threshold", None, "a number >= 0 (synchronize when max ||w - r||^2 exceeds it) "
+                                             "with sync=dynamic")
+
+
+def _check_backend(values: dict) -> None:
+    site_ids = values["site_ids"]
+    if values["backend"] == "nccl" and len(set(site_ids)) < len(site_ids):
+        raise _fail("backend", "nccl", "NCCL allows one site per GPU; use backend=gloo or auto when a GPU hosts "
+                                       "several sites")
 
 
 def _check_sites(config: Config) -> None:
@@ -425,3 +484,111 @@ def _check_sites(config: Config) -> None:
             raise _fail("processes_per_device", config.processes_per_device,
                         f"at most the number of sites a device hosts ({busiest}); a process without a site has "
                         "nothing to train")
+
+
+def resolve(raw: dict[str, Any]) -> Config:
+    """Validates every key and resolves aliases; raises ConfigError on the first bad value."""
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    given = {**DEFAULTS, **raw}
+    values = {name: spec.validate(given[name]) for name, spec in KEYS.items()}
+    _check_precision(values["precision"])
+    values["split"] = _resolve_split(values)
+    values["job_name"] = values["job_name"] or time.strftime("%Y%m%d_%H%M%S")
+    values["max_grad_norm"] = 0.0 if values["max_grad_norm"] is None else values["max_grad_norm"]
+    _check_sync(values)
+    _check_backend(values)
+    config = Config(**values)
+    _check_sites(config)
+    return config
+
+
+# Renderings of the declarations: the `help` listing and the README's config reference.
+
+
+def sections() -> dict[str, list[Key]]:
+    grouped: dict[str, list[Key]] = {}
+    for spec in KEYS.values():
+        grouped.setdefault(spec.section, []).append(spec)
+    return grouped
+
+
+def help_text(width: int = 100) -> str:
+    """Every key with its default, the values it accepts and its help, grouped as in the README."""
+    lines = ["Config keys: python scripts/train_federated.py with key=value ...",
+             "(key=default, <computed default>; the README's \"Config reference\" has the same table)"]
+    column = 32
+    for title, keys in sections().items():
+        more = f" (README: {SECTION_LINKS[title][0]})" if title in SECTION_LINKS else ""
+        lines += ["", title + more]
+        for spec in keys:
+            default = spec.default_text if spec.shown_default is None else f"<{spec.shown_default}>"
+            head = f"  {spec.name}={default}"
+            text = f"{spec.help.replace('`', '')}; accepts {spec.short}"
+            wrapped = textwrap.wrap(text, width - column, break_on_hyphens=False)
+            if len(head) + 2 > column:
+                lines.append(head)
+            else:
+                lines.append(head.ljust(column) + wrapped.pop(0))
+            lines += [" " * column + rest for rest in wrapped]
+    return "\n".join(lines)
+
+
+README_START = "<!-- config-reference: generated by `python -m scaling_fl.config --readme README.md` -->"
+README_END = "<!-- end of config-reference -->"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """The README's config reference table, between its two markers."""
+    rows = [README_START, "", "| key | default | accepts | meaning |", "|---|---|---|---|"]
+    for title, keys in sections().items():
+        more = "see [{}](#{})".format(*SECTION_LINKS[title]) if title in SECTION_LINKS else ""
+        rows.append(f"| **{title}** | | | {more} |" if more else f"| **{title}** | | | |")
+        for spec in keys:
+            default = f"`{spec.default_text}`" if spec.shown_default is None else spec.shown_default
+            rows.append(f"| `{spec.name}` | {_cell(default)} | {_cell(spec.short)} | {_cell(spec.help)} |")
+    return "\n".join(rows + ["", README_END])
+
+
+def readme_table(readme: str) -> str | None:
+    """The generated part of a README's text (markers included), or None without the markers."""
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start < 0 or end < start:
+        return None
+    return readme[start:end + len(README_END)]
+
+
+def update_readme(path: str) -> bool:
+    """Rewrites the config reference in the README at path; True when it changed."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    current = readme_table(text)
+    if current is None:
+        raise SystemExit(f"{path}: no config reference markers ({README_START} ... {README_END})")
+    new = text.replace(current, markdown_table())
+    if new != text:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(new)
+    return new != text
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--markdown"]:
+        print(markdown_table())
+    elif argv[:1] == ["--readme"] and len(argv) == 2:
+        print(f"{argv[1]}: {'updated' if update_readme(argv[1]) else 'already up to date'}")
+    elif not argv:
+        print(help_text())
+    else:
+        raise SystemExit("usage: python -m scaling_fl.config [--markdown | --readme README.md]")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

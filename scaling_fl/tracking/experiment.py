@@ -48,6 +48,13 @@ ex.add_config(DEFAULTS)
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 ex.logger = log
 
+# `help` (and -h / --help) is Sacred's own command: docopt takes the word before any command, config
+# hook or worker runs, and prints the usage, whose description is the experiment's doc. So the doc
+# lists every config key with its default and help (scaling_fl.config.help_text).
+from scaling_fl.config import help_text as _config_help_text  # noqa: E402
+
+ex.doc = _config_help_text()
+
 # Set by the command line front end when the user chose observers with Sacred flags (-F, -m, ...).
 explicit_observers = False
 

@@ -288,8 +288,27 @@ def _finish(figure, axes, plotted: int, missing: list[str], metric: str):
     return figure
 
 
-def _style(n_points: int) -> dict:
-    return {"marker": "o", "markersize": 3} if n_points <= 40 else {}
+# Runs that end up on the same values (dense and int8 exchanges, say) draw the same line: each run
+# gets its own colour, line style and marker, so the one drawn last does not hide the others.
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:gray", "tab:olive", "tab:cyan")
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*", "<", ">", "h")
+
+
+def _style(index: int, n_points: int) -> dict:
+    """The look of the index-th run's line, the same in every figure: no two of the first 20 runs
+    share colour and dash pattern, and short series (<= 40 points) also get one of 11 open markers."""
+    linestyle = _LINESTYLES[index % len(_LINESTYLES)]
+    # Solid lines are wider and drawn below the broken ones, so where two runs coincide the broken
+    # line shows through with the solid one's colour in its gaps.
+    solid = linestyle == "-"
+    style = {"color": _COLORS[index % len(_COLORS)], "linestyle": linestyle, "linewidth": 2.4 if solid else 1.5,
+             "zorder": 2.0 if solid else 2.5}
+    if n_points <= 40:
+        style.update(marker=_MARKERS[index % len(_MARKERS)], markersize=7 if solid else 5,
+                     markerfacecolor="none", markeredgewidth=1.2)
+    return style
 
 
 def plot_metric_vs_round(runs: Sequence[RunRecord], metric: str, ylabel: str | None = None,
@@ -297,12 +316,12 @@ def plot_metric_vs_round(runs: Sequence[RunRecord], metric: str, ylabel: str | N
     """A matplotlib Figure with one line per run that logged `metric`."""
     figure, axes = _new_figure(title or f"{metric} by round", "round", ylabel or metric)
     plotted, missing = 0, []
-    for run in runs:
+    for index, run in enumerate(runs):
         series = run.series(metric)
         if series is None:
             missing.append(run.label)
             continue
-        axes.plot(series.steps, series.values, label=run.label, **_style(len(series.steps)))
+        axes.plot(series.steps, series.values, label=run.label, **_style(index, len(series.steps)))
         plotted += 1
     if plotted:
         axes.xaxis.get_major_locator().set_params(integer=True)
@@ -334,12 +353,12 @@ def plot_accuracy_vs_bytes(runs: Sequence[RunRecord], metric: str = ACCURACY, ti
     figure, axes = _new_figure(title or f"{metric} by data sent", f"cumulative bytes sent per site ({unit})",
                                "validation accuracy" if metric == ACCURACY else metric)
     plotted, missing = 0, []
-    for run in runs:
+    for index, run in enumerate(runs):
         xs, ys = cumulative_bytes(run, metric)
         if not xs:
             missing.append(run.label)
             continue
-        axes.plot([x / scale for x in xs], ys, label=run.label, **_style(len(xs)))
+        axes.plot([x / scale for x in xs], ys, label=run.label, **_style(index, len(xs)))
         plotted += 1
     return _finish(figure, axes, plotted, missing, f"{metric} with {BYTES}")
 

@@ -13,6 +13,16 @@ A folder without a valid COMMITTED marker, or whose files do not match it (trunc
 tampered), is never used: a run skips it with a warning and takes the previous one.
 Only safetensors and JSON are ever read, so loading cannot execute code.
 Retention (keep_last_checkpoints) counts only checkpoints that verify.
+
+Cost per checkpoint: each file is hashed from the bytes in memory as it is written, and its
+writer leaves a small record next to it (`.NAME.sha256.json`: size, sha256 and the version the
+store gave the file: ETag / generation / mtime+inode). `commit` takes a file's size and hash
+from its record whenever the listing shows the file still is that version, so sealing reads
+nothing model-sized back; a file without a record, or replaced since, is read and hashed as
+before. Commit removes the records before it writes the marker. `verify` (on load) still reads
+and checks everything. `prune` trusts, without reading them again, the checkpoints this process
+committed or verified, as long as a listing shows their files and marker unchanged since; any
+other is verified once.
 """
 
 from __future__ import annotations
@@ -66,40 +76,91 @@ def site_file(site: int) -> str:
 
 # --- writing ---------------------------------------------------------------------------
 
+RECORD_SUFFIX = ".sha256.json"  # `.NAME.sha256.json`: hidden, so never sealed or listed in a marker
+
+# Checkpoints this process committed or verified: folder -> {file name: version} of the marker and
+# of every file it lists, as a listing showed them then. prune() trusts such a folder while a new
+# listing shows the very same versions, instead of reading it all again every round.
+_trusted: dict[str, dict[str, list]] = {}
+
+
+def record_name(name: str) -> str:
+    return f".{name}{RECORD_SUFFIX}"
+
+
 def write_tensors(directory: str, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     payload = save_safetensors({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
                                metadata={key: str(value) for key, value in (metadata or {}).items()})
-    storage.atomic_write_bytes(f"{directory}/{name}", payload)
+    _write_file(directory, name, payload)
 
 
 def write_state(directory: str, state: dict) -> None:
-    storage.atomic_write_bytes(f"{directory}/state.json", json.dumps(state, indent=2, sort_keys=True).encode())
+    _write_file(directory, "state.json", json.dumps(state, indent=2, sort_keys=True).encode())
+
+
+def _write_file(directory: str, name: str, payload: bytes) -> None:
+    """Writes the file, then its record: size and sha256 of the bytes in memory, and the version
+    the store gave the file (so commit can tell that the file is still what was hashed)."""
+    path = f"{directory}/{name}"
+    digest = hashlib.sha256(payload).hexdigest()
+    storage.atomic_write_bytes(path, payload)
+    record = {"size": len(payload), "sha256": digest, "version": _version_of(path)}
+    storage.atomic_write_bytes(f"{directory}/{record_name(name)}", json.dumps(record, sort_keys=True).encode())
 
 
 def commit(directory: str) -> None:
-    """Seals a checkpoint: the marker lists every file's size and hash and is written last."""
-    files = {}
-    for path in storage.list_dir(directory):
-        name = path.rsplit("/", 1)[-1]
+    """Seals a checkpoint: the marker lists every file's size and hash and is written last.
+
+    A file's entry comes from its writer's record when the listing shows the file still is the
+    version recorded (nothing is read back); otherwise (no record: written by other means; or
+    replaced since) the file is read and hashed as it is now. The records are removed before the
+    marker is written, so a sealed folder holds only its files and the marker."""
+    _trusted.pop(_key(directory), None)
+    listing = _listing(directory)
+    files, versions, all_recorded = {}, {}, True
+    for name, info in sorted(listing.items()):
         if name == MARKER or name.startswith("."):
             continue
-        data = storage.read_bytes(path)
-        files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    storage.atomic_write_bytes(f"{directory}/{MARKER}", json.dumps({"format": FORMAT_VERSION, "files": files},
-                                                                    indent=2, sort_keys=True).encode())
+        version = _version(info)
+        record = _read_record(directory, name) if record_name(name) in listing else None
+        if record is not None and record["version"] == version:
+            files[name] = {"size": record["size"], "sha256": record["sha256"]}
+            if record["size"] != info.get("size"):  # the store holds other bytes than were written: verify will say
+                all_recorded = False
+        else:
+            if record is not None:
+                log.warning("%s/%s changed after it was written; sealing what it holds now", directory, name)
+            data = storage.read_bytes(f"{directory}/{name}")
+            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            all_recorded = False
+        versions[name] = version
+    _remove_records(directory, [name for name in listing if name.startswith(".") and name.endswith(RECORD_SUFFIX)])
+    marker_path = f"{directory}/{MARKER}"
+    storage.atomic_write_bytes(marker_path, json.dumps({"format": FORMAT_VERSION, "files": files},
+                                                       indent=2, sort_keys=True).encode())
+    marker_version = _version_of(marker_path)
+    if all_recorded and marker_version is not None:  # every entry is the hash of the very bytes written
+        _trusted[_key(directory)] = {**versions, MARKER: marker_version}
 
 
 def prune(checkpoints_dir: str, keep_last: int) -> list[str]:
     """Keeps the newest `keep_last` checkpoints that verify (so never the newest good one); removes
     older ones, and folders older than the newest kept one that do not verify (partial, truncated,
-    tampered). Folders newer than every good checkpoint are left alone (one may be being written)."""
+    tampered). Folders newer than every good checkpoint are left alone (one may be being written).
+
+    A checkpoint this process committed or already verified counts as good while a listing shows
+    its marker and files unchanged since (no download); any other is verified (read) in full."""
     rounds = list_rounds(checkpoints_dir)
     keep, broken = set(), {}
     for number in reversed(rounds):  # newest first; what is older than the N-th good one goes anyway
         if len(keep) >= max(1, keep_last):
             break
+        directory = round_dir(checkpoints_dir, number)
+        if _still_trusted(directory):
+            keep.add(number)
+            continue
         try:
-            verify(round_dir(checkpoints_dir, number))
+            verify(directory)
             keep.add(number)
         except CheckpointError as error:
             broken[number] = error
@@ -110,9 +171,93 @@ def prune(checkpoints_dir: str, keep_last: int) -> list[str]:
             directory = round_dir(checkpoints_dir, number)
             if number in broken:
                 log.warning("removing broken checkpoint %s: %s", directory, broken[number])
+            _trusted.pop(_key(directory), None)
             storage.remove_tree(directory)
             removed.append(directory)
     return removed
+
+
+def _key(directory: str) -> str:
+    return directory.rstrip("/")
+
+
+# What identifies one version of a file, as listings and info() give it: the size, plus the
+# ETag (S3), generation and etag (GCS), or mtime and inode (local disks; a replace makes a new inode).
+_VERSION_KEYS = ("size", "ETag", "etag", "generation", "mtime", "ino")
+
+
+def _version(info: dict) -> list:
+    return [value if value is None or isinstance(value, (str, int, float)) else str(value)
+            for value in (info.get(key) for key in _VERSION_KEYS)]
+
+
+def _version_of(path: str) -> list | None:
+    """The version of the file at `path` now (one stat / HEAD), or None if the store would not say."""
+    fs, fs_path = storage.filesystem(path)
+    try:
+        fs.invalidate_cache(fs_path)
+        return _version(fs.info(fs_path))
+    except Exception:  # noqa: BLE001 - without a version, commit reads the file instead
+        return None
+
+
+def _listing(directory: str) -> dict[str, dict]:
+    """The files directly in `directory` (hidden ones too): name -> info with size and version; {} if none."""
+    fs, fs_path = storage.filesystem(directory)
+    try:
+        fs.invalidate_cache(fs_path)
+        entries = fs.ls(fs_path, detail=True)
+    except FileNotFoundError:
+        return {}
+    except Exception as exc:  # noqa: BLE001 - explained in one line
+        raise storage.StorageError(storage.describe_error(directory, exc)) from None
+    own = fs_path.rstrip("/")
+    files = {}
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name != own and entry.get("type") != "directory":
+            files[name.rsplit("/", 1)[-1]] = entry
+    return files
+
+
+def _remove_records(directory: str, names: list[str]) -> None:
+    """The records have served once the marker is being written: a sealed folder holds only its files
+    and the marker. (One batch delete on object stores; a failure only leaves small hidden files.)"""
+    if not names:
+        return
+    fs, fs_path = storage.filesystem(directory)
+    try:
+        fs.rm([f"{fs_path.rstrip('/')}/{name}" for name in names])
+    except Exception as exc:  # noqa: BLE001 - harmless: never listed in a marker, removed with the folder
+        log.debug("could not remove the records in %s: %s", directory, storage.describe_error(directory, exc))
+    finally:
+        fs.invalidate_cache(fs_path)
+
+
+def _read_record(directory: str, name: str) -> dict | None:
+    """A writer's record of `name`, or None when it cannot be used (then the file is hashed)."""
+    try:
+        record = json.loads(storage.read_bytes(f"{directory}/{record_name(name)}"))
+    except (storage.StorageError, ValueError, RecursionError):
+        return None
+    if (isinstance(record, dict) and _is_count(record.get("size")) and isinstance(record.get("sha256"), str)
+            and _SHA256.match(record["sha256"]) and isinstance(record.get("version"), list)):
+        return record
+    return None
+
+
+def _still_trusted(directory: str) -> bool:
+    expected = _trusted.get(_key(directory))
+    if expected is None:
+        return False
+    try:
+        listing = _listing(directory)
+    except storage.StorageError:
+        return False
+    if all(name in listing and _version(listing[name]) == version for name, version in expected.items()):
+        return True
+    _trusted.pop(_key(directory), None)
+    return False
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -148,23 +293,25 @@ def verify(directory: str) -> Checkpoint:
     file name that leaves the folder, a round that is not the folder's) is a CheckpointError,
     so callers skip every broken checkpoint alike."""
     marker_path = f"{directory}/{MARKER}"
-    if not storage.exists(marker_path):
+    listing = _listing(directory)  # before reading: a file replaced meanwhile then fails the next trust check
+    if MARKER not in listing:
         raise CheckpointError(f"{directory} has no {MARKER} marker (interrupted while being written)")
     files = _read_marker(marker_path)
     for name, expected in files.items():
         path = f"{directory}/{name}"
-        if not storage.exists(path):
+        if name not in listing:
             raise CheckpointError(f"{path} is missing")
         data = storage.read_bytes(path)
         if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
             raise CheckpointError(f"{path} does not match its marker ({len(data)} bytes, expected {expected['size']}): "
                                   "truncated or modified")
-    for name in files:
         if name.endswith(".safetensors"):
-            _check_safetensors_header(f"{directory}/{name}", storage.read_bytes(f"{directory}/{name}"))
+            _check_safetensors_header(path, data)
+        del data
     if "state.json" not in files or "global.safetensors" not in files:
         raise CheckpointError(f"{directory} lacks state.json or global.safetensors")
     state = _read_state(directory)
+    _trusted[_key(directory)] = {name: _version(listing[name]) for name in (*files, MARKER)}
     return Checkpoint(directory=directory, round=state["round"], state=state)
 
 

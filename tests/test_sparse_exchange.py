@@ -13,12 +13,23 @@ import torch.distributed as dist
 from scaling_fl.exchange.factory import make_exchange
 from scaling_fl.exchange.quantize import dequantize, quantize
 from scaling_fl.exchange.sparse import (
-    CRITERIA, SparseExchange, _Keys, find_cut, scores_into, segments_from_model, select_topk,
+    CRITERIA, SparseExchange, _Keys, find_cut, iter_selected, scores_into, segments_from_model, topk_regions,
 )
 from scaling_fl.flat_state import flat_sha256, flatten_model_
 from scaling_fl.strategies.factory import STRATEGIES, make_strategy
 from scaling_fl.strategies.fedavg import FedAvg
 from tests.ranks import init_gloo, run_on_ranks
+
+
+def select_topk(update: torch.Tensor, global_: torch.Tensor, sparsity_level: float, *,
+                criterion: str = "largest_magnitude_change", segments: list[tuple[int, int]] | None = None,
+                scope: str = "model", chunk_numel: int = 1 << 20) -> torch.Tensor:
+    """All selected flat indices at once (the exchange streams them)."""
+    keys_of = _Keys(update, global_, criterion, chunk_numel)
+    cuts = [find_cut(keys_of, s, e, k, chunk_numel)
+            for s, e, k in topk_regions(update.numel(), sparsity_level, segments, scope)]
+    return torch.cat(list(iter_selected(cuts, keys_of, chunk_numel)))
+
 
 # --- selection (pure) -----------------------------------------------------------------------
 

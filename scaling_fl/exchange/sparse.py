@@ -180,16 +180,6 @@ def topk_regions(numel: int, sparsity_level: float, segments: list[tuple[int, in
     return [(offset, offset + size, math.ceil(sparsity_level * size)) for offset, size in segments]
 
 
-def select_topk(update: torch.Tensor, global_: torch.Tensor, sparsity_level: float, *,
-                criterion: str = "largest_magnitude_change", segments: list[tuple[int, int]] | None = None,
-                scope: str = "model", chunk_numel: int = 1 << 20) -> torch.Tensor:
-    """All selected flat indices at once (for tests and diagnostics; the exchange streams them)."""
-    keys_of = _Keys(update, global_, criterion, chunk_numel)
-    cuts = [find_cut(keys_of, s, e, k, chunk_numel)
-            for s, e, k in topk_regions(update.numel(), sparsity_level, segments, scope)]
-    return torch.cat(list(iter_selected(cuts, keys_of, chunk_numel)))
-
-
 def segments_from_model(model: torch.nn.Module, flat: torch.Tensor) -> list[tuple[int, int]]:
     """(offset, numel) in `flat` of every float parameter and buffer that lives in it (after flatten_model_)."""
     pointer, base = flat.untyped_storage().data_ptr(), flat.storage_offset()

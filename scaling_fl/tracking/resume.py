@@ -19,8 +19,6 @@ import logging
 
 from sacred.observers import FileStorageObserver, MongoObserver
 
-from scaling_fl.tracking.observers import TrackingError
-
 log = logging.getLogger("scaling_fl")
 
 ROUND_METRIC = "validation.accuracy"

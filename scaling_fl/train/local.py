@@ -28,9 +28,6 @@ class TrainSums:
     correct: int = 0
     count: int = 0
 
-    def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64)
-
 
 def round_seed(seed: int, site: int, round_index: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, site, round_index, stream]).generate_state(1)[0])

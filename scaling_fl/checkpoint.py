@@ -38,6 +38,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from scaling_fl import storage
+from scaling_fl.errors import UserError
 
 log = logging.getLogger("scaling_fl")
 
@@ -52,7 +53,7 @@ DEFINING_KEYS = ("model", "task_name", "train_path", "test_path", "split", "diri
                  "synthetic_test_size", "strategy", "exchange")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A one-line description of an unusable checkpoint and the fix."""
 
 

@@ -53,6 +53,7 @@ import uuid
 from typing import Callable, Protocol
 
 from scaling_fl import storage
+from scaling_fl.errors import UserError
 from scaling_fl.processes import pid_alive, process_start_time
 
 log = logging.getLogger("scaling_fl")
@@ -65,7 +66,7 @@ UNCONDITIONAL_SETTLE_S = 1.0  # wait before the read-back on a store that ignore
 _RECORD_NAME = re.compile(r"^claim-(\d+)\.json$")
 
 
-class ClaimRefused(RuntimeError):
+class ClaimRefused(UserError, RuntimeError):
     """Another launcher holds the job: one line saying who, since when, and what to do."""
 
 

@@ -42,20 +42,35 @@ def load_dotenv_file() -> None:
     load_dotenv(os.path.join(os.getcwd(), ".env"), override=False)
 
 
+def check_command_line(argv: list[str]) -> None:
+    """What Sacred would accept but must not run: unknown config keys, credentials in the record."""
+    from scaling_fl.config import DEFAULTS, ConfigError
+
+    for key in _config_keys_given(argv):
+        if key.split(".")[0] not in DEFAULTS:
+            close = difflib.get_close_matches(key, DEFAULTS, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see the config table in the README"
+            raise ConfigError(f"unknown config key {key!r}: {hint}")
+    for index, arg in enumerate(argv):  # Sacred records its command line options in the run
+        value = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
+        if arg.split("=", 1)[0] in ("-m", "--mongo_db") and "@" in value:
+            raise ConfigError("credentials on the command line end up in the run record; "
+                              "set SACRED_URL (or SACRED_USER / SACRED_PASSWORD / SACRED_HOST) in .env instead")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     load_dotenv_file()  # before anything reads SACRED_* / AWS_* (and before the sites inherit the environment)
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
 
-    from scaling_fl.config import DEFAULTS
+    from scaling_fl.errors import EXIT_BAD_INPUT, EXIT_RECORD_LOST, UserError, print_error
 
-    for key in _config_keys_given(argv):
-        if key.split(".")[0] not in DEFAULTS:
-            close = difflib.get_close_matches(key, DEFAULTS, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see the config table in the README"
-            print(f"scaling-fl: error: unknown config key {key!r}: {hint}", file=sys.stderr)
-            raise SystemExit(2)
+    try:
+        check_command_line(argv)
+    except UserError as error:
+        print_error(error)
+        raise SystemExit(EXIT_BAD_INPUT) from None
 
     # Spawned sites start multiprocessing's resource tracker, which lives as long as this
     # process. Started now, it holds the terminal, not the pipe Sacred captures output
@@ -64,17 +79,11 @@ def main(argv: list[str] | None = None) -> None:
 
     resource_tracker.ensure_running()
 
-    for index, arg in enumerate(argv):  # Sacred records its command line options in the run
-        value = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
-        if arg.split("=", 1)[0] in ("-m", "--mongo_db") and "@" in value:
-            print("scaling-fl: error: credentials on the command line end up in the run record; "
-                  "set SACRED_URL (or SACRED_USER / SACRED_PASSWORD / SACRED_HOST) in .env instead", file=sys.stderr)
-            raise SystemExit(2)
-
     from scaling_fl import processes
 
     if _runs_main_command(argv):  # its imports overlap the launcher's own (seconds per start)
         processes.start_fork_server()
+    from scaling_fl import job
     from scaling_fl.tracking import experiment
 
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(
@@ -86,11 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"scaling-fl: {experiment.interrupted_line(stop)}", file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code) from None
     finally:
-        experiment.release_claims()
+        job.release_claims()
     lost = experiment.lost_record_line(run)
     if lost:
         print(f"scaling-fl: error: {lost}", file=sys.stderr, flush=True)
-        raise SystemExit(experiment.EXIT_RECORD_LOST)
+        raise SystemExit(EXIT_RECORD_LOST)
 
 
 def run_and_exit(argv: list[str] | None = None) -> None:

@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from scaling_fl.errors import UserError
+
 # Choices of the keys whose values name something the package implements; tests/test_config_reference.py
 # checks them against scaling_fl.data.TASK_NAMES, exchange.factory.EXCHANGES, exchange.sparse.*,
 # exchange.dynamic.SYNC_MODES and strategies.factory.STRATEGIES.
@@ -47,7 +49,7 @@ TRACKING = ("auto", "mongo", "file", "none")
 RESUME = ("auto", "force")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing, one-line description of a bad config value and what is allowed."""
 
 

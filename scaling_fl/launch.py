@@ -27,9 +27,9 @@ import torch
 
 from scaling_fl import processes
 from scaling_fl.config import Config, ConfigError
-from scaling_fl.data.prepared import PreparedData, prepare_data, save_prepared
+from scaling_fl.data.prepared import PreparedData, save_prepared
 from scaling_fl.sites import Layout
-from scaling_fl.tracking.events import EventFollower
+from scaling_fl.events import EventFollower
 
 log = logging.getLogger("scaling_fl")
 

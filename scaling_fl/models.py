@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from scaling_fl import hub
+from scaling_fl.errors import UserError
+
 # Nicknames of the original scaling_fl (paper models) plus the offline ones.
 NICKNAMES = {
     "albert": "albert-base-v1",
@@ -20,7 +23,7 @@ OFFLINE_NICKNAMES = ("minilm", "tiny-bert")
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A user-facing, one-line description of a model that cannot be loaded."""
 
 
@@ -39,22 +42,6 @@ def resolve_model_id(model: str) -> str:
     if model in ("minilm", "tiny-bert"):
         return str(minilm_path())
     return NICKNAMES.get(model, model)
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One TCP connect to the Hub (HF_ENDPOINT), so an offline machine fails in seconds, not after
-    transformers' retries (~30 s)."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def check_model(model: str) -> None:
@@ -76,7 +63,7 @@ def check_model(model: str) -> None:
         if is_path:
             raise ModelError(f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; "
                              f"{fix}") from None
-    if not _hub_reachable():
+    if not hub.reachable():
         raise ModelError(f"model={model!r} ({where} {model_id!r}) is not in the Hugging Face cache and the Hub "
                          f"is not reachable; {fix}")
     try:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from scaling_fl.data import DataError, TASK_NAMES, TextDataset, check_task_options, load_task
+from scaling_fl import hub
 from scaling_fl.data import readers, tasks
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -313,8 +314,8 @@ def test_check_task_options_accepts_valid_combinations():
 
 def test_hub_unreachable_fails_fast_with_one_line(monkeypatch):
     """Point the probe at a closed local port so the test never touches the network."""
-    monkeypatch.setattr(tasks, "_hub_endpoint", lambda: "http://127.0.0.1:9")
-    monkeypatch.setattr(tasks, "_hub_offline_mode", lambda: False)
+    monkeypatch.setattr(hub, "endpoint", lambda: "http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "offline_mode", lambda: False)
     started = time.monotonic()
     with pytest.raises(DataError) as excinfo:
         load_task("agnews", None, None)

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scaling_fl.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A problem with the data the user gave us.
 
     The message is one line that names the file (and line, when there is one)

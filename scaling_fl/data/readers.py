@@ -84,18 +84,13 @@ def open_text(path: str):
         raise DataError(f"{path}: is a directory; pass the path of the CSV file itself") from None
     except (OSError, ValueError, ImportError) as exc:
         raise DataError(
-            f"{path}: cannot open ({type(exc).__name__}: {first_line(exc)}); "
+            f"{path}: cannot open ({type(exc).__name__}: {storage.first_line(exc)}); "
             "check the path and the storage credentials"
         ) from None
     try:
         yield handle
     finally:
         handle.close()
-
-
-def first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def iter_csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
@@ -124,7 +119,7 @@ def iter_csv_rows(path: str) -> Iterator[tuple[int, list[str]]]:
                 f"{path}:{reader.line_num + 1}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8"
             ) from None
         except OSError as exc:
-            raise DataError(f"{path}: read failed ({first_line(exc)}); check the storage") from None
+            raise DataError(f"{path}: read failed ({storage.first_line(exc)}); check the storage") from None
     if not found_row:
         raise DataError(f"{path}: file is empty; point the task at a file with rows")
 
@@ -329,7 +324,7 @@ def read_imdb(path: str) -> TextDataset:
         raise DataError(str(exc)) from None
     except (OSError, ValueError, ImportError) as exc:
         raise DataError(
-            f"{path}: cannot open ({type(exc).__name__}: {first_line(exc)}); "
+            f"{path}: cannot open ({type(exc).__name__}: {storage.first_line(exc)}); "
             "check the path and the storage credentials"
         ) from None
     return read_imdb_dir(path) if is_dir else read_imdb_csv(path)

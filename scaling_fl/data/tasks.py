@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import numpy as np
 
+from scaling_fl import hub, storage
 from scaling_fl.data import readers
 from scaling_fl.data.dataset import DataError, TextDataset
 from scaling_fl.data.synthetic import synthetic_task
@@ -31,7 +30,6 @@ HUB_DATASETS = {
     "yelp_full": ("Yelp/yelp_review_full", readers.YELP_FULL_LABELS, readers.clean_crepe),
     "imdb": ("stanfordnlp/imdb", readers.IMDB_LABELS, readers.clean_imdb),
 }
-HUB_PROBE_TIMEOUT_S = 5.0
 
 
 def load_task(
@@ -114,9 +112,9 @@ def load_from_hub(task_name: str) -> tuple[TextDataset, TextDataset]:
     """Download a task from the Hub; offline, fail in seconds with one line
     (datasets itself retries for tens of seconds before giving up)."""
     hub_id, label_names, clean = HUB_DATASETS[task_name]
-    if not _hub_offline_mode():
-        endpoint = _hub_endpoint()
-        if not _hub_reachable(endpoint):
+    if not hub.offline_mode():
+        endpoint = hub.endpoint()
+        if not hub.reachable(endpoint):
             raise DataError(
                 f"task {task_name}: the Hugging Face Hub ({endpoint}) could not be reached to download "
                 f"'{hub_id}'; pass train_path=... test_path=... (local, s3:// or gs:// files), "
@@ -129,7 +127,7 @@ def load_from_hub(task_name: str) -> tuple[TextDataset, TextDataset]:
     except Exception as exc:  # noqa: BLE001 - any failure becomes one line for the user
         raise DataError(
             f"task {task_name}: could not load '{hub_id}' from the Hugging Face Hub "
-            f"({type(exc).__name__}: {readers.first_line(exc)}); pass train_path=... test_path=... instead"
+            f"({type(exc).__name__}: {storage.first_line(exc)}); pass train_path=... test_path=... instead"
         ) from None
     return tuple(
         hub_split_to_dataset(loaded[split], label_names, clean, f"hf://{hub_id}[{split}]")
@@ -142,33 +140,3 @@ def hub_split_to_dataset(split, label_names, clean, source: str) -> TextDataset:
     labels = np.asarray(split["label"], dtype=np.int64)
     return TextDataset(texts=texts, labels=labels, label_names=label_names, source=source)
 
-
-def _hub_offline_mode() -> bool:
-    """What huggingface_hub will do: it reads HF_HUB_OFFLINE once, at import."""
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_endpoint() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return constants.ENDPOINT
-    except ImportError:
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
-def _hub_reachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """Any HTTP answer counts as reachable; urllib honours the proxy variables."""
-    request = urllib.request.Request(endpoint, method="HEAD")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError, ValueError):
-        return False

@@ -1,1 +1,1 @@
-"""Sacred experiment, observers, the rank-0 -> launcher event channel, metrics and plots."""
+"""The Sacred experiment, observers from the environment, resumable records, plots and tables."""

@@ -1,46 +1,35 @@
-"""The Sacred experiment: config, validation before any record exists, and the main command.
+"""The Sacred experiment: the config, the config hook and the main command.
 
-The launching process owns the Sacred run. Validation and the pre-flight (data, model,
-devices, tracking server, previous run of this job) run in a config hook, i.e. before
-Sacred starts its observers, so bad input costs one line and exit code 2 and leaves
-no run record behind.
+The launching process owns the Sacred run. The config hook resolves the config and runs the
+pre-flight (scaling_fl.job: data, model, devices, tracking server, previous run of this job,
+claims) before Sacred starts its observers, so bad input costs one line and exit code 2 and
+leaves no run record behind. The main command starts the sites (scaling_fl.job.run) and logs
+what rank 0 reports to the run record.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-import torch  # noqa: E402
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
-from scaling_fl import checkpoint, claim, models, processes  # noqa: E402
-from scaling_fl.config import DEFAULTS, Config, ConfigError, resolve  # noqa: E402
-from scaling_fl.data.dataset import DataError  # noqa: E402
-from scaling_fl.data.prepared import PreparedData, prepare_data  # noqa: E402
-from scaling_fl.data.tasks import check_task_options  # noqa: E402
-from scaling_fl import storage  # noqa: E402
-from scaling_fl.launch import (  # noqa: E402
-    Topology, check_devices, check_layout, check_site_sizes, log_split, node_topology, run_sites,
-)
-from scaling_fl.sites import Layout, plan_layout  # noqa: E402
+from scaling_fl import job, processes  # noqa: E402
+from scaling_fl.config import DEFAULTS, Config, resolve  # noqa: E402
+from scaling_fl.errors import EXIT_BAD_INPUT, UserError, print_error  # noqa: E402
 from scaling_fl.tracking import resume, sacred_fixes  # noqa: E402
-from scaling_fl.tracking.observers import MongoTarget, TrackingError, check_mongo, choose_tracking, mongo_client  # noqa: E402
+from scaling_fl.tracking.observers import mongo_client  # noqa: E402
 
 sacred_fixes.apply()
 
 MAIN_COMMAND = "train_federated"
-EXIT_BAD_INPUT = 2
-EXIT_RECORD_LOST = 3
 
 log = logging.getLogger("scaling_fl")
 ex = Experiment("scaling_fl", save_git_info=False)
@@ -70,94 +59,15 @@ class Progress:
 
 
 progress = Progress()
-# The claims this process holds on its job (tracking store, checkpoints_dir); released at exit.
-claims: claim.JobClaims | None = None
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What the pre-flight found out, shared by the config hook and the main command."""
-
-    prepared: PreparedData
-    topology: Topology
-    layout: Layout
-    tracking: str  # "mongo", "file" or "none"
-    mongo: MongoTarget | None
-    previous: resume.PreviousRun | None  # this job's earlier record, continued by this run
-    resume_point: checkpoint.Checkpoint | None  # the checkpoint the sites will continue from
-
-
-def fail_bad_input(error: Exception) -> None:
-    print(f"scaling-fl: error: {error}", file=sys.stderr, flush=True)
+def fail_bad_input(error: UserError) -> None:
+    print_error(error)
     raise SystemExit(EXIT_BAD_INPUT)
 
 
 def config_from_sacred(config: dict) -> Config:
     return resolve({key: config[key] for key in DEFAULTS if key in config})
-
-
-@functools.lru_cache(maxsize=4)
-def preflight(cfg: Config) -> Plan:
-    """Everything that can be checked before a worker starts; cached for the main command."""
-    layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=torch.cuda.is_available())
-    topology = node_topology(layout.num_sites, workers_per_node=layout.num_workers)
-    check_layout(cfg, layout, topology)
-    check_devices(cfg)
-    check_task_options(cfg.task_name, cfg.train_path, cfg.test_path,
-                       list(cfg.text_columns) if cfg.text_columns else None, cfg.label_column)
-    models.check_model(cfg.model)
-    tracking, mongo, previous = "none", None, None
-    if topology.is_main_node and not explicit_observers:
-        tracking, mongo = choose_tracking(cfg.tracking)
-        if mongo is not None:
-            check_mongo(mongo)
-            client = mongo_client(mongo)
-            try:
-                previous = resume.find_mongo_run(client[mongo.database], cfg.job_name)
-            finally:
-                client.close()
-        elif tracking == "file":
-            previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
-    resume_point = checkpoint.preflight(cfg, topology.num_sites)
-    prepared = prepare_data(cfg, topology.num_sites)
-    check_site_sizes(prepared)
-    check_sync_steps(cfg, prepared.site_sizes())
-    if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
-        claim_job(cfg, tracking, mongo)
-    return Plan(prepared, topology, layout, tracking, mongo, previous, resume_point)
-
-
-def claim_job(cfg: Config, tracking: str, mongo: MongoTarget | None) -> None:
-    """One live run per job: an atomic claim with a renewed lease in the tracking store and in
-    checkpoints_dir, taken before any record or checkpoint is written. A second start of a live
-    job is refused; the claim of a launcher that died is taken over (at once on the same host)."""
-    global claims
-    if claims is not None:
-        return
-    places = []
-    if tracking == "mongo":
-        # A short server-selection timeout: with the server gone, renewing and releasing must not
-        # hold the launcher's exit for long.
-        places.append(claim.claim_in_mongo(mongo_client(mongo, timeout_s=2)[mongo.database], cfg.job_name))
-    elif tracking == "file":
-        places.append(claim.claim_in_directory(storage.join(cfg.runs_dir, ".claims", cfg.job_name), cfg.job_name))
-    if cfg.checkpoints_dir:
-        places.append(claim.claim_in_directory(storage.join(cfg.checkpoints_dir, ".claims"), cfg.job_name))
-    claims = claim.JobClaims(places).acquire_all(force=cfg.resume == "force")
-    claims.start_renewing(on_lost=_claim_lost)
-
-
-def _claim_lost(message: str) -> None:
-    """Another launcher took this job over (resume=force): stop, as if interrupted."""
-    import signal
-
-    log.error("%s: stopping this launcher", message)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def release_claims() -> None:
-    if claims is not None:
-        claims.release_all()
 
 
 def interrupted_line(stop: processes.Interrupted) -> str:
@@ -179,20 +89,7 @@ def lost_record_line(run) -> str | None:
             f"(job_name={progress.job_name}) once the store is back to complete the record")
 
 
-def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:
-    """sync=periodic / dynamic synchronize between local steps, so every site must take as many."""
-    from scaling_fl.train.local import steps_per_round
-
-    if cfg.sync == "round":
-        return
-    steps = {steps_per_round(size, cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps)
-             for size in site_sizes}
-    if len(steps) > 1:
-        raise ConfigError(f"sync={cfg.sync} needs the same number of local steps on every site, but the split gives "
-                          f"{min(steps)}..{max(steps)} steps a round; set local_steps=N (or use sync=round)")
-
-
-def make_observer(plan: Plan, cfg: Config):
+def make_observer(plan: job.Plan, cfg: Config):
     resume_id = plan.previous.run_id if plan.previous else None
     if plan.tracking == "mongo":
         return resume.ResumableMongoObserver(client=mongo_client(plan.mongo), db_name=plan.mongo.database,
@@ -207,12 +104,11 @@ def validate(config, command_name, logger):
     try:
         cfg = config_from_sacred(config)
         if command_name == MAIN_COMMAND:
-            plan = preflight(cfg)
+            plan = job.preflight(cfg, pick_tracking=not explicit_observers)
             if not explicit_observers:
                 observer = make_observer(plan, cfg)
                 ex.observers[:] = [observer] if observer else []
-    except (ConfigError, DataError, models.ModelError, TrackingError, checkpoint.CheckpointError,
-            storage.StorageError, claim.ClaimRefused) as error:
+    except UserError as error:
         fail_bad_input(error)
     return {"split": cfg.split, "job_name": cfg.job_name}
 
@@ -220,7 +116,7 @@ def validate(config, command_name, logger):
 @ex.main
 def train_federated(_config, _run):
     cfg = config_from_sacred(_config)
-    plan = preflight(cfg)
+    plan = job.preflight(cfg, pick_tracking=not explicit_observers)
     for observer in _run.observers:  # a continued record keeps its info (and Mongo's metric references)
         _run.info.update(getattr(observer, "previous_info", {}) or {})
     last_logged = plan.previous.last_round if plan.previous else 0
@@ -233,7 +129,6 @@ def train_federated(_config, _run):
         log.info("checkpoint %s found: the sites continue at round %d", plan.resume_point.directory,
                  plan.resume_point.round + 1)
     prepared = plan.prepared
-    log_split(prepared)
     _run.info["sites"] = {
         "count": plan.topology.num_sites,
         "processes": plan.topology.num_nodes * plan.topology.workers_per_node,
@@ -266,14 +161,10 @@ def train_federated(_config, _run):
                 _run.add_artifact(os.path.join(event["path"], name), f"final_model.{name}")
 
     try:
-        results = run_sites(cfg, plan.prepared, plan.topology, plan.layout, on_event, max_restarts=cfg.max_restarts)
+        _run.info["final_weights_sha256"] = job.run(cfg, plan, on_event)
     finally:
         if tensorboard:
             tensorboard.close()
-    fingerprints = {result["weights_sha256"] for result in results.values()}
-    if len(fingerprints) != 1:
-        raise RuntimeError(f"sites ended with different global models: {results}")
-    _run.info["final_weights_sha256"] = fingerprints.pop()
     return {key: final[key] for key in ("validation.accuracy", "validation.loss", "validation.f1_macro") if key in final}
 
 

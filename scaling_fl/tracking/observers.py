@@ -12,11 +12,13 @@ import os
 from dataclasses import dataclass
 from urllib.parse import quote_plus
 
+from scaling_fl.errors import UserError
+
 TRACKING_MODES = ("auto", "mongo", "file", "none")
 MONGO_TIMEOUT_S = 5
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A one-line, secret-free description of why tracking cannot start, and the fix."""
 
 

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scaling_fl.errors import EXIT_BAD_INPUT, UserError, print_error
+
 ACCURACY = "validation.accuracy"
 LOSS = "validation.loss"
 F1 = "validation.f1_macro"
@@ -48,10 +50,9 @@ TABLE_COLUMNS = (
     ("total_bytes_per_site", "bytes per site (total)"),
     ("mean_round_s", "mean round time (s)"),
 )
-EXIT_BAD_INPUT = 2
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """One line for the user: what could not be found or read, and what to do."""
 
 
@@ -488,8 +489,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     try:
         runs = load_runs(args.runs, runs_dir=args.runs_dir, mongo_url=args.mongo_url, database=args.database)
         written = write_report(runs, args.out)
-    except ReportError as error:
-        print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+    except UserError as error:
+        print_error(error, prog=name)
         return EXIT_BAD_INPUT
     sys.stdout.write(to_markdown(table_rows(runs)))
     for path in written.values():

@@ -25,6 +25,7 @@ from scaling_fl import checkpoint, models, processes
 from scaling_fl.config import Config
 from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
+from scaling_fl.events import EventWriter
 from scaling_fl.exchange import (
     broadcast_flat_,
     broadcast_int,
@@ -40,7 +41,6 @@ from scaling_fl.exchange.dense import ring_wire_bytes
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site
 from scaling_fl.strategies import FedAvg, make_strategy
-from scaling_fl.tracking.events import EventWriter
 from scaling_fl.train import local
 from scaling_fl.train.evaluate import evaluation_sums
 from scaling_fl.train.faults import maybe_fail
@@ -218,7 +218,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     progress.close()
     if site.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
-    return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights), "num_rows": len(train_set)}
+    return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights)}
 
 
 def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
@@ -331,8 +331,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     progress.close()
     if worker.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
-    return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights),
-            "num_rows": sum(len(rows) for rows in train_sets.values())}
+    return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights)}
 
 
 class CommunicationLog:

@@ -1,7 +1,8 @@
-"""Rank 0 -> launcher channel: an append-only JSON-lines file.
+"""Rank 0 -> launcher channel: an append-only JSON-lines file in the launcher's work folder.
 
-Workers never talk to Sacred or a database; rank 0 appends one line per event and
-the launcher, which owns the Sacred run, follows the file. A file survives worker
+Workers never talk to Sacred or a database; rank 0 appends one line per event
+(EventWriter, train/federated.py) and the launcher, which owns the Sacred run, follows
+the file (EventFollower, launch.run_sites). A file survives worker
 restarts and needs no connection that could cross a fork.
 """
 

@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the whole test suite. The tests start the servers
-# they need themselves (MongoDB wire server, S3 and GCS emulators, dockerd).
+# Sets everything up, then runs the test suite. The tests start the servers they need
+# themselves (MongoDB wire server, S3 and GCS emulators, dockerd).
+#   ./dev/test.sh            the whole suite
+#   ./dev/test.sh --fast     the in-process tier only (no command-line start, server or Docker)
+# Other arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./dev/setup.sh
-exec .venv/bin/python -m pytest "$@"
+args=()
+fast=0
+for arg in "$@"; do
+  if [ "$arg" = "--fast" ]; then fast=1; else args+=("$arg"); fi
+done
+if [ "$fast" = 1 ]; then
+  exec .venv/bin/python -m pytest -m "not slow" "${args[@]}"
+fi
+exec .venv/bin/python -m pytest "${args[@]}"

@@ -15,8 +15,21 @@ SCRIPT = ROOT / "scripts" / "train_federated.py"
 TINY_JOB = ["model=tiny-bert", "task_name=synthetic", "max_seq_len=32", "learning_rate=0.003", "batch_size=16"]
 
 
+# Set by an autouse fixture (tests/conftest.py) for each test: whether it is marked slow.
+current_test_is_slow = True
+
+
+def cli_command(*args: str) -> list[str]:
+    """The real entry point's command line. Only tests marked slow may start it: the fast tier
+    (./dev/test.sh --fast, `-m "not slow"`) stays in-process."""
+    if not current_test_is_slow:
+        raise AssertionError("this test starts the command line (~10 s): mark it @pytest.mark.slow, "
+                             "or test the function it exercises in-process")
+    return [sys.executable, str(SCRIPT), *args]
+
+
 def run_cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run(cli_command(*args), cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from scaling_fl import checkpoint
-from tests.cli import SCRIPT, TINY_JOB, read_record, run_cli, run_records
+from tests.cli import TINY_JOB, cli_command, read_record, run_cli, run_records
 
 SMALL = [*TINY_JOB, "synthetic_train_size=240", "synthetic_test_size=60", "site_ids=[0,0]"]
 COMPARABLE = ("validation.loss", "validation.accuracy", "validation.f1_macro", "train.loss", "train.accuracy",
@@ -41,6 +41,7 @@ def _rounds(ck: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("exchange", [[], STATEFUL], ids=["dense-fedavg", "sparse-fedadam-periodic"])
+@pytest.mark.slow
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, exchange):
     common = [*SMALL, *exchange, "num_rounds=3", "learning_rate=0.003"]
     straight = run_cli(tmp_path, "with", *common, "job_name=straight", f"runs_dir={tmp_path / 'a'}")
@@ -98,12 +99,13 @@ def _site_pids(launcher_pid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_site_killed_mid_round_is_restarted_and_the_run_finishes_logging_each_round_once(tmp_path):
     runs, ck = tmp_path / "runs", tmp_path / "ck"
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "with", *TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=1000",
+        cli_command("with", *TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=1000",
          "synthetic_test_size=60", "num_rounds=4", "max_restarts=3", "job_name=killed", f"runs_dir={runs}",
-         f"checkpoints_dir={ck}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         f"checkpoints_dir={ck}"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
         while not (ck / "round-000002" / checkpoint.MARKER).exists():
@@ -130,6 +132,7 @@ def test_a_site_killed_mid_round_is_restarted_and_the_run_finishes_logging_each_
     assert int(restarted.group(1)) == int(resumed.group(1)) == int(resumed.group(2)) - 1
 
 
+@pytest.mark.slow
 def test_a_hung_site_is_detected_within_the_collective_timeout_and_the_run_recovers(tmp_path):
     """A peer that stops answering (alive, connections open) must not block the others for torch's
     30-minute default: after collective_timeout_s they fail, elastic restarts every site from the
@@ -148,6 +151,7 @@ def test_a_hung_site_is_detected_within_the_collective_timeout_and_the_run_recov
     assert record["metrics"]["validation.accuracy"]["steps"] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_broken_checkpoints_are_skipped_and_retention_counts_only_good_ones(tmp_path):
     ck, runs = tmp_path / "ck", tmp_path / "runs"
     job = [*SMALL, "job_name=broken", f"checkpoints_dir={ck}", f"runs_dir={runs}"]
@@ -199,6 +203,7 @@ def test_retention_keeps_the_newest_good_checkpoints_and_drops_older_broken_ones
     assert _rounds(ck) == ["round-000005", "round-000006", "round-000007"]
 
 
+@pytest.mark.slow
 def test_checkpoint_every_and_resume_from_a_round_folder(tmp_path):
     ck = tmp_path / "ck"
     every = run_cli(tmp_path, "with", *SMALL, "num_rounds=5", "checkpoint_every=2", "keep_last_checkpoints=10",
@@ -221,6 +226,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("scaling-fl: error:")]
 
 
+@pytest.mark.slow
 def test_a_changed_experiment_or_another_job_is_refused_unless_forced(tmp_path):
     ck, runs = tmp_path / "ck", tmp_path / "runs"
     base = [*SMALL, f"checkpoints_dir={ck}", f"runs_dir={runs}"]

@@ -11,6 +11,8 @@ import pytest
 from scaling_fl import storage
 from tests.cli import TINY_JOB, read_record, run_cli, run_records
 
+pytestmark = pytest.mark.slow  # every test here starts the command line
+
 AGNEWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "agnews"
 BUCKETS = {"s3": "s3://scaling-fl-test", "gs": "gs://scaling-fl-test"}
 

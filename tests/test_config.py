@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scaling_fl.config import DEFAULTS, ConfigError, resolve
+from tests.cli import cli_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,8 +79,8 @@ def test_half_precision_is_allowed_exactly_where_cuda_is(precision):
 
 
 def _cli(tmp_path, *updates):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train_federated.py"), "with",
-                           f"runs_dir={tmp_path / 'runs'}", *updates],
+    return subprocess.run(cli_command("with",
+                           f"runs_dir={tmp_path / 'runs'}", *updates),
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
@@ -93,6 +94,7 @@ def _cli(tmp_path, *updates):
     (["exchange=sparse", "sparsity_level=1.5"], "sparsity_level=1.5"),
     (["sync=periodic", "comm_period=2", "split=dirichlet", "site_ids=[0,0,0]"], "local_steps"),
 ])
+@pytest.mark.slow
 def test_cli_rejects_bad_input_before_any_worker_or_record(tmp_path, updates, needle):
     result = _cli(tmp_path, "model=tiny-bert", *updates)
     assert result.returncode == 2, result.stderr

@@ -15,6 +15,7 @@ import pytest
 
 from scaling_fl import config
 from scaling_fl.config import DEFAULTS, KEYS, Choice, Config, ConfigError, Flag, Int, Number, resolve
+from tests.cli import cli_command
 
 ROOT = Path(__file__).resolve().parents[1]
 REGENERATE = "python -m scaling_fl.config --readme README.md"
@@ -173,8 +174,9 @@ def test_help_and_other_commands_do_not_start_the_fork_server(argv, main):
     assert _runs_main_command(["train_federated.py", *argv]) is main
 
 
+@pytest.mark.slow
 def test_cli_help_lists_every_key_and_starts_nothing(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_federated.py"), "help"],
+    result = subprocess.run(cli_command("help"),
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage:")

@@ -6,6 +6,8 @@ import pytest
 
 from tests.cli import TINY_JOB, read_record, run_cli, run_records
 
+pytestmark = pytest.mark.slow  # every test here starts the command line
+
 ROUND_METRICS = ["validation.loss", "validation.accuracy", "validation.f1_macro", "train.loss", "train.accuracy",
                  "time.round_s", "time.train_s", "time.aggregate_s", "time.eval_s", "comm.bytes_per_site"]
 

@@ -10,6 +10,8 @@ import pytest
 
 from tests.cli import TINY_JOB, read_record, run_cli, run_records
 
+pytestmark = pytest.mark.slow  # every test here starts the command line
+
 SMALL = [*TINY_JOB, "synthetic_train_size=160", "synthetic_test_size=40", "site_ids=[0,0]"]
 
 

@@ -113,15 +113,18 @@ def _assert_same_model(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+@pytest.mark.slow
 def test_eight_sites_as_8_processes_2x4_and_1x8_end_with_the_same_model(tmp_path, strategy):
-    packings = ["8x1", "2x4", "1x8"] if strategy == "fedavg" else ["8x1", "1x8"]
+    # Eight processes on two cores cost the most: FedAdam's server state is compared packed only.
+    packings = ["8x1", "2x4", "1x8"] if strategy == "fedavg" else ["2x4", "1x8"]
     records = {packing: _run(tmp_path, f"{strategy}-{packing}", *PACKINGS[packing], f"strategy={strategy}")
                for packing in packings}
     assert records["1x8"]["info"]["sites"]["processes"] == 1
     for packing in packings[1:]:
-        _assert_same_model(records["8x1"], records[packing])
+        _assert_same_model(records[packings[0]], records[packing])
 
 
+@pytest.mark.slow
 def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp_path):
     sampled = ["fraction_fit=0.5", "min_fit_sites=2"]
     packed = _run(tmp_path, "sampled-2x4", *PACKINGS["2x4"], *sampled)
@@ -137,6 +140,7 @@ def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp
     _assert_same_model(packed, single)
 
 
+@pytest.mark.slow
 def test_a_thousand_sites_sampling_one_percent_run_three_rounds_in_two_processes(tmp_path):
     result = run_cli(tmp_path, "with", *TINY_JOB, "num_sites=1000", "fraction_fit=0.01", "processes_per_device=2",
                      "synthetic_train_size=3000", "synthetic_test_size=64", "num_rounds=3", "job_name=thousand",

@@ -16,8 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from tests.cli import ROOT, SCRIPT, TINY_JOB, read_record, run_records
+import pytest
+
+from tests.cli import ROOT, TINY_JOB, cli_command, read_record, run_records
 from tests.ranks import free_port
+
+pytestmark = pytest.mark.slow  # every test here starts the command line
 
 JOB = [*TINY_JOB, "site_ids=[0,0]", "num_rounds=1", "synthetic_train_size=200", "synthetic_test_size=40"]
 CONTRACT = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
@@ -63,8 +67,8 @@ def test_two_launchers_with_the_kubeflow_env_contract_train_four_sites(tmp_path)
         logs.append(node_dir / "output.txt")
         env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
         with open(logs[-1], "w") as log:
-            processes.append(subprocess.Popen([sys.executable, str(SCRIPT), "with", *JOB, "job_name=two-nodes",
-                                               "runs_dir=runs"], cwd=node_dir, env=env, stdout=log,
+            processes.append(subprocess.Popen(cli_command("with", *JOB, "job_name=two-nodes",
+                                               "runs_dir=runs"), cwd=node_dir, env=env, stdout=log,
                                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     codes = wait_all(processes, timeout=300)
     outputs = [log.read_text() for log in logs]

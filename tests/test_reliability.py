@@ -16,8 +16,10 @@ import pytest
 
 from scaling_fl import checkpoint, processes
 from scaling_fl.processes import descendants
-from tests.cli import SCRIPT, TINY_JOB, read_record, run_cli, run_records
+from tests.cli import TINY_JOB, cli_command, read_record, run_cli, run_records
 from tests.servers import free_port, port_open
+
+pytestmark = pytest.mark.slow  # every test here starts the command line
 
 # Long enough (about 10 s of rounds) that a start 7 s after the first meets it alive.
 JOB = [*TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=480", "synthetic_test_size=60", "num_rounds=6"]
@@ -31,7 +33,7 @@ class Launcher:
     def __init__(self, cwd: Path, *args: str, env: dict | None = None, name: str = "launcher"):
         self.log = cwd / f"{name}-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen([sys.executable, str(SCRIPT), "with", *args], cwd=cwd, stdout=out,
+            self.process = subprocess.Popen(cli_command("with", *args), cwd=cwd, stdout=out,
                                             stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     @property

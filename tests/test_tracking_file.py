@@ -11,10 +11,14 @@ from urllib.parse import quote_plus
 import torch
 from safetensors.torch import load_file
 
+import pytest
+
 from scaling_fl import claim
 from scaling_fl.train.metrics import SITE_COLUMNS, round_metrics
 from tests.cli import TINY_JOB, read_record, run_cli, run_records
 from tests.servers import _SACRED_VARS, free_port
+
+pytestmark = pytest.mark.slow  # every test here starts the command line
 
 SMALL = [*TINY_JOB, "synthetic_train_size=160", "synthetic_test_size=40", "site_ids=[0,0,0]"]
 TWO_SITES = [*TINY_JOB, "synthetic_train_size=96", "synthetic_test_size=32", "site_ids=[0,0]"]

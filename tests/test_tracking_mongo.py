@@ -18,6 +18,8 @@ from scaling_fl import claim
 from tests.cli import TINY_JOB, run_cli, run_records
 from tests.servers import _SACRED_VARS, MONGO_TEST_PASSWORD, free_port
 
+pytestmark = pytest.mark.slow  # every test here starts the command line
+
 SMALL = [*TINY_JOB, "synthetic_train_size=160", "synthetic_test_size=40", "site_ids=[0,0,0]"]
 TWO_SITES = [*TINY_JOB, "synthetic_train_size=96", "synthetic_test_size=32", "site_ids=[0,0]"]
 AWS_SECRET = "aws-secret-never-logged-Zq81"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from scaling_fl import job
 from scaling_fl.config import DEFAULTS, ConfigError, resolve
+from scaling_fl.errors import UserError
 from tests.cli import cli_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,17 +87,42 @@ def _cli(tmp_path, *updates):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("updates, needle", [
+BAD_INPUT = [
     (["num_rounds=0"], "num_rounds=0"),
     (["site_ids=[0,-1]"], "site_ids"),
     (["task_name=nope"], "task_name='nope'"),
-    (["num_round=3"], "did you mean num_rounds"),
     (["task_name=agnews", "train_path=/no/such/file.csv", "test_path=/no/such/test.csv"], "/no/such/file.csv"),
     (["model=no-such-model-dir"], "no-such-model-dir"),
     (["exchange=sparse", "sparsity_level=1.5"], "sparsity_level=1.5"),
     (["sync=periodic", "comm_period=2", "split=dirichlet", "site_ids=[0,0,0]"], "local_steps"),
-])
+]
+
+
+def _raw(tmp_path, updates: list[str]) -> dict:
+    raw = {"model": "tiny-bert", "runs_dir": str(tmp_path / "runs")}
+    for update in updates:
+        key, value = update.split("=", 1)
+        try:
+            raw[key] = ast.literal_eval(value)  # what Sacred does with `key=value`
+        except (ValueError, SyntaxError):
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("updates, needle", BAD_INPUT)
+def test_bad_input_is_one_user_error_from_the_checks_before_any_worker(tmp_path, updates, needle):
+    with pytest.raises(UserError) as error:
+        job.preflight(resolve(_raw(tmp_path, updates)))
+    assert needle in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("updates, needle", [
+    BAD_INPUT[0],  # refused by the config's own rules
+    BAD_INPUT[3],  # refused by the pre-flight (data)
+    (["num_round=3"], "did you mean num_rounds"),  # refused by the front end
+])
 def test_cli_rejects_bad_input_before_any_worker_or_record(tmp_path, updates, needle):
     result = _cli(tmp_path, "model=tiny-bert", *updates)
     assert result.returncode == 2, result.stderr

@@ -1,17 +1,23 @@
 """Where files live: local paths, s3:// and gs://, configured by the standard environment.
 
-One place turns a path into an fsspec filesystem with the right options:
+A thin layer over fsspec's public API (``fs.info``, ``fs.cat_file``, ``fs.pipe_file``,
+``fs.rm_file``, ``fs.open``...). The clients read their standard environment variables
+themselves; this module only chooses timeouts and retries:
 
-- ``s3://``: credentials from the usual AWS chain (``AWS_ACCESS_KEY_ID`` /
-  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, an instance
-  role), read by botocore itself, so a secret never passes through this module's
-  objects; ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` picks a non-AWS server
-  (MinIO, moto, Ceph). No region is forced.
-- ``gs://``: ``STORAGE_EMULATOR_HOST`` selects an emulator (anonymous access);
-  otherwise ``GOOGLE_APPLICATION_CREDENTIALS`` names a service-account or user JSON
-  file, and without it gcsfs uses Application Default Credentials.
+- ``s3://``: botocore reads the credentials (``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, an instance role)
+  and the endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``: MinIO, moto, Ceph),
+  so a secret never passes through this module's objects. No region is forced.
+- ``gs://``: gcsfs reads ``STORAGE_EMULATOR_HOST`` (an emulator, used anonymously);
+  otherwise google-auth reads ``GOOGLE_APPLICATION_CREDENTIALS`` (a service-account or user
+  JSON file), and without it gcsfs uses Application Default Credentials.
   ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT`` defaults to false here (the experimental
   layer stalls about 60 s per bucket against emulators); set it to true to opt in.
+
+Every store fails fast alike: an endpoint that cannot be connected to is reported within
+about 10 s (botocore's own retries for S3; for GCS, a short retry of failed connections in
+place of gcsfs's ~35 s of backoff, the one private hook of this module, see
+``_gcsfs_request_without_retries``).
 
 Every failure becomes a ``StorageError`` (``StorageNotFoundError``, also a
 FileNotFoundError, when something does not exist): one line naming the path, the cause
@@ -25,15 +31,18 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import os
 import re
 import socket
+import sys
 import tempfile
 import threading
 import time
 import urllib.request
 import uuid
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 # Read by gcsfs when it is first imported: keep the experimental layer off unless asked for.
@@ -42,9 +51,14 @@ os.environ.setdefault(_GCS_EXPERIMENTAL_VAR, "false")
 
 import fsspec  # noqa: E402
 
+from scaling_fl.errors import UserError
+
 CHECK_TIMEOUT_S = 8.0  # a whole check_readable / check_writable, probe included
 PROBE_TIMEOUT_S = 2.0  # TCP connect to an explicitly configured endpoint
-CONNECT_TIMEOUT_S = 10  # ordinary S3 connections (botocore's default is 60)
+CONNECT_TIMEOUT_S = 10  # ordinary S3 and GCS connections (botocore's default is 60, aiohttp's 30)
+# GCS: pauses between attempts to connect (refused, unknown host, connect timeout) before the
+# error is reported, about as long as botocore's own retries of S3 connections.
+GCS_CONNECT_RETRY_PAUSES_S = (0.5, 1.0, 2.0)
 
 S3_PROTOCOLS = ("s3", "s3a")
 GCS_PROTOCOLS = ("gs", "gcs")
@@ -52,6 +66,12 @@ LOCAL_PROTOCOLS = ("file", "local")
 
 # Environment variables whose values must never reach a message.
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
+# Variables the clients read themselves: a change means a fresh (cached) client.
+_CLIENT_ENV_VARS = {
+    "s3": SECRET_ENV_VARS + ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE",
+                             "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"),
+}
 _S3_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                         "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
 _S3_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden", "403"}
@@ -60,7 +80,7 @@ _S3_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forb
 PERMANENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-class StorageError(RuntimeError):
+class StorageError(RuntimeError, UserError):
     """One secret-free line: the path, what is wrong, and how to fix it."""
 
     permanent = False  # True when trying again cannot help (no space, permission, credentials)
@@ -105,11 +125,13 @@ def _env(env) -> dict:
 
 
 def s3_endpoint(env=None) -> str | None:
+    """The S3 endpoint botocore will use from the environment (None: AWS itself); for messages."""
     env = _env(env)
     return (env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or "").strip() or None
 
 
 def gcs_endpoint(env=None) -> str | None:
+    """The GCS emulator gcsfs will use from STORAGE_EMULATOR_HOST (None: Google itself)."""
     host = (_env(env).get("STORAGE_EMULATOR_HOST") or "").strip()
     if host in ("", "default"):
         return None
@@ -117,7 +139,8 @@ def gcs_endpoint(env=None) -> str | None:
 
 
 def storage_options(path, env=None, *, quick: bool = False) -> dict:
-    """fsspec keyword arguments for `path`, from the environment; never holds a secret.
+    """fsspec keyword arguments for `path`: timeouts, retries and the GCS token method; never
+    a secret nor an endpoint (the clients read those from the environment themselves).
 
     `quick` is for pre-flight checks: short timeouts and a single attempt.
     """
@@ -128,30 +151,24 @@ def storage_options(path, env=None, *, quick: bool = False) -> dict:
         if quick:
             config = {"connect_timeout": PROBE_TIMEOUT_S + 1, "read_timeout": CHECK_TIMEOUT_S,
                       "retries": {"max_attempts": 1, "mode": "standard"}}
-        options = {"config_kwargs": config}
-        endpoint = s3_endpoint(env)
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        return options
+        return {"config_kwargs": config}
     if proto in GCS_PROTOCOLS:
-        options = {}
-        endpoint = gcs_endpoint(env)
-        credentials = (env.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
-        if endpoint:
-            options.update(endpoint_url=endpoint, token="anon")
-        elif credentials:
-            options["token"] = credentials
+        options = {"single_attempt": quick}
+        if gcs_endpoint(env):
+            options["token"] = "anon"  # emulators take no credentials
+        elif (env.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip():
+            options["token"] = "google_default"  # google-auth reads GOOGLE_APPLICATION_CREDENTIALS
         if quick:
             options["requests_timeout"] = CHECK_TIMEOUT_S
         return options
     return {}
 
 
-def _credential_fingerprint(proto: str, env) -> str:
-    """Distinguishes cached filesystems by the credentials in the environment (never stored in clear)."""
-    names = SECRET_ENV_VARS + ("AWS_PROFILE",) if proto in S3_PROTOCOLS else ("GOOGLE_APPLICATION_CREDENTIALS",)
+def _environment_fingerprint(proto: str, env) -> str:
+    """Distinguishes cached filesystems by what the clients read from the environment
+    (credentials, endpoints), never stored in clear."""
     digest = hashlib.sha256()
-    for name in names:
+    for name in _CLIENT_ENV_VARS["s3" if proto in S3_PROTOCOLS else "gs"]:
         digest.update(f"{name}={env.get(name, '')}\0".encode())
     return digest.hexdigest()
 
@@ -163,7 +180,7 @@ _cache_lock = threading.Lock()
 def filesystem(path, *, quick: bool = False):
     """(fs, fs_path) for `path`: a local path, s3://bucket/key or gs://bucket/key.
 
-    Filesystems are cached per process, options and credentials, so a changed
+    Filesystems are cached per process, options and environment, so a changed
     environment (another endpoint, other keys) gets a fresh client.
     """
     path = os.fspath(path)
@@ -171,14 +188,13 @@ def filesystem(path, *, quick: bool = False):
     if proto in LOCAL_PROTOCOLS:
         from fsspec.implementations.local import LocalFileSystem
 
-        fs = LocalFileSystem()
-        return fs, fs._strip_protocol(path)
+        return LocalFileSystem(), fsspec.core.strip_protocol(path)
     options = storage_options(path, quick=quick)
     if proto in GCS_PROTOCOLS:
         _check_google_credentials_file(path)
     if proto not in S3_PROTOCOLS + GCS_PROTOCOLS:
         return fsspec.core.url_to_fs(path)
-    key = (os.getpid(), proto, quick, repr(sorted(options.items())), _credential_fingerprint(proto, os.environ))
+    key = (os.getpid(), proto, quick, repr(sorted(options.items())), _environment_fingerprint(proto, os.environ))
     with _cache_lock:
         fs = _cache.get(key)
         if fs is None:
@@ -189,7 +205,7 @@ def filesystem(path, *, quick: bool = False):
             except Exception as exc:  # noqa: BLE001 - a bad credentials file or endpoint URL
                 raise StorageError(_explain_setup(path, exc)) from None
             _cache[key] = fs
-    return fs, fs._strip_protocol(path)
+    return fs, fsspec.core.strip_protocol(path)
 
 
 def _new_filesystem(proto: str, options: dict, quick: bool):
@@ -200,30 +216,11 @@ def _new_filesystem(proto: str, options: dict, quick: bool):
         if quick:
             fs.retries = 1  # s3fs's own retry loop, on top of botocore's
         return fs
-    cls = _gcs_class(single_attempt=quick)
-    return cls(skip_instance_cache=True, **options)
+    if not quick:  # aiohttp's default per request (none at all through gcsfs) is to wait forever
+        import aiohttp
 
-
-def _gcs_class(single_attempt: bool):
-    import gcsfs
-    import gcsfs.core
-
-    experimental = os.environ.get(_GCS_EXPERIMENTAL_VAR, "false").strip().lower() in ("true", "1")
-    base = gcsfs.GCSFileSystem if experimental else gcsfs.core.GCSFileSystem
-    if not single_attempt:
-        return base
-    raw = getattr(gcsfs.core.GCSFileSystem._request, "__wrapped__", None)
-    if raw is None:  # gcsfs changed its retry decorator: keep its retries, the deadline still holds
-        return base
-
-    class SingleAttemptGCSFileSystem(base):
-        """gcsfs retries every request ~6 times with exponential backoff (about 30 s); a
-        pre-flight check wants the first error itself, within its deadline."""
-
-        async def _request(self, *args, **kwargs):
-            return await raw(self, *args, **kwargs)
-
-    return SingleAttemptGCSFileSystem
+        options = {**options, "requests_timeout": aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)}
+    return _gcs_class()(skip_instance_cache=True, **options)
 
 
 def _check_google_credentials_file(path: str) -> None:
@@ -238,6 +235,78 @@ def _check_google_credentials_file(path: str) -> None:
                            "fix its permissions")
 
 
+# ---------------------------------------------------------------- the one private hook: gcsfs's retries
+
+
+def _gcsfs_request_without_retries():
+    """gcsfs's ``GCSFileSystem._request`` without its retry decorator, or None.
+
+    The only private use of a dependency in this module. gcsfs has no setting for its retries:
+    every request is tried 6 times with exponential backoff, so an endpoint that refuses
+    connections or a host name that does not resolve is reported after ~35 s (S3: ~5 s).
+    ``test_gcsfs_private_retry_hook_is_still_there`` in tests/test_storage.py fails on a gcsfs
+    that removes it; without it, gcsfs keeps its own retries and nothing else breaks.
+    """
+    import gcsfs.core
+
+    raw = getattr(gcsfs.core.GCSFileSystem._request, "__wrapped__", None)
+    return raw if asyncio.iscoroutinefunction(raw) else None
+
+
+@functools.cache
+def _gcs_class_for(experimental: bool):
+    import gcsfs
+    import gcsfs.core
+    import gcsfs.retry
+
+    base = gcsfs.GCSFileSystem if experimental else gcsfs.core.GCSFileSystem
+    raw = _gcsfs_request_without_retries()
+    never_connected = _error_types().never_connected
+
+    class FailFastGCSFileSystem(base):
+        """gcsfs whose failed connections are retried briefly (GCS_CONNECT_RETRY_PAUSES_S), and
+        with ``single_attempt=True`` (pre-flight checks) not at all; every other error is
+        retried by gcsfs as usual."""
+
+        def __init__(self, *args, single_attempt: bool = False, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.single_attempt = single_attempt
+
+        async def _request(self, *args, **kwargs):
+            if raw is None:
+                return await super()._request(*args, **kwargs)
+            pauses = iter(() if self.single_attempt else GCS_CONNECT_RETRY_PAUSES_S)
+            while True:
+                try:
+                    return await raw(self, *args, **kwargs)
+                except never_connected:  # nothing was sent: try again shortly, or report it
+                    pause = next(pauses, None)
+                    if pause is None:
+                        raise
+                    await asyncio.sleep(pause)
+                except Exception as exc:  # gcsfs decides what it retries
+                    if self.single_attempt or _http_status(exc) == 404 or not gcsfs.retry.is_retriable(exc):
+                        raise
+                    break
+            return await super()._request(*args, **kwargs)
+
+    name = "FailFastGCSFileSystem" + ("Experimental" if experimental else "")
+    FailFastGCSFileSystem.__name__ = FailFastGCSFileSystem.__qualname__ = name
+    FailFastGCSFileSystem.__module__ = __name__
+    return FailFastGCSFileSystem
+
+
+def _gcs_class():
+    experimental = os.environ.get(_GCS_EXPERIMENTAL_VAR, "false").strip().lower() in ("true", "1")
+    return _gcs_class_for(experimental)
+
+
+def __getattr__(name: str):
+    """The GCS filesystem classes are built on first use (importing gcsfs takes a second), and
+    found here by pickle (an fsspec filesystem pickles as its class and options)."""
+    if name in ("FailFastGCSFileSystem", "FailFastGCSFileSystemExperimental"):
+        return _gcs_class_for(name.endswith("Experimental"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 # ---------------------------------------------------------------- everyday operations
 
 
@@ -430,7 +499,7 @@ def check_readable(path, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     _check_endpoint(path, deadline)
     fs, fs_path = _quick_filesystem(path, deadline)
     try:
-        _bounded(fs, deadline.left(), fs._info, fs_path)
+        _within(deadline.left(), fs.info, fs_path)
     except Exception as exc:  # noqa: BLE001
         raise _storage_error(path, exc, fs=fs, fs_path=fs_path, deadline=deadline) from None
 
@@ -452,7 +521,7 @@ def check_writable(directory, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     probe = f"{fs_path.rstrip('/')}/.scaling-fl-write-check-{uuid.uuid4().hex[:12]}"
     progress = {"step": "bucket"}
     try:
-        _bounded(fs, deadline.left(), _write_and_delete, fs, bucket, probe, progress)
+        _within(deadline.left(), _write_and_delete, fs, bucket, probe, progress)
     except Exception as exc:  # noqa: BLE001
         raise _storage_error(directory, exc, fs=fs, fs_path=fs_path, deadline=deadline, writing=True,
                                     deleting=progress["step"] == "delete") from None
@@ -469,45 +538,59 @@ class _Deadline:
         return max(floor, self.end - time.monotonic())
 
 
-def _quick_filesystem(path: str, deadline: _Deadline):
-    """filesystem(path, quick=True) within the deadline: finding Google default credentials
-    can mean probing the GCE metadata server for 10+ s on a machine outside GCP."""
+class _Overdue(TimeoutError):
+    """A bounded call did not return in time."""
+
+
+def _within(timeout_s: float, func, *args, **kwargs):
+    """func(*args, **kwargs), given up on with _Overdue after `timeout_s` seconds.
+
+    The call runs in a daemon thread that is left to finish on its own: the filesystems of
+    pre-flight checks have short timeouts and a single attempt, so it does soon."""
     box: dict = {}
 
-    def build():
+    def run():
         try:
-            box["value"] = filesystem(path, quick=True)
+            box["value"] = func(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             box["error"] = exc
 
-    worker = threading.Thread(target=build, name="scaling-fl-storage-setup", daemon=True)
+    worker = threading.Thread(target=run, name="scaling-fl-storage-check", daemon=True)
     worker.start()
-    worker.join(deadline.left())
+    worker.join(timeout_s)
     if worker.is_alive():
+        raise _Overdue(f"no answer within {timeout_s:.3g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _quick_filesystem(path: str, deadline: _Deadline):
+    """filesystem(path, quick=True) within the deadline: finding Google default credentials
+    can mean probing the GCE metadata server for 10+ s on a machine outside GCP."""
+    try:
+        return _within(deadline.left(), filesystem, path, quick=True)
+    except _Overdue:
         raise StorageError(f"{path}: no credentials found within {deadline.seconds:g} s (looked for "
                            f"{_credential_vars(path)}, default credentials and the cloud metadata server); "
-                           f"set {_credential_vars(path)}")
-    if "error" in box:
-        exc = box["error"]
-        if isinstance(exc, StorageError):
-            raise exc
+                           f"set {_credential_vars(path)}") from None
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
         raise StorageError(_explain_setup(path, exc)) from None
-    return box["value"]
 
 
-async def _write_and_delete(fs, bucket: str, probe: str, progress: dict) -> None:
-    await fs._info(bucket)  # FileNotFoundError here means a missing bucket
+def _write_and_delete(fs, bucket: str, probe: str, progress: dict) -> None:
+    fs.info(bucket)  # FileNotFoundError here means a missing bucket
     progress["step"] = "write"
-    await fs._pipe_file(probe, b"scaling-fl write check\n")
+    fs.pipe_file(probe, b"scaling-fl write check\n")
     progress["step"] = "delete"
-    await fs._rm_file(probe)
+    fs.rm_file(probe)
     progress["step"] = "done"
 
 
 def _local_path(path: str) -> str:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem._strip_protocol(path)
+    return fsspec.core.strip_protocol(path)
 
 
 def _check_local_readable(path: str) -> None:
@@ -533,18 +616,6 @@ def _check_local_writable(directory: str) -> None:
         raise _storage_error(directory, exc, writing=True) from None
 
 
-def _bounded(fs, timeout_s: float, func, *args):
-    """Run an async-filesystem coroutine with a hard deadline (cancelled when it passes)."""
-    if not getattr(fs, "async_impl", False):
-        return func(*args)
-    from fsspec.asyn import sync
-
-    async def run():
-        return await asyncio.wait_for(func(*args), timeout_s)
-
-    return sync(fs.loop, run)
-
-
 def _endpoint_for(path: str) -> str | None:
     proto = protocol(path)
     if proto in S3_PROTOCOLS:
@@ -559,8 +630,6 @@ def _endpoint_var(path: str) -> str:
     if proto in S3_PROTOCOLS:
         return "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
     return "STORAGE_EMULATOR_HOST"
-
-
 def _check_endpoint(path: str, deadline: _Deadline) -> None:
     """A fast TCP probe of an explicitly configured endpoint (skipped behind a proxy)."""
     endpoint = _endpoint_for(path)
@@ -606,8 +675,6 @@ def _behind_proxy(scheme: str, host: str) -> bool:
 
 
 # ---------------------------------------------------------------- explaining failures
-
-
 def safe_url(url: str) -> str:
     """The URL without user:password@ and without query string."""
     try:
@@ -647,7 +714,34 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+def _types(module: str, *names: str) -> tuple[type, ...]:
+    """Exception classes of `module`, if it has been imported: an error of a client that was
+    never imported cannot occur, and a local-only run does not pay for importing them."""
+    found = sys.modules.get(module)
+    classes = (getattr(found, name, None) for name in names) if found is not None else ()
+    return tuple(cls for cls in classes if isinstance(cls, type))
+
+
+def _error_types() -> SimpleNamespace:
+    """The exception types failures are told apart by (botocore, google-auth, aiohttp, gcsfs)."""
+    return SimpleNamespace(
+        no_credentials=_types("botocore.exceptions", "NoCredentialsError", "PartialCredentialsError")
+        + _types("google.auth.exceptions", "DefaultCredentialsError"),
+        token_refused=_types("google.auth.exceptions", "RefreshError"),
+        token_unreachable=_types("google.auth.exceptions", "TransportError"),
+        timeout=(TimeoutError,) + _types("botocore.exceptions", "ConnectTimeoutError", "ReadTimeoutError"),
+        unreachable=(ConnectionRefusedError, socket.gaierror)
+        + _types("botocore.exceptions", "EndpointConnectionError")
+        + _types("aiohttp", "ClientOSError", "ServerDisconnectedError"),
+        never_connected=_types("aiohttp", "ClientConnectorError", "ConnectionTimeoutError"),
+        unknown_host=(socket.gaierror,) + _types("aiohttp", "ClientConnectorDNSError"),
+        http_code=_types("gcsfs.retry", "HttpError") + _types("google.api_core.exceptions", "GoogleAPICallError"),
+        http_status=_types("aiohttp", "ClientResponseError"),
+    )
+
+
 def _s3_code(exc: BaseException) -> str | None:
+    """The error code of S3's answer (botocore's ClientError.response), e.g. 'NoSuchKey', '403'."""
     for item in _chain(exc):
         response = getattr(item, "response", None)
         if isinstance(response, dict):
@@ -657,32 +751,67 @@ def _s3_code(exc: BaseException) -> str | None:
     return None
 
 
-def _http_code(exc: BaseException) -> int | None:
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status of GCS's answer (gcsfs's HttpError, aiohttp's ClientResponseError)."""
+    types = _error_types()
     for item in _chain(exc):
-        code = getattr(item, "code", None)
-        if isinstance(code, int):
-            return code
-        status = getattr(item, "status", None)
+        status = item.code if isinstance(item, types.http_code) else \
+            item.status if isinstance(item, types.http_status) else None
         if isinstance(status, int):
             return status
     return None
 
 
+_PERMANENT_KINDS = {"no-credentials", "token-refused", "rejected", "denied", "no-space", "read-only", "quota"}
+
+
+def _kind(exc: BaseException, code: str | None = None, status: int | None = None) -> str:
+    """What went wrong: the one place failures are classified, by the exception types in
+    `exc`'s chain, the S3 error `code` and the HTTP `status` of the answer, and errno."""
+    types = _error_types()
+    chain = list(_chain(exc))
+
+    def found(classes) -> bool:
+        return bool(classes) and any(isinstance(item, classes) for item in chain)
+
+    if found(types.no_credentials):
+        return "no-credentials"
+    if found(types.token_refused):
+        return "token-refused"
+    if found(types.token_unreachable):
+        return "token-unreachable"
+    if found(types.timeout):
+        return "timeout"
+    if found(types.unreachable):
+        return "unreachable"
+    if code in _S3_CREDENTIAL_CODES or status == 401:
+        return "rejected"
+    if code in _S3_DENIED_CODES or status == 403 or found(PermissionError):
+        return "denied"
+    if found(FileNotFoundError) or code in ("NoSuchBucket", "NoSuchKey", "404") or status == 404:
+        return "missing"
+    if found(IsADirectoryError):
+        return "is-a-directory"
+    if found(NotADirectoryError):
+        return "not-a-directory"
+    numbers = {getattr(item, "errno", None) for item in chain}
+    for number, kind in ((errno.ENOSPC, "no-space"), (errno.EROFS, "read-only"), (errno.EDQUOT, "quota")):
+        if number in numbers:
+            return kind
+    return "other"
+
+
 def _s3_detail_code(fs, fs_path: str, deadline: _Deadline) -> str | None:
-    """A HEAD request's error has no body, so S3 says only "403": ask again with a GET
-    of at most one byte, whose error body names the cause (InvalidAccessKeyId, AccessDenied...)."""
+    """A HEAD request's error has no body, so S3 says only "403" (or "400"): read one byte
+    instead, whose error body names the cause (InvalidAccessKeyId, AccessDenied...). For a
+    bucket, one byte of an object that does not exist answers the same question."""
     bucket, _, key = fs_path.partition("/")
-
-    async def probe():
-        if key:
-            await fs._call_s3("get_object", Bucket=bucket, Key=key, Range="bytes=0-0")
-        else:
-            await fs._call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
-
+    target = fs_path if key else f"{bucket}/.scaling-fl-access-check-{uuid.uuid4().hex[:12]}"
     try:
-        _bounded(fs, deadline.left(floor=1.0), probe)
+        _within(deadline.left(floor=1.0), fs.cat_file, target, start=0, end=1)
     except Exception as exc:  # noqa: BLE001
-        return _s3_code(exc)
+        code = _s3_code(exc)
+        return code if code in _S3_CREDENTIAL_CODES | _S3_DENIED_CODES else None
     return None
 
 
@@ -694,10 +823,11 @@ def _credential_vars(path: str) -> str:
 
 def _cause(exc: BaseException) -> str:
     """A short, secret-free cause: the innermost socket-level reason when there is one."""
+    unknown_host = _error_types().unknown_host
     for item in _chain(exc):
         if isinstance(item, ConnectionRefusedError):
             return "connection refused"
-        if isinstance(item, socket.gaierror) or type(item).__name__ == "ClientConnectorDNSError":
+        if isinstance(item, unknown_host):
             return "host name not found"
         if isinstance(item, ConnectionResetError):
             return "connection reset"
@@ -705,25 +835,19 @@ def _cause(exc: BaseException) -> str:
 
 
 def _is_missing(exc: BaseException) -> bool:
-    return any(isinstance(item, FileNotFoundError) for item in _chain(exc)) or \
-        _s3_code(exc) in ("NoSuchBucket", "NoSuchKey")
+    return _kind(exc, _s3_code(exc), _http_status(exc)) == "missing"
 
 
 def _is_permanent(exc: BaseException) -> bool:
     """Errors that trying again cannot fix: no space, no permission, a read-only disk, bad or missing credentials."""
-    for item in _chain(exc):
-        if isinstance(item, PermissionError) or getattr(item, "errno", None) in PERMANENT_ERRNOS:
-            return True
-        if type(item).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError",
-                                   "RefreshError"):
-            return True
-    return _s3_code(exc) in _S3_CREDENTIAL_CODES | _S3_DENIED_CODES or _http_code(exc) in (401, 403)
+    return _kind(exc, _s3_code(exc), _http_status(exc)) in _PERMANENT_KINDS
 
 
 def _storage_error(path: str, exc: BaseException, **kwargs) -> StorageError:
     message = _explain(path, exc, **kwargs)
-    error = (StorageNotFoundError if _is_missing(exc) else StorageError)(message)
-    error.permanent = _is_permanent(exc)
+    kind = _kind(exc, _s3_code(exc), _http_status(exc))
+    error = (StorageNotFoundError if kind == "missing" else StorageError)(message)
+    error.permanent = kind in _PERMANENT_KINDS
     return error
 
 
@@ -745,55 +869,48 @@ def _explain(path: str, exc: BaseException, *, fs=None, fs_path: str | None = No
     """One line: path, cause, fix. With `fs`, may ask the store a follow-up question
     (does the bucket exist? which 403?) within what is left of `deadline`."""
     deadline = deadline or _Deadline(CHECK_TIMEOUT_S)
-    names = {type(item).__name__ for item in _chain(exc)}
-    proto = protocol(path)
     remote = is_remote(path)
     endpoint = _endpoint_for(path)
     where = f" at {safe_url(endpoint)}" if endpoint else ""
     endpoint_fix = f"check {_endpoint_var(path)} and that the server is up" if endpoint else \
         "check the network (proxy, firewall, DNS)"
     action = "delete" if deleting else ("write" if writing else "read")
+    code, status = _s3_code(exc), _http_status(exc)
+    if code in ("403", "400") and protocol(path) in S3_PROTOCOLS and fs is not None and fs_path:
+        code = _s3_detail_code(fs, fs_path, deadline) or code
+    kind = _kind(exc, code, status)
 
-    if names & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
+    if kind == "no-credentials":
         return f"{path}: no credentials found; set {_credential_vars(path)}"
-    if names & {"RefreshError", "TransportError"}:  # google-auth could not get an access token
+    if kind in ("token-refused", "token-unreachable"):  # google-auth could not get an access token
         return (f"{path}: could not get an access token with the configured credentials ({_cause(exc)}); "
                 f"check {_credential_vars(path)}")
-    if isinstance(exc, TimeoutError) or names & {"FSTimeoutError", "ConnectTimeoutError", "ReadTimeoutError",
-                                                  "ServerTimeoutError", "ConnectionTimeoutError"}:
+    if kind == "timeout":
         return f"{path}: no answer from the storage service{where} within {deadline.seconds:g} s; {endpoint_fix}"
-    if names & {"EndpointConnectionError", "ClientConnectorError", "ClientConnectorDNSError",
-                "ConnectionRefusedError", "ServerDisconnectedError", "ClientOSError", "gaierror"}:
+    if kind == "unreachable":
         return f"{path}: the storage service{where} is unreachable ({_cause(exc)}); {endpoint_fix}"
-
-    code = _s3_code(exc) if proto in S3_PROTOCOLS else None
-    if code in ("403", "400") and fs is not None and fs_path:
-        code = _s3_detail_code(fs, fs_path, deadline) or code
-    status = _http_code(exc) if proto in GCS_PROTOCOLS else None
-    if code in _S3_CREDENTIAL_CODES or status == 401:
+    if kind == "rejected":
         return f"{path}: the credentials were rejected ({code or 'HTTP 401'}); check {_credential_vars(path)}"
-    if remote and (code in _S3_DENIED_CODES or status == 403 or "Forbidden" in str(exc)
-                   or isinstance(exc, PermissionError)):
+    if kind == "denied" and remote:
         return (f"{path}: access denied ({code or status or 'permission'}); the credentials in "
                 f"{_credential_vars(path)} need permission to {action} it")
-    if isinstance(exc, PermissionError):
+    if kind == "denied":
         return f"{path}: permission denied; make it {'writable' if writing else 'readable'} for this user"
-    if isinstance(exc, FileNotFoundError) or code in ("NoSuchBucket", "NoSuchKey", "404") or status == 404:
+    if kind == "missing":
         if remote and fs is not None and fs_path is not None:
             return _explain_missing(path, fs, fs_path, deadline, writing)
         if code == "NoSuchBucket":
             return f"{path}: the bucket does not exist{where}; check the bucket name"
         return f"{path}: no such file or directory; check the path"
-    if isinstance(exc, IsADirectoryError):
+    if kind == "is-a-directory":
         return f"{path}: is a directory; give a file path"
-    if isinstance(exc, NotADirectoryError):
+    if kind == "not-a-directory":
         return f"{path}: a parent of this path is a file, not a directory; choose another path"
-    errno_ = getattr(exc, "errno", None)
-    if errno_ == 28:
+    if kind == "no-space":
         return f"{path}: no space left on the device; free space or choose another location"
-    if errno_ == 30:
+    if kind == "read-only":
         return f"{path}: read-only file system; choose a writable location"
-    if errno_ == 122:
+    if kind == "quota":
         return f"{path}: disk quota exceeded; free space or choose another location"
     return f"{path}: cannot {action} ({_cause(exc)}); check the path and the storage credentials"
 
@@ -804,7 +921,7 @@ def _explain_missing(path: str, fs, fs_path: str, deadline: _Deadline, writing: 
     where = f" at {safe_url(endpoint)}" if endpoint else ""
     bucket_exists = None
     try:
-        _bounded(fs, deadline.left(floor=1.0), fs._info, bucket)
+        _within(deadline.left(floor=1.0), fs.info, bucket)
         bucket_exists = True
     except FileNotFoundError:
         bucket_exists = False

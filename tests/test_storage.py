@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import inspect
 import json
 import logging
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -16,7 +19,8 @@ import pytest
 
 from scaling_fl import storage
 from scaling_fl.data import load_task
-from scaling_fl.storage import StorageError
+from scaling_fl.errors import UserError
+from scaling_fl.storage import StorageError, StorageNotFoundError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 AGNEWS = SHARED_DATA / "agnews"
@@ -167,6 +171,106 @@ def test_refused_endpoint_fails_at_once(scheme, monkeypatch):
     message, elapsed = one_line_error(lambda: storage.check_readable(path))
     assert f"127.0.0.1:{port}" in message and "connection refused" in message
     assert elapsed < 3
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_everyday_gs_operations_report_an_unreachable_endpoint_within_10_s(monkeypatch):
+    """gcsfs alone retries a refused connection for ~35 s; S3 (botocore) gives up after ~5."""
+    port = closed_port()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{port}")
+    path = "gs://bucket/dir/train.csv"
+    for call in (lambda: storage.read_bytes(path), lambda: storage.atomic_write_bytes(path, b"x"),
+                 lambda: storage.list_dir("gs://bucket/dir")):
+        message, elapsed = one_line_error(call)
+        assert f"the storage service at http://127.0.0.1:{port} is unreachable (connection refused)" in message
+        assert "check STORAGE_EMULATOR_HOST" in message
+        assert elapsed < CHECK_LIMIT_S
+
+
+def test_gcsfs_private_retry_hook_is_still_there(gcs_env, monkeypatch):
+    """storage.py's one private use of a dependency: gcsfs's GCSFileSystem._request, with its
+    retry decorator's __wrapped__, through which every request of gcsfs goes. If this fails
+    after a gcsfs upgrade, gs:// errors still work but an unreachable endpoint takes ~35 s
+    again: find gcsfs's new way to bound its retries and update _gcsfs_request_without_retries."""
+    import gcsfs.core
+
+    raw = storage._gcsfs_request_without_retries()
+    assert raw is not None and raw is gcsfs.core.GCSFileSystem._request.__wrapped__
+    assert list(inspect.signature(raw).parameters)[:3] == ["self", "method", "path"]
+
+    fs, fs_path = storage.filesystem(f"gs://{gcs_env.bucket}/hook-check.txt")
+    assert isinstance(fs, gcsfs.core.GCSFileSystem) and "_request" in vars(type(fs))
+    requests = []
+    original = fs._request
+
+    async def counting(*args, **kwargs):
+        requests.append(args[:2])
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(fs, "_request", counting)
+    fs.pipe_file(fs_path, b"ok")
+    assert fs.cat_file(fs_path) == b"ok"
+    assert len(requests) >= 2  # the public API still goes through _request
+
+    quick, _ = storage.filesystem(f"gs://{gcs_env.bucket}/hook-check.txt", quick=True)
+    copy = pickle.loads(pickle.dumps(quick))  # readers' files travel to DataLoader workers
+    assert type(copy) is type(quick) and copy.single_attempt is True and not fs.single_attempt
+
+
+def test_storage_errors_are_user_errors():
+    assert issubclass(StorageError, UserError) and issubclass(StorageError, RuntimeError)
+    assert issubclass(StorageNotFoundError, UserError) and issubclass(StorageNotFoundError, FileNotFoundError)
+
+
+def _client_errors():
+    import aiohttp
+    import botocore.exceptions
+    import google.auth.exceptions
+    from gcsfs.retry import HttpError
+
+    def s3(code):
+        return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "x"}}, "GetObject")
+
+    def chained(outer, inner):
+        outer.__cause__ = inner
+        return outer
+
+    dns = chained(aiohttp.ClientConnectorDNSError(None, OSError("x")), socket.gaierror(-2, "Name or service not known"))
+    return [
+        ("s3", botocore.exceptions.NoCredentialsError(), "no credentials found", True),
+        ("s3", botocore.exceptions.PartialCredentialsError(provider="env", cred_var="x"), "no credentials", True),
+        ("gs", google.auth.exceptions.DefaultCredentialsError("x"), "no credentials found", True),
+        ("gs", google.auth.exceptions.RefreshError("x"), "could not get an access token", True),
+        ("gs", google.auth.exceptions.TransportError("x"), "could not get an access token", False),
+        ("s3", chained(PermissionError("denied"), s3("InvalidAccessKeyId")), "rejected (InvalidAccessKeyId)", True),
+        ("s3", chained(PermissionError("denied"), s3("AccessDenied")), "access denied (AccessDenied)", True),
+        ("gs", HttpError({"code": 401, "message": "x"}), "rejected (HTTP 401)", True),
+        ("gs", HttpError({"code": 403, "message": "x"}), "access denied (403)", True),
+        ("gs", dns, "unreachable (host name not found)", False),
+        ("gs", aiohttp.ServerDisconnectedError(), "unreachable", False),
+        ("s3", botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"), "unreachable", False),
+        ("s3", botocore.exceptions.ReadTimeoutError(endpoint_url="http://x"), "no answer", False),
+        ("gs", TimeoutError(), "no answer", False),
+        ("s3", chained(FileNotFoundError("x"), s3("NoSuchBucket")), "the bucket does not exist", False),
+        ("gs", HttpError({"code": 503, "message": "x"}), "cannot read", False),
+        ("file", OSError(errno.ENOSPC, "full"), "no space left", True),
+        ("file", OSError(errno.EROFS, "ro"), "read-only file system", True),
+        ("file", OSError(errno.ECONNRESET, "reset"), "cannot read (connection reset)", False),
+    ]
+
+
+def test_errors_are_explained_by_their_types_and_status_codes():
+    for scheme, error, expected, permanent in _client_errors():
+        path = "/tmp/x/model.bin" if scheme == "file" else f"{scheme}://bucket/model.bin"
+        stored = storage._storage_error(path, error)
+        assert str(stored).startswith(path + ": ") and expected in str(stored), (error, str(stored))
+        assert stored.permanent is permanent, (error, str(stored))
+        assert isinstance(stored, StorageNotFoundError) is ("does not exist" in expected)
 
 
 @pytest.mark.parametrize("scheme, timeout_s", [("s3", None), ("gs", 3.0)])

@@ -90,8 +90,14 @@ def _bench_rank(method: str, repeats: int, bucket_mb: float, backend: str) -> di
         times.append(time.perf_counter() - start)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a round waits for the slowest site
-    result = {"median_s": statistics.median(slowest.tolist()), "times": slowest.tolist(), "extra_peak_mb": extra_mb,
-              "numel": local.numel(), "tensors": len(params), "model_mb": local.numel() * 4 / 2**20}
+    result = {
+        "median_s": statistics.median(slowest.tolist()),
+        "times": slowest.tolist(),
+        "extra_peak_mb": extra_mb,
+        "numel": local.numel(),
+        "tensors": len(params),
+        "model_mb": local.numel() * 4 / 2**20,
+    }
     dist.destroy_process_group()
     return result
 
@@ -107,39 +113,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cycles", type=int, default=3,
-                        help="run the three methods this many times in turn (fresh processes each time) and take "
-                             "the median over all repeats, so a noisy moment does not decide a ratio")
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=3,
+        help="run the three methods this many times in turn (fresh processes each time) and take "
+        "the median over all repeats, so a noisy moment does not decide a ratio",
+    )
     parser.add_argument("--bucket-mb", type=float, default=32)
     parser.add_argument("--backend", default="nccl" if torch.cuda.is_available() else "gloo")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the rank processes
 
-    cycles = [{method: run(method, args.ranks, args.repeats, args.bucket_mb, args.backend)
-               for method in ("flat", "ours", "per_tensor")} for _ in range(args.cycles)]
+    cycles = [
+        {
+            method: run(method, args.ranks, args.repeats, args.bucket_mb, args.backend)
+            for method in ("flat", "ours", "per_tensor")
+        }
+        for _ in range(args.cycles)
+    ]
     results = {}
     for method in ("flat", "ours", "per_tensor"):
         runs = [cycle[method] for cycle in cycles]
-        results[method] = {**runs[0], "times": [t for r in runs for t in r["times"]],
-                           "median_s": statistics.median(t for r in runs for t in r["times"]),
-                           "extra_peak_mb": max(r["extra_peak_mb"] for r in runs)}
+        results[method] = {
+            **runs[0],
+            "times": [t for r in runs for t in r["times"]],
+            "median_s": statistics.median(t for r in runs for t in r["times"]),
+            "extra_peak_mb": max(r["extra_peak_mb"] for r in runs),
+        }
     ours, flat, per_tensor = results["ours"], results["flat"], results["per_tensor"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, backend {args.backend}, "
-          f"{args.ranks} ranks, {ours['numel'] / 1e6:.1f}M params in {ours['tensors']} tensors "
-          f"({ours['model_mb']:.1f} MiB), bucket {args.bucket_mb:g} MiB, median of {args.cycles} x {args.repeats} "
-          "(the slowest rank of each)")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, backend {args.backend}, "
+        f"{args.ranks} ranks, {ours['numel'] / 1e6:.1f}M params in {ours['tensors']} tensors "
+        f"({ours['model_mb']:.1f} MiB), bucket {args.bucket_mb:g} MiB, median of {args.cycles} x {args.repeats} "
+        "(the slowest rank of each)"
+    )
     print("| method | median time (s) | vs flat all_reduce | vs per-tensor | extra peak memory (MiB) |")
     print("|---|---|---|---|---|")
-    for name, label in (("flat", "one flat all_reduce (limit)"), ("ours", "scaling-fl dense buckets"),
-                        ("per_tensor", "one all_reduce per tensor")):
+    for name, label in (
+        ("flat", "one flat all_reduce (limit)"),
+        ("ours", "scaling-fl dense buckets"),
+        ("per_tensor", "one all_reduce per tensor"),
+    ):
         r = results[name]
-        print(f"| {label} | {r['median_s']:.3f} | {r['median_s'] / flat['median_s']:.2f}x | "
-              f"{r['median_s'] / per_tensor['median_s']:.2f}x | {r['extra_peak_mb']:.1f} |")
+        print(
+            f"| {label} | {r['median_s']:.3f} | {r['median_s'] / flat['median_s']:.2f}x | "
+            f"{r['median_s'] / per_tensor['median_s']:.2f}x | {r['extra_peak_mb']:.1f} |"
+        )
     bucket_mb = min(args.bucket_mb, ours["model_mb"])
-    checks = [("ours / flat all_reduce <= 1.3", ours["median_s"] / flat["median_s"] <= 1.3),
-              ("ours / per-tensor <= 0.5", ours["median_s"] / per_tensor["median_s"] <= 0.5),
-              (f"extra memory <= one bucket ({bucket_mb:.1f} MiB)", ours["extra_peak_mb"] <= bucket_mb)]
+    checks = [
+        ("ours / flat all_reduce <= 1.3", ours["median_s"] / flat["median_s"] <= 1.3),
+        ("ours / per-tensor <= 0.5", ours["median_s"] / per_tensor["median_s"] <= 0.5),
+        (f"extra memory <= one bucket ({bucket_mb:.1f} MiB)", ours["extra_peak_mb"] <= bucket_mb),
+    ]
     print("targets: " + "; ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
     if args.json:
         with open(args.json, "w") as handle:

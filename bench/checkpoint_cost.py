@@ -60,8 +60,9 @@ class Traffic:
 
 
 def load_before(rev: str):
-    source = subprocess.run(["git", "show", f"{rev}:scaling_fl/checkpoint.py"], cwd=REPO, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:scaling_fl/checkpoint.py"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     path = Path(tempfile.mkdtemp(prefix="checkpoint-before-")) / "checkpoint_before.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("checkpoint_before", path)
@@ -82,9 +83,16 @@ def one_round(module, ck: str, number: int, weights, keep_last: int, traffic: Tr
     committed = time.perf_counter()
     module.prune(ck, keep_last)
     pruned = time.perf_counter()
-    return {"round": number, "up": traffic.up, "down": traffic.down, "requests": dict(traffic.requests),
-            "write_s": written - started, "commit_s": committed - written, "prune_s": pruned - committed,
-            "total_s": pruned - started}
+    return {
+        "round": number,
+        "up": traffic.up,
+        "down": traffic.down,
+        "requests": dict(traffic.requests),
+        "write_s": written - started,
+        "commit_s": committed - written,
+        "prune_s": pruned - committed,
+        "total_s": pruned - started,
+    }
 
 
 def main() -> None:
@@ -122,8 +130,9 @@ def main() -> None:
         for number in range(1, args.rounds + 1):
             order = list(variants) if number % 2 else list(reversed(variants))
             for name in order:
-                results[name].append(one_round(variants[name], f"{base}/{name}", number, weights, args.keep_last,
-                                               traffic))
+                results[name].append(
+                    one_round(variants[name], f"{base}/{name}", number, weights, args.keep_last, traffic)
+                )
         for name in variants:
             kept = [int(path.rstrip("/").rsplit("-", 1)[-1]) for path in storage.list_dir(f"{base}/{name}")]
             results[name + "_kept"] = kept
@@ -134,28 +143,40 @@ def main() -> None:
 
     model_mib = args.numel * 4 / MIB
     steady = [r for r in range(1, args.rounds + 1) if r > args.keep_last]  # prune has keep_last to look at
-    print(f"model: {args.numel:,} float32 values ({model_mib:.1f} MiB); keep_last_checkpoints={args.keep_last}; "
-          f"{args.rounds} rounds; steady state = rounds {steady[0]}-{steady[-1]} (median)")
-    print("| code | MiB up per round | MiB down per round | requests per round | write (s) | commit (s) | "
-          "prune (s) | write+commit+prune (s) |")
+    print(
+        f"model: {args.numel:,} float32 values ({model_mib:.1f} MiB); keep_last_checkpoints={args.keep_last}; "
+        f"{args.rounds} rounds; steady state = rounds {steady[0]}-{steady[-1]} (median)"
+    )
+    print(
+        "| code | MiB up per round | MiB down per round | requests per round | write (s) | commit (s) | "
+        "prune (s) | write+commit+prune (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     summary = {}
     for name in variants:
         rows = [row for row in results[name] if row["round"] in steady]
-        med = {key: statistics.median(row[key] for row in rows)
-               for key in ("up", "down", "write_s", "commit_s", "prune_s", "total_s")}
+        med = {
+            key: statistics.median(row[key] for row in rows)
+            for key in ("up", "down", "write_s", "commit_s", "prune_s", "total_s")
+        }
         med["requests"] = statistics.median(sum(row["requests"].values()) for row in rows)
         summary[name] = med
-        print(f"| {name} | {med['up'] / MIB:.1f} | {med['down'] / MIB:.4f} | {med['requests']:.0f} | "
-              f"{med['write_s']:.2f} | {med['commit_s']:.2f} | {med['prune_s']:.2f} | {med['total_s']:.2f} |")
+        print(
+            f"| {name} | {med['up'] / MIB:.1f} | {med['down'] / MIB:.4f} | {med['requests']:.0f} | "
+            f"{med['write_s']:.2f} | {med['commit_s']:.2f} | {med['prune_s']:.2f} | {med['total_s']:.2f} |"
+        )
     b, a = summary["before"], summary["after"]
-    print(f"after/before: up {a['up'] / b['up']:.3f}x, down {a['down'] / max(b['down'], 1):.2e}x, "
-          f"time {a['total_s'] / b['total_s']:.2f}x; per round in models up {b['up'] / (model_mib * MIB):.3f} -> "
-          f"{a['up'] / (model_mib * MIB):.3f}, down {b['down'] / (model_mib * MIB):.3f} -> "
-          f"{a['down'] / (model_mib * MIB):.6f} ({int(b['down']):,} -> {int(a['down']):,} bytes)")
+    print(
+        f"after/before: up {a['up'] / b['up']:.3f}x, down {a['down'] / max(b['down'], 1):.2e}x, "
+        f"time {a['total_s'] / b['total_s']:.2f}x; per round in models up {b['up'] / (model_mib * MIB):.3f} -> "
+        f"{a['up'] / (model_mib * MIB):.3f}, down {b['down'] / (model_mib * MIB):.3f} -> "
+        f"{a['down'] / (model_mib * MIB):.6f} ({int(b['down']):,} -> {int(a['down']):,} bytes)"
+    )
     for name in variants:
-        print(f"{name}: rounds kept {results[name + '_kept']}; requests in the last round "
-              f"{dict(sorted(results[name][-1]['requests'].items()))}")
+        print(
+            f"{name}: rounds kept {results[name + '_kept']}; requests in the last round "
+            f"{dict(sorted(results[name][-1]['requests'].items()))}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rounds": results, "summary": summary}, indent=2))
 

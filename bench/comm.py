@@ -80,14 +80,30 @@ def job_name(name: str) -> str:
 
 def run_config(name: str, options: list[str], common: list[str], workdir: Path, runs: Path) -> dict:
     started = time.monotonic()
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_federated.py"), "with", *common, *options,
-                             f"runs_dir={runs}", f"job_name={job_name(name)}"],
-                            capture_output=True, text=True, cwd=workdir)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "train_federated.py"),
+            "with",
+            *common,
+            *options,
+            f"runs_dir={runs}",
+            f"job_name={job_name(name)}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+    )
     if result.returncode != 0:
         raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
-    run_dir = max((p for p in runs.iterdir() if p.name.isdigit()
-                   and json.loads((p / "config.json").read_text())["job_name"] == job_name(name)),
-                  key=lambda p: int(p.name))
+    run_dir = max(
+        (
+            p
+            for p in runs.iterdir()
+            if p.name.isdigit() and json.loads((p / "config.json").read_text())["job_name"] == job_name(name)
+        ),
+        key=lambda p: int(p.name),
+    )
     metrics = json.loads((run_dir / "metrics.json").read_text())
     values = {key: series["values"] for key, series in metrics.items()}
     return {
@@ -116,8 +132,9 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--runs-dir", help="keep the Sacred records here (for scripts/plot_runs.py); "
-                                           "default: a temporary folder")
+    parser.add_argument(
+        "--runs-dir", help="keep the Sacred records here (for scripts/plot_runs.py); default: a temporary folder"
+    )
     args = parser.parse_args()
     if not AGNEWS.exists():
         raise SystemExit(f"{AGNEWS} is missing: the benchmark reads AG News from the shared data folder")
@@ -125,10 +142,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scaling-fl-bench-comm-") as tmp:
         workdir = Path(tmp)
         train_path, eval_path = split_agnews(AGNEWS, workdir, args.eval_rows, seed=0)
-        common = [f"model={args.model}", "task_name=agnews", f"train_path={train_path}", f"test_path={eval_path}",
-                  f"site_ids={[0] * args.sites}".replace(" ", ""), f"num_rounds={args.rounds}",
-                  f"local_steps={args.local_steps}", f"max_seq_len={args.max_seq_len}",
-                  f"learning_rate={args.learning_rate}", "batch_size=16", "val_batch_size=64", "tracking=file"]
+        common = [
+            f"model={args.model}",
+            "task_name=agnews",
+            f"train_path={train_path}",
+            f"test_path={eval_path}",
+            f"site_ids={[0] * args.sites}".replace(" ", ""),
+            f"num_rounds={args.rounds}",
+            f"local_steps={args.local_steps}",
+            f"max_seq_len={args.max_seq_len}",
+            f"learning_rate={args.learning_rate}",
+            "batch_size=16",
+            "val_batch_size=64",
+            "tracking=file",
+        ]
         runs = Path(args.runs_dir).resolve() if args.runs_dir else workdir / "runs"
         if runs.exists() and any(p.name.isdigit() for p in runs.iterdir()):
             raise SystemExit(f"{runs} already holds runs; give an empty --runs-dir")
@@ -136,24 +163,34 @@ def main() -> None:
         for name in args.configs:
             results[name] = run_config(name, CONFIGS[name], common, workdir, runs)
             r = results[name]
-            print(f"{name}: accuracy {r['accuracy']:.4f}, {r['bytes_per_round'] / 2**20:.2f} MiB/round, "
-                  f"{r['round_s']:.1f} s/round ({r['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{name}: accuracy {r['accuracy']:.4f}, {r['bytes_per_round'] / 2**20:.2f} MiB/round, "
+                f"{r['round_s']:.1f} s/round ({r['wall_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     train_rows = 7600 - args.eval_rows
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, gloo; model {args.model}, AG News "
-          f"{train_rows} train / {args.eval_rows} eval rows (stratified split of test.csv, seed 0), {args.sites} "
-          f"IID sites, {args.rounds} rounds x {args.local_steps} local steps (batch 16, AdamW lr "
-          f"{args.learning_rate:g}, max_seq_len {args.max_seq_len})")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, gloo; model {args.model}, AG News "
+        f"{train_rows} train / {args.eval_rows} eval rows (stratified split of test.csv, seed 0), {args.sites} "
+        f"IID sites, {args.rounds} rounds x {args.local_steps} local steps (batch 16, AdamW lr "
+        f"{args.learning_rate:g}, max_seq_len {args.max_seq_len})"
+    )
     dense = results.get("dense")
-    print("| configuration | final accuracy | vs dense (points) | bytes per round per site (MiB) | vs dense "
-          "| wire bytes per round (MiB) | syncs (skipped) | time per round (s) | aggregate (s) | exchange peak (MiB) |")
+    print(
+        "| configuration | final accuracy | vs dense (points) | bytes per round per site (MiB) | vs dense "
+        "| wire bytes per round (MiB) | syncs (skipped) | time per round (s) | aggregate (s) | exchange peak (MiB) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         points = f"{(r['accuracy'] - dense['accuracy']) * 100:+.1f}" if dense else "-"
         ratio = f"{r['bytes_per_round'] / dense['bytes_per_round']:.3f}x" if dense else "-"
-        print(f"| {name} | {r['accuracy']:.4f} | {points} | {r['bytes_per_round'] / 2**20:.2f} | {ratio} "
-              f"| {r['wire_bytes_per_round'] / 2**20:.2f} | {r['syncs']} ({r['skipped']}) | {r['round_s']:.1f} "
-              f"| {r['aggregate_s']:.2f} | {r['exchange_peak_mb']:.1f} |")
+        print(
+            f"| {name} | {r['accuracy']:.4f} | {points} | {r['bytes_per_round'] / 2**20:.2f} | {ratio} "
+            f"| {r['wire_bytes_per_round'] / 2**20:.2f} | {r['syncs']} ({r['skipped']}) | {r['round_s']:.1f} "
+            f"| {r['aggregate_s']:.2f} | {r['exchange_peak_mb']:.1f} |"
+        )
     if dense:
         checks = []
         for name, bytes_target, points_target in (("sparse 10%", 0.2, 2.0), ("int8", 0.27, 1.0)):
@@ -162,8 +199,10 @@ def main() -> None:
                 ratio = r["bytes_per_round"] / dense["bytes_per_round"]
                 points = abs(r["accuracy"] - dense["accuracy"]) * 100
                 ok = ratio <= bytes_target and points <= points_target
-                checks.append(f"{name}: {ratio:.3f}x <= {bytes_target}x and {points:.1f} <= {points_target} points: "
-                              f"{'met' if ok else 'MISSED'}")
+                checks.append(
+                    f"{name}: {ratio:.3f}x <= {bytes_target}x and {points:.1f} <= {points_target} points: "
+                    f"{'met' if ok else 'MISSED'}"
+                )
         print("targets: " + "; ".join(checks))
     if args.json:
         with open(args.json, "w") as handle:

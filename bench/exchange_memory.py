@@ -40,8 +40,10 @@ METHODS = {
     "sparse 10%": ("sparse", {"sparsity_level": 0.1}),
     "sparse 10%, no error feedback": ("sparse", {"sparsity_level": 0.1, "error_feedback": False}),
     "sparse 1%": ("sparse", {"sparsity_level": 0.01}),
-    "sparse 10%, per tensor, fl4health average": ("sparse", {"sparsity_level": 0.1, "sparsity_scope": "tensor",
-                                                             "sparse_average": "fl4health"}),
+    "sparse 10%, per tensor, fl4health average": (
+        "sparse",
+        {"sparsity_level": 0.1, "sparsity_scope": "tensor", "sparse_average": "fl4health"},
+    ),
     "int8": ("int8", {}),
     "sparse_int8 10%": ("sparse_int8", {"sparsity_level": 0.1}),
 }
@@ -74,8 +76,9 @@ def _bench_rank(label: str, repeats: int, bucket_mb: float) -> dict:
         if options.get("sparsity_scope") == "tensor":
             options = {**options, "segments": segments}
         exchange = make_exchange(kind, local.numel(), bucket_bytes=bucket_bytes, **options)
-    global_params = {name: global_[p.data.storage_offset():p.data.storage_offset() + p.numel()].view_as(p)
-                     for name, p in named}
+    global_params = {
+        name: global_[p.data.storage_offset() : p.data.storage_offset() + p.numel()].view_as(p) for name, p in named
+    }
 
     def once() -> int:
         local.copy_(global_).add_(noise)
@@ -104,11 +107,17 @@ def _bench_rank(label: str, repeats: int, bucket_mb: float) -> dict:
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     stats = exchange.stats if exchange is not None else {}
-    result = {"bytes": sent, "extra_peak_mb": extra_mb, "median_s": statistics.median(slowest.tolist()),
-              "state_mb": stats.get("memory.exchange_state_mb", 0.0),
-              "accounted_mb": stats.get("memory.exchange_peak_mb", float("nan")),
-              "density": stats.get("comm.density", 1.0), "numel": local.numel(),
-              "model_mb": local.nbytes / 2**20, "segments": len(segments)}
+    result = {
+        "bytes": sent,
+        "extra_peak_mb": extra_mb,
+        "median_s": statistics.median(slowest.tolist()),
+        "state_mb": stats.get("memory.exchange_state_mb", 0.0),
+        "accounted_mb": stats.get("memory.exchange_peak_mb", float("nan")),
+        "density": stats.get("comm.density", 1.0),
+        "numel": local.numel(),
+        "model_mb": local.nbytes / 2**20,
+        "segments": len(segments),
+    }
     dist.destroy_process_group()
     return result
 
@@ -134,17 +143,23 @@ def main() -> None:
     any_result = next(iter(results.values()))
     dense_bytes = 4 * any_result["numel"]
     baseline = results.get("state_dict_copy")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo, "
-          f"{args.ranks} ranks, {any_result['numel'] / 1e6:.2f}M fp32 values ({any_result['model_mb']:.1f} MiB, "
-          f"{any_result['segments']} tensors), bucket {args.bucket_mb:g} MiB, time = median of {args.repeats}")
-    print("| method | bytes per site (MiB) | vs dense | extra peak during exchange (MiB) | vs state-dict copy "
-          "| persistent state (MiB) | accounted by the exchange, state included (MiB) | time (s) |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, gloo, "
+        f"{args.ranks} ranks, {any_result['numel'] / 1e6:.2f}M fp32 values ({any_result['model_mb']:.1f} MiB, "
+        f"{any_result['segments']} tensors), bucket {args.bucket_mb:g} MiB, time = median of {args.repeats}"
+    )
+    print(
+        "| method | bytes per site (MiB) | vs dense | extra peak during exchange (MiB) | vs state-dict copy "
+        "| persistent state (MiB) | accounted by the exchange, state included (MiB) | time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
         versus = f"{(r['extra_peak_mb'] / baseline['extra_peak_mb'] - 1) * 100:+.0f} %" if baseline else "-"
         accounted = "-" if r["accounted_mb"] != r["accounted_mb"] else f"{r['accounted_mb']:.1f}"
-        print(f"| {label} | {r['bytes'] / 2**20:.2f} | {r['bytes'] / dense_bytes:.3f}x | {r['extra_peak_mb']:.1f} "
-              f"| {versus} | {r['state_mb']:.1f} | {accounted} | {r['median_s']:.2f} |")
+        print(
+            f"| {label} | {r['bytes'] / 2**20:.2f} | {r['bytes'] / dense_bytes:.3f}x | {r['extra_peak_mb']:.1f} "
+            f"| {versus} | {r['state_mb']:.1f} | {accounted} | {r['median_s']:.2f} |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=2)

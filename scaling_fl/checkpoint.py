@@ -48,9 +48,24 @@ FORMAT_VERSION = 1
 
 # Keys that define what an experiment is: resuming with a different value is refused
 # unless resume=force. Schedules (num_rounds, learning rate...) may change.
-DEFINING_KEYS = ("model", "task_name", "train_path", "test_path", "split", "dirichlet_beta", "sample_percentage",
-                 "data_seed", "seed", "max_seq_len", "text_columns", "label_column", "synthetic_train_size",
-                 "synthetic_test_size", "strategy", "exchange")
+DEFINING_KEYS = (
+    "model",
+    "task_name",
+    "train_path",
+    "test_path",
+    "split",
+    "dirichlet_beta",
+    "sample_percentage",
+    "data_seed",
+    "seed",
+    "max_seq_len",
+    "text_columns",
+    "label_column",
+    "synthetic_train_size",
+    "synthetic_test_size",
+    "strategy",
+    "exchange",
+)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -90,8 +105,10 @@ def record_name(name: str) -> str:
 
 
 def write_tensors(directory: str, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    payload = save_safetensors({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
-                               metadata={key: str(value) for key, value in (metadata or {}).items()})
+    payload = save_safetensors(
+        {key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+        metadata={key: str(value) for key, value in (metadata or {}).items()},
+    )
     _write_file(directory, name, payload)
 
 
@@ -137,8 +154,9 @@ def commit(directory: str) -> None:
         versions[name] = version
     _remove_records(directory, [name for name in listing if name.startswith(".") and name.endswith(RECORD_SUFFIX)])
     marker_path = f"{directory}/{MARKER}"
-    storage.atomic_write_bytes(marker_path, json.dumps({"format": FORMAT_VERSION, "files": files},
-                                                       indent=2, sort_keys=True).encode())
+    storage.atomic_write_bytes(
+        marker_path, json.dumps({"format": FORMAT_VERSION, "files": files}, indent=2, sort_keys=True).encode()
+    )
     marker_version = _version_of(marker_path)
     if all_recorded and marker_version is not None:  # every entry is the hash of the very bytes written
         _trusted[_key(directory)] = {**versions, MARKER: marker_version}
@@ -188,8 +206,10 @@ _VERSION_KEYS = ("size", "ETag", "etag", "generation", "mtime", "ino")
 
 
 def _version(info: dict) -> list:
-    return [value if value is None or isinstance(value, (str, int, float)) else str(value)
-            for value in (info.get(key) for key in _VERSION_KEYS)]
+    return [
+        value if value is None or isinstance(value, (str, int, float)) else str(value)
+        for value in (info.get(key) for key in _VERSION_KEYS)
+    ]
 
 
 def _version_of(path: str) -> list | None:
@@ -241,8 +261,13 @@ def _read_record(directory: str, name: str) -> dict | None:
         record = json.loads(storage.read_bytes(f"{directory}/{record_name(name)}"))
     except (storage.StorageError, ValueError, RecursionError):
         return None
-    if (isinstance(record, dict) and _is_count(record.get("size")) and isinstance(record.get("sha256"), str)
-            and _SHA256.match(record["sha256"]) and isinstance(record.get("version"), list)):
+    if (
+        isinstance(record, dict)
+        and _is_count(record.get("size"))
+        and isinstance(record.get("sha256"), str)
+        and _SHA256.match(record["sha256"])
+        and isinstance(record.get("version"), list)
+    ):
         return record
     return None
 
@@ -262,6 +287,7 @@ def _still_trusted(directory: str) -> bool:
 
 
 # --- reading ---------------------------------------------------------------------------
+
 
 def list_rounds(checkpoints_dir: str) -> list[int]:
     if not storage.exists(checkpoints_dir):
@@ -304,8 +330,10 @@ def verify(directory: str) -> Checkpoint:
             raise CheckpointError(f"{path} is missing")
         data = storage.read_bytes(path)
         if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CheckpointError(f"{path} does not match its marker ({len(data)} bytes, expected {expected['size']}): "
-                                  "truncated or modified")
+            raise CheckpointError(
+                f"{path} does not match its marker ({len(data)} bytes, expected {expected['size']}): "
+                "truncated or modified"
+            )
         if name.endswith(".safetensors"):
             _check_safetensors_header(path, data)
         del data
@@ -340,12 +368,17 @@ def _read_marker(marker_path: str) -> dict[str, dict]:
         raise CheckpointError(f"{marker_path} has format {marker['format']!r}, this version reads {FORMAT_VERSION}")
     files = marker["files"]
     for name, entry in files.items():
-        if (not name or name.startswith(".") or ".." in name or any(sign in name for sign in "/\\\0")
-                or name == MARKER):
-            raise CheckpointError(f"{marker_path} is not a valid marker (file name {name!r} is not a plain "
-                                  "name inside the folder)")
-        if not (isinstance(entry, dict) and _is_count(entry.get("size")) and entry["size"] >= 0
-                and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+        if not name or name.startswith(".") or ".." in name or any(sign in name for sign in "/\\\0") or name == MARKER:
+            raise CheckpointError(
+                f"{marker_path} is not a valid marker (file name {name!r} is not a plain name inside the folder)"
+            )
+        if not (
+            isinstance(entry, dict)
+            and _is_count(entry.get("size"))
+            and entry["size"] >= 0
+            and isinstance(entry.get("sha256"), str)
+            and _SHA256.match(entry["sha256"])
+        ):
             raise CheckpointError(f"{marker_path} is not a valid marker (entry {name!r} lacks a size or sha256)")
     return files
 
@@ -364,8 +397,9 @@ def _read_state(directory: str) -> dict:
         raise CheckpointError(f"{path} says round {number}, its folder is round {int(folder.group(1))}")
     history = state.get("history", [])
     if not isinstance(history, list) or not all(
-            isinstance(entry, dict) and _is_count(entry.get("round")) and isinstance(entry.get("metrics"), dict)
-            for entry in history):
+        isinstance(entry, dict) and _is_count(entry.get("round")) and isinstance(entry.get("metrics"), dict)
+        for entry in history
+    ):
         raise CheckpointError(f"{path} is not a valid checkpoint state (history is not a list of rounds)")
     if not isinstance(state.get("defining_config", {}), dict):
         raise CheckpointError(f"{path} is not a valid checkpoint state (defining_config is not an object)")
@@ -393,8 +427,12 @@ def _check_safetensors_header(path: str, data: bytes) -> None:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(offset) for offset in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= body):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(offset) for offset in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= body
+        ):
             raise CheckpointError(f"{path} is not a valid safetensors file (tensor {name!r} out of bounds)")
 
 
@@ -428,8 +466,10 @@ def check_compatible(found: Checkpoint, defining: dict, force: bool) -> None:
     if force:
         log.warning("resume=force: continuing %s although the experiment changed (%s)", found.directory, detail)
         return
-    raise CheckpointError(f"checkpoint {found.directory} was made by a different experiment ({detail}); "
-                          "use a new job_name / checkpoints_dir, or resume=force to continue anyway")
+    raise CheckpointError(
+        f"checkpoint {found.directory} was made by a different experiment ({detail}); "
+        "use a new job_name / checkpoints_dir, or resume=force to continue anyway"
+    )
 
 
 def check_job_name(found: Checkpoint, job_name: str, force: bool) -> None:
@@ -440,9 +480,11 @@ def check_job_name(found: Checkpoint, job_name: str, force: bool) -> None:
     if force:
         log.warning("resume=force: job %r continues %s of job %r", job_name, found.directory, stored)
         return
-    raise CheckpointError(f"checkpoint {found.directory} belongs to job_name={stored!r}, not {job_name!r}: "
-                          f"run with job_name={stored} to continue it, another checkpoints_dir for a new job, "
-                          "or resume=force to continue it anyway")
+    raise CheckpointError(
+        f"checkpoint {found.directory} belongs to job_name={stored!r}, not {job_name!r}: "
+        f"run with job_name={stored} to continue it, another checkpoints_dir for a new job, "
+        "or resume=force to continue it anyway"
+    )
 
 
 def preflight(cfg, num_sites: int) -> Checkpoint | None:

@@ -50,7 +50,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from scaling_fl import storage
 from scaling_fl.errors import UserError
@@ -235,8 +236,10 @@ def _create_object(fs, fs_path: str, url: str, data: bytes) -> bool:
     s3fs sends ``If-None-Match: *``, gcsfs ``ifGenerationMatch=0``; both raise FileExistsError
     when the object exists. False when it exists (or another conditional write to it is in flight)."""
     if "mode" not in inspect.signature(fs.pipe_file).parameters:
-        raise storage.StorageError(f"{url}: the installed {type(fs).__module__.split('.')[0]} has no exclusive "
-                                   "create (pipe_file mode='create'); upgrade s3fs / gcsfs")
+        raise storage.StorageError(
+            f"{url}: the installed {type(fs).__module__.split('.')[0]} has no exclusive "
+            "create (pipe_file mode='create'); upgrade s3fs / gcsfs"
+        )
     try:
         fs.pipe_file(fs_path, data, mode="create")
     except FileExistsError:
@@ -289,11 +292,16 @@ def _refuses_overwrite(fs, url: str) -> bool:
                 except Exception as exc:  # noqa: BLE001 - a leftover probe object is harmless
                     log.debug("could not delete %s: %s", probe_url, exc)
             if not refused:
-                log.warning("%s://%s%s ignores exclusive creates (If-None-Match / ifGenerationMatch), as "
-                            "emulators do: job claims there fall back to write, wait %g s, read back, which is "
-                            "exclusive only while launchers start less than %g s apart", proto, bucket,
-                            f" at {storage.safe_url(endpoint)}" if endpoint else "", UNCONDITIONAL_SETTLE_S,
-                            UNCONDITIONAL_SETTLE_S)
+                log.warning(
+                    "%s://%s%s ignores exclusive creates (If-None-Match / ifGenerationMatch), as "
+                    "emulators do: job claims there fall back to write, wait %g s, read back, which is "
+                    "exclusive only while launchers start less than %g s apart",
+                    proto,
+                    bucket,
+                    f" at {storage.safe_url(endpoint)}" if endpoint else "",
+                    UNCONDITIONAL_SETTLE_S,
+                    UNCONDITIONAL_SETTLE_S,
+                )
             _refuses_overwrite_cache[key] = refused
         return _refuses_overwrite_cache[key]
 
@@ -423,12 +431,16 @@ class JobClaim:
     def refusal(self, record: dict | None) -> str:
         """The one-line ClaimRefused message for `record` (the holder)."""
         if record is None:
-            return (f"job_name={self.job_name!r} is being claimed by another launcher at this moment (claim at "
-                    f"{self.location}); stop it first, or if it is really dead re-run with resume=force")
-        return (f"job_name={self.job_name!r} is already running: launcher pid {record.get('pid')} on host "
-                f"{record.get('host')}, started {_when(record.get('started_at'))}, lease renewed until "
-                f"{_when(record.get('expires_at'))} (claim at {self.location}); stop it first, or if it is "
-                "really dead re-run with resume=force (or wait until its lease expires)")
+            return (
+                f"job_name={self.job_name!r} is being claimed by another launcher at this moment (claim at "
+                f"{self.location}); stop it first, or if it is really dead re-run with resume=force"
+            )
+        return (
+            f"job_name={self.job_name!r} is already running: launcher pid {record.get('pid')} on host "
+            f"{record.get('host')}, started {_when(record.get('started_at'))}, lease renewed until "
+            f"{_when(record.get('expires_at'))} (claim at {self.location}); stop it first, or if it is "
+            "really dead re-run with resume=force (or wait until its lease expires)"
+        )
 
     def _refuse_for_winner(self) -> ClaimRefused:
         try:
@@ -440,11 +452,19 @@ class JobClaim:
     # -- acquiring, renewing, releasing
 
     def _new_record(self, now: float) -> dict:
-        return {"job_name": self.job_name, "owner": self.owner, "host": self.host, "pid": self.pid,
-                "pid_start": self.pid_start, "pid_namespace": self.pid_namespace, "started_at": now,
-                "expires_at": now + self.lease_s, "released": False}
+        return {
+            "job_name": self.job_name,
+            "owner": self.owner,
+            "host": self.host,
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "pid_namespace": self.pid_namespace,
+            "started_at": now,
+            "expires_at": now + self.lease_s,
+            "released": False,
+        }
 
-    def acquire(self, force: bool = False) -> "JobClaim":
+    def acquire(self, force: bool = False) -> JobClaim:
         """Take the claim, or raise ClaimRefused (one line) if a live launcher holds it.
 
         force=True takes it even from a live holder (resume=force: the user says it is dead).
@@ -455,14 +475,20 @@ class JobClaim:
             top, record = self._current()
         except UnreadableClaim as exc:
             if not force:
-                raise ClaimRefused(f"job_name={self.job_name!r}: {exc}; if no launcher of this job runs, "
-                                   "re-run with resume=force") from None
+                raise ClaimRefused(
+                    f"job_name={self.job_name!r}: {exc}; if no launcher of this job runs, re-run with resume=force"
+                ) from None
             top, record = max(self._store.generations(), default=0), None
         if not force and not self.is_free(record):
             raise ClaimRefused(self.refusal(record))
         if force and record is not None and not self.is_free(record):
-            log.warning("resume=force: taking the claim on job %r at %s from launcher pid %s on host %s",
-                        self.job_name, self.location, record.get("pid"), record.get("host"))
+            log.warning(
+                "resume=force: taking the claim on job %r at %s from launcher pid %s on host %s",
+                self.job_name,
+                self.location,
+                record.get("pid"),
+                record.get("host"),
+            )
 
         generation = top + 1
         now = time.time()
@@ -514,10 +540,11 @@ class JobClaim:
     def lost_message(self) -> str:
         """One line for a launcher whose renew() returned False."""
         other = self.successor or {}
-        who = f"launcher pid {other.get('pid')} on host {other.get('host')}" if other.get("pid") else \
-            "another launcher"
-        return (f"job_name={self.job_name!r}: {who} took over the claim at {self.location} "
-                f"(generation {other.get('generation', '?')}); this launcher no longer owns the job and stops")
+        who = f"launcher pid {other.get('pid')} on host {other.get('host')}" if other.get("pid") else "another launcher"
+        return (
+            f"job_name={self.job_name!r}: {who} took over the claim at {self.location} "
+            f"(generation {other.get('generation', '?')}); this launcher no longer owns the job and stops"
+        )
 
     def release(self) -> None:
         """Mark our record released, so the next launcher starts at once. The record stays:
@@ -531,8 +558,13 @@ class JobClaim:
                     return  # taken over: our record is history (maybe deleted already), leave it be
                 self._store.overwrite(self.generation, dict(self._record, released=True, expires_at=time.time()))
             except Exception as exc:  # noqa: BLE001 - its lease expires anyway
-                log.warning("could not release the claim on job %r at %s (%s); it expires within %g s",
-                            self.job_name, self.location, _one_line(exc), self.lease_s)
+                log.warning(
+                    "could not release the claim on job %r at %s (%s); it expires within %g s",
+                    self.job_name,
+                    self.location,
+                    _one_line(exc),
+                    self.lease_s,
+                )
 
     def _delete_quietly(self, generation: int) -> None:
         try:
@@ -563,10 +595,10 @@ def claim_in_mongo(database, job_name: str, lease_s: float = DEFAULT_LEASE_S) ->
 class JobClaims:
     """The claims of one launcher (e.g. tracking store and checkpoints folder), held together.
 
-        claims = JobClaims([claim_in_mongo(db, job), claim_in_directory(ckpt_claims, job)])
-        with claims.acquire_all(force):      # raises ClaimRefused, holding nothing
-            claims.start_renewing(on_lost)   # on_lost(message) once, from the renewal thread
-            ...                              # release_all() on exit, also after an exception
+    claims = JobClaims([claim_in_mongo(db, job), claim_in_directory(ckpt_claims, job)])
+    with claims.acquire_all(force):      # raises ClaimRefused, holding nothing
+        claims.start_renewing(on_lost)   # on_lost(message) once, from the renewal thread
+        ...                              # release_all() on exit, also after an exception
     """
 
     def __init__(self, claims: list[JobClaim], interval_s: float = DEFAULT_RENEW_INTERVAL_S):
@@ -576,13 +608,13 @@ class JobClaims:
         self._thread: threading.Thread | None = None
         self._lost_reported = False
 
-    def __enter__(self) -> "JobClaims":
+    def __enter__(self) -> JobClaims:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.release_all()
 
-    def acquire_all(self, force: bool = False) -> "JobClaims":
+    def acquire_all(self, force: bool = False) -> JobClaims:
         """Acquire every claim in order; if one is refused (or fails), release those already
         taken and re-raise, so a refused launcher holds nothing."""
         taken = []
@@ -602,8 +634,9 @@ class JobClaims:
         distinct error) and retried at the next interval."""
         if self._thread is not None:
             raise RuntimeError("start_renewing() was already called")
-        self._thread = threading.Thread(target=self._renew_loop, args=(on_lost,), name="scaling-fl-claim-renewal",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._renew_loop, args=(on_lost,), name="scaling-fl-claim-renewal", daemon=True
+        )
         self._thread.start()
 
     def _renew_loop(self, on_lost: Callable[[str], None]) -> None:
@@ -620,8 +653,13 @@ class JobClaims:
                     errors = seen_errors.setdefault(index, set())
                     if text not in errors:
                         errors.add(text)
-                        log.warning("could not renew the claim on job %r at %s (%s); retrying every %g s",
-                                    claim.job_name, claim.location, text, self.interval_s)
+                        log.warning(
+                            "could not renew the claim on job %r at %s (%s); retrying every %g s",
+                            claim.job_name,
+                            claim.location,
+                            text,
+                            self.interval_s,
+                        )
                     continue
                 if seen_errors.pop(index, None):
                     log.info("renewed the claim on job %r at %s again", claim.job_name, claim.location)

@@ -54,8 +54,10 @@ def check_command_line(argv: list[str]) -> None:
     for index, arg in enumerate(argv):  # Sacred records its command line options in the run
         value = arg.split("=", 1)[1] if "=" in arg else (argv[index + 1] if index + 1 < len(argv) else "")
         if arg.split("=", 1)[0] in ("-m", "--mongo_db") and "@" in value:
-            raise ConfigError("credentials on the command line end up in the run record; "
-                              "set SACRED_URL (or SACRED_USER / SACRED_PASSWORD / SACRED_HOST) in .env instead")
+            raise ConfigError(
+                "credentials on the command line end up in the run record; "
+                "set SACRED_URL (or SACRED_USER / SACRED_PASSWORD / SACRED_HOST) in .env instead"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     from scaling_fl.tracking import experiment
 
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(
-        arg.startswith(tuple(f"{flag}=" for flag in OBSERVER_FLAGS if flag.startswith("--"))) for arg in argv)
+        arg.startswith(tuple(f"{flag}=" for flag in OBSERVER_FLAGS if flag.startswith("--"))) for arg in argv
+    )
     processes.InterruptHandler().install()
     try:
         run = experiment.ex.run_commandline(argv)

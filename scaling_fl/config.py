@@ -25,8 +25,9 @@ import os
 import re
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 from scaling_fl.errors import UserError
 
@@ -121,8 +122,11 @@ class Number(Rule):
         return f"number in {self._interval(_short_number)}"
 
     def convert(self, value: Any) -> float:
-        ok = _is_number(value) and (value > self.low if self.low_open else value >= self.low) and \
-            (value < self.high if self.high_open else value <= self.high)
+        ok = (
+            _is_number(value)
+            and (value > self.low if self.low_open else value >= self.low)
+            and (value < self.high if self.high_open else value <= self.high)
+        )
         if not ok:
             raise ValueError
         return float(value)
@@ -256,8 +260,15 @@ def value_text(value: Any) -> str:
     return str(value)
 
 
-def key(default: Any, rule: Rule, help: str, *, optional: bool | None = None, shown_default: str | None = None,
-        section: str | None = None) -> Any:
+def key(
+    default: Any,
+    rule: Rule,
+    help: str,
+    *,
+    optional: bool | None = None,
+    shown_default: str | None = None,
+    section: str | None = None,
+) -> Any:
     """Declares a key as a field of Config; optional (None accepted) defaults to `default is None`."""
     optional = default is None if optional is None else optional
     return field(metadata={"key": Key(default, rule, help, optional, shown_default, section)})
@@ -265,16 +276,33 @@ def key(default: Any, rule: Rule, help: str, *, optional: bool | None = None, sh
 
 # The README sections that say more about a section of keys: title and anchor.
 SECTION_LINKS = {
-    "strategy, exchange, sync": ("Strategies, exchanges and synchronization",
-                                 "strategies-exchanges-and-synchronization"),
+    "strategy, exchange, sync": (
+        "Strategies, exchanges and synchronization",
+        "strategies-exchanges-and-synchronization",
+    ),
     "tracking": ("Tracking", "tracking"),
     "checkpoints and faults": ("Checkpoints and resume", "checkpoints-and-resume"),
 }
 
 # The keys of the original scaling_fl, same names and meaning.
-ORIGINAL_KEYS = ("learning_rate", "max_seq_len", "batch_size", "val_batch_size", "num_rounds", "num_local_epochs",
-                 "site_ids", "task_name", "train_path", "test_path", "model", "data_seed", "iid_split", "job_name",
-                 "checkpoints_dir", "author")
+ORIGINAL_KEYS = (
+    "learning_rate",
+    "max_seq_len",
+    "batch_size",
+    "val_batch_size",
+    "num_rounds",
+    "num_local_epochs",
+    "site_ids",
+    "task_name",
+    "train_path",
+    "test_path",
+    "model",
+    "data_seed",
+    "iid_split",
+    "job_name",
+    "checkpoints_dir",
+    "author",
+)
 
 
 @dataclass(frozen=True)
@@ -288,38 +316,50 @@ class Config:
     # Sites: how many, on how many processes, and who trains each round (see README, "Many sites").
     site_ids: tuple[int, ...] = key(
         [0, 0, 0, 0],
-        Custom(_site_ids, "a non-empty list of GPU ids >= 0, one entry per site, e.g. site_ids=[0,0,1,1]",
-               "list of GPU ids >= 0"),
+        Custom(
+            _site_ids,
+            "a non-empty list of GPU ids >= 0, one entry per site, e.g. site_ids=[0,0,1,1]",
+            "list of GPU ids >= 0",
+        ),
         "one entry per site on this node: the GPU it runs on (a GPU may appear several times). On a machine "
         "without CUDA all sites run on the CPU (gloo) and only the count matters",
-        section="sites and rounds")
+        section="sites and rounds",
+    )
     num_sites: int | None = key(
-        None, Int(1), "N sites spread over the distinct devices of `site_ids` (`None`: one site per `site_ids` entry)")
+        None, Int(1), "N sites spread over the distinct devices of `site_ids` (`None`: one site per `site_ids` entry)"
+    )
     processes_per_device: int | None = key(
-        None, Int(1), "worker processes per device that host its sites (`None`: one per site; with `num_sites` "
-                      "one per GPU, or per CPU core)")
+        None,
+        Int(1),
+        "worker processes per device that host its sites (`None`: one per site; with `num_sites` "
+        "one per GPU, or per CPU core)",
+    )
     fraction_fit: float = key(
-        1.0, Number(0.0, 1.0, low_open=True),
-        "share of the sites that train each round (at least `min_fit_sites`), drawn from (seed, round)")
+        1.0,
+        Number(0.0, 1.0, low_open=True),
+        "share of the sites that train each round (at least `min_fit_sites`), drawn from (seed, round)",
+    )
     min_fit_sites: int = key(1, Int(1), "at least this many sites train each round")
     num_rounds: int = key(10, Int(1), "federated rounds")
     num_local_epochs: int = key(1, Int(1), "local epochs per round (ignored when `local_steps` > 0)")
     local_steps: int = key(0, Int(0), "local optimizer steps per round instead of epochs (0: use epochs)")
 
     # Local training.
-    learning_rate: float = key(5e-5, Number(0.0, 10.0, low_open=True), "local learning rate",
-                               section="local training")
+    learning_rate: float = key(5e-5, Number(0.0, 10.0, low_open=True), "local learning rate", section="local training")
     batch_size: int = key(16, Int(1), "local training batch size")
     val_batch_size: int = key(64, Int(1), "evaluation batch size")
     grad_accum_steps: int = key(
-        1, Int(1), "micro-batches per optimizer step (exactly one big batch: losses are summed over the step's rows)")
+        1, Int(1), "micro-batches per optimizer step (exactly one big batch: losses are summed over the step's rows)"
+    )
     max_grad_norm: float = key(1.0, Number(0.0, 1e6), "gradient clipping; `0` or `None` turns it off", optional=True)
     optimizer: str = key("adamw", Choice(OPTIMIZERS), "`adamw`, or `sgd` (with `momentum`)")
     momentum: float = key(0.0, Number(0.0, 1.0, high_open=True), "SGD momentum")
     weight_decay: float = key(0.0, Number(0.0, 1.0), "AdamW/SGD weight decay (not on biases and norm weights)")
     lr_scheduler: str = key(
-        "linear", Choice(LR_SCHEDULERS), "learning rate schedule over all local steps of the whole run, after the "
-                                         "warm-up")
+        "linear",
+        Choice(LR_SCHEDULERS),
+        "learning rate schedule over all local steps of the whole run, after the warm-up",
+    )
     warmup_ratio: float = key(0.0, Number(0.0, 1.0, high_open=True), "share of all local steps spent warming up")
     precision: str = key("fp32", Choice(PRECISIONS), "`fp32`, or `bf16` / `fp16` autocast (CUDA only)")
     max_seq_len: int = key(128, Int(8), "truncation length; batches are padded only to their longest row")
@@ -330,91 +370,146 @@ class Config:
     train_path: str | None = key(None, PATH, "training data of the task (see Tasks)")
     test_path: str | None = key(None, PATH, "test data of the task (see Tasks)")
     text_columns: tuple[str, ...] | None = key(
-        None, Custom(_text_columns, "a list of CSV column names, e.g. text_columns=['title','body']",
-                     "list of column names"),
-        "for `task_name=csv`: the columns joined into the text")
-    label_column: str | None = key(None, Text("a CSV column name", "column name"),
-                                   "for `task_name=csv`: the label's column")
+        None,
+        Custom(_text_columns, "a list of CSV column names, e.g. text_columns=['title','body']", "list of column names"),
+        "for `task_name=csv`: the columns joined into the text",
+    )
+    label_column: str | None = key(
+        None, Text("a CSV column name", "column name"), "for `task_name=csv`: the label's column"
+    )
     synthetic_train_size: int = key(2000, Int(4), "training rows of the synthetic task")
     synthetic_test_size: int = key(500, Int(4), "test rows of the synthetic task")
-    split: str = key(None, Choice(SPLITS), "`iid`, `label_sorted` (the original non-IID split) or `dirichlet` "
-                                           "(`None`: from `iid_split`)")
-    iid_split: bool = key(True, Flag(), "the original key: `False` means `split=label_sorted` (when `split` is "
-                                        "not given)")
-    dirichlet_beta: float = key(0.5, Number(0.0, 1e6, low_open=True),
-                                "concentration of the Dirichlet split (small = skewed)")
-    sample_percentage: float = key(1.0, Number(0.0, 1.0, low_open=True),
-                                   "fraction of the training set used (seeded), before splitting")
+    split: str = key(
+        None,
+        Choice(SPLITS),
+        "`iid`, `label_sorted` (the original non-IID split) or `dirichlet` (`None`: from `iid_split`)",
+    )
+    iid_split: bool = key(
+        True, Flag(), "the original key: `False` means `split=label_sorted` (when `split` is not given)"
+    )
+    dirichlet_beta: float = key(
+        0.5, Number(0.0, 1e6, low_open=True), "concentration of the Dirichlet split (small = skewed)"
+    )
+    sample_percentage: float = key(
+        1.0, Number(0.0, 1.0, low_open=True), "fraction of the training set used (seeded), before splitting"
+    )
     data_seed: int = key(42, Int(0), "seeds the split and the synthetic data")
-    model: str = key("minilm", Text("a nickname (see README), a Hugging Face id or a local directory",
-                                    "nickname, Hugging Face id or directory"), "the model (see Models)")
+    model: str = key(
+        "minilm",
+        Text(
+            "a nickname (see README), a Hugging Face id or a local directory", "nickname, Hugging Face id or directory"
+        ),
+        "the model (see Models)",
+    )
 
     # Server strategy (what is done with the mean update); None takes the strategy's default.
-    strategy: str = key("fedavg", Choice(STRATEGIES), "what the server does with the mean update",
-                        section="strategy, exchange, sync")
+    strategy: str = key(
+        "fedavg", Choice(STRATEGIES), "what the server does with the mean update", section="strategy, exchange, sync"
+    )
     server_learning_rate: float | None = key(
-        None, Number(0.0, 1e3, low_open=True), "server step size (`None`: the strategy's default, see "
-                                               "`scaling_fl/strategies/factory.py`)")
-    server_momentum: float | None = key(None, Number(0.0, 1.0, high_open=True),
-                                        "`fedavgm` server momentum (`None`: the strategy's default)")
-    beta1: float | None = key(None, Number(0.0, 1.0, high_open=True),
-                              "`fedadam`/`fedyogi`/`fedadagrad` first moment decay (`None`: the strategy's default)")
-    beta2: float | None = key(None, Number(0.0, 1.0, high_open=True),
-                              "`fedadam`/`fedyogi`/`fedadagrad` second moment decay (`None`: the strategy's default)")
-    tau: float | None = key(None, Number(0.0, 1e3, low_open=True),
-                            "`fedadam`/`fedyogi`/`fedadagrad` adaptivity (`None`: the strategy's default)")
+        None,
+        Number(0.0, 1e3, low_open=True),
+        "server step size (`None`: the strategy's default, see `scaling_fl/strategies/factory.py`)",
+    )
+    server_momentum: float | None = key(
+        None, Number(0.0, 1.0, high_open=True), "`fedavgm` server momentum (`None`: the strategy's default)"
+    )
+    beta1: float | None = key(
+        None,
+        Number(0.0, 1.0, high_open=True),
+        "`fedadam`/`fedyogi`/`fedadagrad` first moment decay (`None`: the strategy's default)",
+    )
+    beta2: float | None = key(
+        None,
+        Number(0.0, 1.0, high_open=True),
+        "`fedadam`/`fedyogi`/`fedadagrad` second moment decay (`None`: the strategy's default)",
+    )
+    tau: float | None = key(
+        None,
+        Number(0.0, 1e3, low_open=True),
+        "`fedadam`/`fedyogi`/`fedadagrad` adaptivity (`None`: the strategy's default)",
+    )
     # Exchange (how updates cross the wire) and synchronization (when).
     exchange: str = key("dense", Choice(EXCHANGES), "how updates cross the wire")
-    bucket_size_mb: float = key(32, Number(0.0, 4096.0, low_open=True),
-                                "bound of the buckets (and of every exchange buffer but the residual)")
+    bucket_size_mb: float = key(
+        32, Number(0.0, 4096.0, low_open=True), "bound of the buckets (and of every exchange buffer but the residual)"
+    )
     sparsity_level: float = key(0.1, Number(0.0, 1.0, low_open=True), "fraction of values each site sends")
-    sparsity_scope: str = key("model", Choice(SCOPES),
-                              "`model` (global top-k) or `tensor` (the fraction of every tensor)")
+    sparsity_scope: str = key(
+        "model", Choice(SCOPES), "`model` (global top-k) or `tensor` (the fraction of every tensor)"
+    )
     selection_criterion: str = key("largest_magnitude_change", Choice(CRITERIA), "which values a sparse site sends")
-    sparse_average: str = key("per_position", Choice(SPARSE_AVERAGES),
-                              "`per_position`, or `fl4health` (their diluting rule, for comparison)")
+    sparse_average: str = key(
+        "per_position", Choice(SPARSE_AVERAGES), "`per_position`, or `fl4health` (their diluting rule, for comparison)"
+    )
     error_feedback: bool = key(True, Flag(), "sparse and int8 keep what they did not send for the next exchange")
     quantization_block_size: int = key(256, Int(1), "values per int8 scale")
-    sync: str = key("round", Choice(SYNC_MODES), "`round`, `periodic` (every `comm_period` steps) or `dynamic` "
-                                                 "(`check_every`, `delta_threshold`)")
+    sync: str = key(
+        "round",
+        Choice(SYNC_MODES),
+        "`round`, `periodic` (every `comm_period` steps) or `dynamic` (`check_every`, `delta_threshold`)",
+    )
     comm_period: int | None = key(None, Int(1), "`sync=periodic`: local steps between synchronizations")
-    check_every: int | None = key(None, Int(1),
-                                  "`sync=dynamic`: local steps between divergence checks (`None`: once a round)")
+    check_every: int | None = key(
+        None, Int(1), "`sync=dynamic`: local steps between divergence checks (`None`: once a round)"
+    )
     delta_threshold: float | None = key(
-        None, Number(0.0, 1e12), "`sync=dynamic`: synchronize when max ‖w − r‖² over the sites exceeds it")
+        None, Number(0.0, 1e12), "`sync=dynamic`: synchronize when max ‖w − r‖² over the sites exceeds it"
+    )
 
     # Tracking.
-    job_name: str = key(None, Custom(_job_name, "letters, digits, '_', '.', '-' (max 128), starting with a letter "
-                                                "or digit", "letters, digits, _ . - (max 128)"),
-                        "names the run; the same name continues its record and checkpoints",
-                        shown_default="time stamp", section="tracking")
-    author: str = key(_default_author(), Text("a string", "text", empty_ok=True), "recorded in the config",
-                      shown_default="$USER")
-    tracking: str = key("auto", Choice(TRACKING), "`auto`: Mongo when `SACRED_URL`/`SACRED_HOST` is set, else the "
-                                                  "file store under `runs_dir`")
+    job_name: str = key(
+        None,
+        Custom(
+            _job_name,
+            "letters, digits, '_', '.', '-' (max 128), starting with a letter or digit",
+            "letters, digits, _ . - (max 128)",
+        ),
+        "names the run; the same name continues its record and checkpoints",
+        shown_default="time stamp",
+        section="tracking",
+    )
+    author: str = key(
+        _default_author(), Text("a string", "text", empty_ok=True), "recorded in the config", shown_default="$USER"
+    )
+    tracking: str = key(
+        "auto",
+        Choice(TRACKING),
+        "`auto`: Mongo when `SACRED_URL`/`SACRED_HOST` is set, else the file store under `runs_dir`",
+    )
     runs_dir: str = key("runs", Text("a directory path", "directory"), "the Sacred file store")
-    per_site_metrics: bool = key(False, Flag(), "also `site.{k}.*` metrics (each site scores its own local model on "
-                                                "the full test set)")
-    save_final_model: bool = key(False, Flag(),
-                                 "the final global model (safetensors + config.json) as a run artifact")
+    per_site_metrics: bool = key(
+        False, Flag(), "also `site.{k}.*` metrics (each site scores its own local model on the full test set)"
+    )
+    save_final_model: bool = key(False, Flag(), "the final global model (safetensors + config.json) as a run artifact")
     tensorboard_dir: str | None = key(None, PATH, "also write TensorBoard event files there")
 
     # Checkpoints and fault tolerance.
-    checkpoints_dir: str | None = key(None, PATH, "where checkpoints go (local, `s3://`, `gs://`)",
-                                      section="checkpoints and faults")
+    checkpoints_dir: str | None = key(
+        None, PATH, "where checkpoints go (local, `s3://`, `gs://`)", section="checkpoints and faults"
+    )
     checkpoint_every: int = key(1, Int(1), "rounds between checkpoints (the last round always gets one)")
     keep_last_checkpoints: int = key(3, Int(1), "how many complete checkpoints to keep")
-    resume: str = key("auto", Choice(RESUME), "`auto` continues a compatible checkpoint; `force` also one of "
-                                              "another job or experiment")
+    resume: str = key(
+        "auto",
+        Choice(RESUME),
+        "`auto` continues a compatible checkpoint; `force` also one of another job or experiment",
+    )
     resume_from: str | None = key(None, PATH, "an explicit checkpoint (a round folder or a checkpoints folder)")
-    max_restarts: int = key(3, Int(0), "restarts of all sites after a site failure (torch elastic), each from the "
-                                       "last checkpoint")
+    max_restarts: int = key(
+        3, Int(0), "restarts of all sites after a site failure (torch elastic), each from the last checkpoint"
+    )
 
     # Runtime.
-    backend: str = key("auto", Choice(BACKENDS), "`auto`: `nccl` when every GPU hosts one site, else `gloo` (NCCL "
-                                                 "refuses two ranks on one GPU); or force one", section="runtime")
-    collective_timeout_s: float = key(60, Number(1.0, 86400.0),
-                                      "seconds after which a dead peer is detected (not torch's 30 minutes)")
+    backend: str = key(
+        "auto",
+        Choice(BACKENDS),
+        "`auto`: `nccl` when every GPU hosts one site, else `gloo` (NCCL refuses two ranks on one GPU); or force one",
+        section="runtime",
+    )
+    collective_timeout_s: float = key(
+        60, Number(1.0, 86400.0), "seconds after which a dead peer is detected (not torch's 30 minutes)"
+    )
 
     @property
     def total_sites(self) -> int:
@@ -462,15 +557,17 @@ def _check_sync(values: dict) -> None:
     if values["sync"] == "periodic" and values["comm_period"] is None:
         raise _fail("comm_period", None, "an integer >= 1 (local steps between synchronizations) with sync=periodic")
     if values["sync"] == "dynamic" and values["delta_threshold"] is None:
-        raise _fail("delta_threshold", None, "a number >= 0 (synchronize when max ||w - r||^2 exceeds it) "
-                                             "with sync=dynamic")
+        raise _fail(
+            "delta_threshold", None, "a number >= 0 (synchronize when max ||w - r||^2 exceeds it) with sync=dynamic"
+        )
 
 
 def _check_backend(values: dict) -> None:
     site_ids = values["site_ids"]
     if values["backend"] == "nccl" and len(set(site_ids)) < len(site_ids):
-        raise _fail("backend", "nccl", "NCCL allows one site per GPU; use backend=gloo or auto when a GPU hosts "
-                                       "several sites")
+        raise _fail(
+            "backend", "nccl", "NCCL allows one site per GPU; use backend=gloo or auto when a GPU hosts several sites"
+        )
 
 
 def _check_sites(config: Config) -> None:
@@ -480,12 +577,18 @@ def _check_sites(config: Config) -> None:
         raise _fail("min_fit_sites", config.min_fit_sites, f"at most the number of sites ({sites})")
     if config.processes_per_device is not None:
         devices = list(dict.fromkeys(config.site_ids))
-        busiest = max(sum(1 for where in config.site_ids if where == device) for device in devices) \
-            if config.num_sites is None else math.ceil(sites / len(devices))
+        busiest = (
+            max(sum(1 for where in config.site_ids if where == device) for device in devices)
+            if config.num_sites is None
+            else math.ceil(sites / len(devices))
+        )
         if config.processes_per_device > busiest:
-            raise _fail("processes_per_device", config.processes_per_device,
-                        f"at most the number of sites a device hosts ({busiest}); a process without a site has "
-                        "nothing to train")
+            raise _fail(
+                "processes_per_device",
+                config.processes_per_device,
+                f"at most the number of sites a device hosts ({busiest}); a process without a site has "
+                "nothing to train",
+            )
 
 
 def resolve(raw: dict[str, Any]) -> Config:
@@ -518,8 +621,10 @@ def sections() -> dict[str, list[Key]]:
 
 def help_text(width: int = 100) -> str:
     """Every key with its default, the values it accepts and its help, grouped as in the README."""
-    lines = ["Config keys: python scripts/train_federated.py with key=value ...",
-             "(key=default, <computed default>; the README's \"Config reference\" has the same table)"]
+    lines = [
+        "Config keys: python scripts/train_federated.py with key=value ...",
+        '(key=default, <computed default>; the README\'s "Config reference" has the same table)',
+    ]
     column = 32
     for title, keys in sections().items():
         more = f" (README: {SECTION_LINKS[title][0]})" if title in SECTION_LINKS else ""
@@ -562,7 +667,7 @@ def readme_table(readme: str) -> str | None:
     start, end = readme.find(README_START), readme.find(README_END)
     if start < 0 or end < start:
         return None
-    return readme[start:end + len(README_END)]
+    return readme[start : end + len(README_END)]
 
 
 def update_readme(path: str) -> bool:

@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class EventWriter:
@@ -38,7 +38,7 @@ class EventFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scaling-fl-events", daemon=True)
 
-    def __enter__(self) -> "EventFollower":
+    def __enter__(self) -> EventFollower:
         self._thread.start()
         return self
 

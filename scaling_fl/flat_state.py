@@ -58,7 +58,7 @@ def flat_sha256(flat: torch.Tensor) -> str:
 def swap_(a: torch.Tensor, b: torch.Tensor, chunk_numel: int = 1 << 22) -> None:
     """Exchanges the contents of two flat vectors through one chunk-sized temporary (exact bits)."""
     for start in range(0, a.numel(), chunk_numel):
-        left, right = a[start:start + chunk_numel], b[start:start + chunk_numel]
+        left, right = a[start : start + chunk_numel], b[start : start + chunk_numel]
         held = left.clone()
         left.copy_(right)
         right.copy_(held)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -23,7 +23,13 @@ from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, prepare_data
 from scaling_fl.data.tasks import check_task_options
 from scaling_fl.launch import (
-    Topology, check_devices, check_layout, check_site_sizes, log_split, node_topology, run_sites,
+    Topology,
+    check_devices,
+    check_layout,
+    check_site_sizes,
+    log_split,
+    node_topology,
+    run_sites,
 )
 from scaling_fl.sites import Layout, plan_layout
 from scaling_fl.tracking import resume
@@ -58,8 +64,13 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
     topology = node_topology(layout.num_sites, workers_per_node=layout.num_workers)
     check_layout(cfg, layout, topology)
     check_devices(cfg)
-    check_task_options(cfg.task_name, cfg.train_path, cfg.test_path,
-                       list(cfg.text_columns) if cfg.text_columns else None, cfg.label_column)
+    check_task_options(
+        cfg.task_name,
+        cfg.train_path,
+        cfg.test_path,
+        list(cfg.text_columns) if cfg.text_columns else None,
+        cfg.label_column,
+    )
     models.check_model(cfg.model)
     tracking, mongo, previous = "none", None, None
     if topology.is_main_node and pick_tracking:
@@ -88,11 +99,15 @@ def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:
 
     if cfg.sync == "round":
         return
-    steps = {steps_per_round(size, cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps)
-             for size in site_sizes}
+    steps = {
+        steps_per_round(size, cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps)
+        for size in site_sizes
+    }
     if len(steps) > 1:
-        raise ConfigError(f"sync={cfg.sync} needs the same number of local steps on every site, but the split gives "
-                          f"{min(steps)}..{max(steps)} steps a round; set local_steps=N (or use sync=round)")
+        raise ConfigError(
+            f"sync={cfg.sync} needs the same number of local steps on every site, but the split gives "
+            f"{min(steps)}..{max(steps)} steps a round; set local_steps=N (or use sync=round)"
+        )
 
 
 def claim_job(cfg: Config, tracking: str, mongo: MongoTarget | None) -> None:

@@ -20,16 +20,16 @@ import logging
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from scaling_fl import processes
 from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, save_prepared
-from scaling_fl.sites import Layout
 from scaling_fl.events import EventFollower
+from scaling_fl.sites import Layout
 
 log = logging.getLogger("scaling_fl")
 
@@ -80,7 +80,10 @@ def node_topology(sites_per_node: int, env: dict | None = None, workers_per_node
         # torchrun's own store already listens on MASTER_PORT; the sites meet one port above.
         env["MASTER_PORT"] = str(_env_int(env, "MASTER_PORT") + 1)
     if "WORLD_SIZE" in env or "RANK" in env:
-        num_nodes, node_rank = _env_int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1, _env_int(env, "RANK") if "RANK" in env else 0
+        num_nodes, node_rank = (
+            _env_int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1,
+            _env_int(env, "RANK") if "RANK" in env else 0,
+        )
     elif "SLURM_NNODES" in env and "SLURM_NODEID" in env:
         num_nodes, node_rank = _env_int(env, "SLURM_NNODES"), _env_int(env, "SLURM_NODEID")
     else:
@@ -90,8 +93,9 @@ def node_topology(sites_per_node: int, env: dict | None = None, workers_per_node
     if num_nodes > 1:
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise ConfigError("a multi-node job needs MASTER_ADDR and MASTER_PORT (the address of node 0)")
-        return Topology(num_nodes, node_rank, env["MASTER_ADDR"], _env_int(env, "MASTER_PORT"), sites_per_node,
-                        workers_per_node)
+        return Topology(
+            num_nodes, node_rank, env["MASTER_ADDR"], _env_int(env, "MASTER_PORT"), sites_per_node, workers_per_node
+        )
     port = _env_int(env, "MASTER_PORT") if "MASTER_PORT" in env else _free_port()
     return Topology(1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, sites_per_node, workers_per_node)
 
@@ -102,12 +106,16 @@ def check_devices(cfg: Config) -> None:
         count = torch.cuda.device_count()
         bad = sorted({gpu for gpu in cfg.site_ids if gpu >= count})
         if bad:
-            raise ConfigError(f"site_ids={list(cfg.site_ids)} names GPU(s) {bad} but this node has {count} (ids 0..{count - 1})")
+            raise ConfigError(
+                f"site_ids={list(cfg.site_ids)} names GPU(s) {bad} but this node has {count} (ids 0..{count - 1})"
+            )
     else:
         if cfg.backend == "nccl":
             raise ConfigError("backend='nccl' needs CUDA; use backend=auto or gloo on a machine without GPUs")
-        log.warning("no CUDA device: the %d sites of this node run on the CPU with gloo; site_ids only set how many",
-                    len(cfg.site_ids))
+        log.warning(
+            "no CUDA device: the %d sites of this node run on the CPU with gloo; site_ids only set how many",
+            len(cfg.site_ids),
+        )
 
 
 def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
@@ -116,17 +124,24 @@ def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
     site each. Refused before any worker starts."""
     if layout.one_site_per_worker and cfg.fraction_fit == 1.0:
         return
-    how = (f"{layout.num_sites} sites in {layout.num_workers} process(es)" if not layout.one_site_per_worker
-           else f"fraction_fit={cfg.fraction_fit}")
+    how = (
+        f"{layout.num_sites} sites in {layout.num_workers} process(es)"
+        if not layout.one_site_per_worker
+        else f"fraction_fit={cfg.fraction_fit}"
+    )
     fix = "or one process per site with every site training (no processes_per_device / num_sites, fraction_fit=1)"
     if topology.num_nodes > 1:
-        raise ConfigError(f"{how} runs on one node for now; on {topology.num_nodes} nodes use site_ids=[...] "
-                          "with one process per site and fraction_fit=1")
+        raise ConfigError(
+            f"{how} runs on one node for now; on {topology.num_nodes} nodes use site_ids=[...] "
+            "with one process per site and fraction_fit=1"
+        )
     if cfg.exchange != "dense":
         raise ConfigError(f"exchange={cfg.exchange} with {how} is not supported yet: use exchange=dense, {fix}")
     if cfg.sync != "round":
-        raise ConfigError(f"sync={cfg.sync} with {how} is not supported yet: a process trains its sites one after "
-                          f"another, so they can only synchronize at the end of a round; use sync=round, {fix}")
+        raise ConfigError(
+            f"sync={cfg.sync} with {how} is not supported yet: a process trains its sites one after "
+            f"another, so they can only synchronize at the end of a round; use sync=round, {fix}"
+        )
     if cfg.per_site_metrics:
         raise ConfigError(f"per_site_metrics=True with {how} is not supported yet; drop it, {fix}")
 
@@ -135,8 +150,10 @@ def check_site_sizes(prepared: PreparedData) -> None:
     empty = [site for site, size in enumerate(prepared.site_sizes()) if size == 0]
     if empty:
         shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
-        raise ConfigError(f"{len(empty)} of {len(prepared.parts)} sites get no training rows (site {shown}): "
-                          f"use fewer sites (num_sites / site_ids) or more training data")
+        raise ConfigError(
+            f"{len(empty)} of {len(prepared.parts)} sites get no training rows (site {shown}): "
+            f"use fewer sites (num_sites / site_ids) or more training data"
+        )
 
 
 def log_split(prepared: PreparedData, every_site_up_to: int = 16) -> None:
@@ -152,14 +169,28 @@ def log_split(prepared: PreparedData, every_site_up_to: int = 16) -> None:
 
         shares = histograms / np.maximum(histograms.sum(axis=1, keepdims=True), 1)
         entropy = -(shares * np.log2(np.where(shares > 0, shares, 1))).sum(axis=1)
-        log.info("%d sites: rows min %d / median %d / max %d, label entropy min %.2f / median %.2f / max %.2f bits "
-                 "(per site: info.json)", len(sizes), min(sizes), int(np.median(sizes)), max(sizes),
-                 entropy.min(), np.median(entropy), entropy.max())
+        log.info(
+            "%d sites: rows min %d / median %d / max %d, label entropy min %.2f / median %.2f / max %.2f bits "
+            "(per site: info.json)",
+            len(sizes),
+            min(sizes),
+            int(np.median(sizes)),
+            max(sizes),
+            entropy.min(),
+            np.median(entropy),
+            entropy.max(),
+        )
     log.info("test set: %d rows", len(prepared.test))
 
 
-def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, layout: Layout,
-              on_event: Callable[[dict], None], max_restarts: int = 0) -> dict[int, dict]:
+def run_sites(
+    cfg: Config,
+    prepared: PreparedData,
+    topology: Topology,
+    layout: Layout,
+    on_event: Callable[[dict], None],
+    max_restarts: int = 0,
+) -> dict[int, dict]:
     """Starts this node's sites and blocks until they finish; returns each local site's result."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -191,13 +222,13 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, layout: L
             # wedged) site would otherwise hold the restart back by elastic's default 30 s.
             shutdown_timeout=SHUTDOWN_GRACE_S,
         )
-        with EventFollower(os.path.join(workdir, "events.jsonl"), on_event), \
-                processes.StoppedSiteWatch():
+        with EventFollower(os.path.join(workdir, "events.jsonl"), on_event), processes.StoppedSiteWatch():
             try:
                 return elastic_launch(launch_config, run_site)(cfg.as_dict(), workdir)
             except ChildFailedError as error:
-                description = _describe_failure(error, topology.node_rank, topology.workers_per_node,
-                                                os.path.join(workdir, "elastic"), workdir)
+                description = _describe_failure(
+                    error, topology.node_rank, topology.workers_per_node, os.path.join(workdir, "elastic"), workdir
+                )
                 log.error("%s", description.splitlines()[0])  # the root cause, also in the captured output
                 raise SiteFailure(description) from None
             except SignalException as error:  # SIGHUP, through elastic
@@ -209,7 +240,8 @@ def run_sites(cfg: Config, prepared: PreparedData, topology: Topology, layout: L
 
 def _stop_fork_server() -> None:
     """The fork server goes as soon as the sites are done: it holds no state, and its graceful exit
-    (an interpreter with torch and transformers to tear down) would take ~2 s: it is killed. CPython's private forkserver attributes, used only here (3.9+; a test
+    (an interpreter with torch and transformers to tear down) would take ~2 s: it is killed. CPython's private
+    forkserver attributes, used only here (3.9+; a test
     in tests/test_processes.py fails when they change)."""
     import multiprocessing.forkserver
     import signal
@@ -226,9 +258,19 @@ def _stop_fork_server() -> None:
 
 
 # Errors a site raises because ANOTHER site died: its peer closed the connection or stopped answering.
-_COLLATERAL = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote worker crashing",
-               "DistNetworkError", "DistBackendError", "Timed out waiting", "timed out", "NCCL communicator was aborted",
-               "ProcessGroupNCCL", "ECONNRESET")
+_COLLATERAL = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote worker crashing",
+    "DistNetworkError",
+    "DistBackendError",
+    "Timed out waiting",
+    "timed out",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL",
+    "ECONNRESET",
+)
 
 
 def _site_errors(log_dir: str, node_rank: int, sites_per_node: int) -> dict[int, dict]:
@@ -248,8 +290,11 @@ def _site_errors(log_dir: str, node_rank: int, sites_per_node: int) -> dict[int,
         try:
             with open(path, encoding="utf-8") as handle:
                 message = json.load(handle)["message"]
-            error = {"timestamp": int(message["extraInfo"]["timestamp"]), "message": message.get("message", ""),
-                     "trace": message["extraInfo"].get("py_callstack", "")}
+            error = {
+                "timestamp": int(message["extraInfo"]["timestamp"]),
+                "message": message.get("message", ""),
+                "trace": message["extraInfo"].get("py_callstack", ""),
+            }
         except (OSError, ValueError, KeyError, TypeError):
             continue
         rank = node_rank * sites_per_node + local_rank
@@ -269,16 +314,21 @@ def _describe_failure(error, node_rank: int, sites_per_node: int, log_dir: str, 
     peer is collateral. An error a restart cannot fix, recorded by the site that met it, comes first."""
     permanent = processes.read_permanent_error(workdir)
     if permanent is not None:
-        return (f"site {permanent['rank']} failed: {permanent['message']} (not retried: a restart cannot fix this)"
-                + (f"\n--- traceback of site {permanent['rank']} ---\n{permanent['trace']}" if permanent["trace"] else ""))
+        return f"site {permanent['rank']} failed: {permanent['message']} (not retried: a restart cannot fix this)" + (
+            f"\n--- traceback of site {permanent['rank']} ---\n{permanent['trace']}" if permanent["trace"] else ""
+        )
     errors = _site_errors(log_dir, node_rank, sites_per_node)
     for rank, failure in error.failures.items():  # signals and sites without an error file
         if rank not in errors:
             cause = failure.message if isinstance(failure.message, str) and failure.message else ""
             if failure.signal_name() != "<N/A>":
                 cause = f"killed by {failure.signal_name()}"
-            errors[rank] = {"timestamp": failure.timestamp, "message": cause or f"exit code {failure.exitcode}",
-                            "trace": "", "exitcode": failure.exitcode}
+            errors[rank] = {
+                "timestamp": failure.timestamp,
+                "message": cause or f"exit code {failure.exitcode}",
+                "trace": "",
+                "exitcode": failure.exitcode,
+            }
     rank = min(errors, key=lambda r: (errors[r]["timestamp"], _is_collateral(errors[r]["trace"]), r))
     chosen = errors[rank]
     cause = chosen["message"] or f"exit code {chosen.get('exitcode', 1)}"

@@ -54,23 +54,29 @@ def check_model(model: str) -> None:
     model_id = resolve_model_id(model)
     is_path = os.path.isdir(model_id) or model_id.startswith(("/", ".", "~"))
     where = "local directory" if is_path else "Hugging Face id"
-    fix = ("use model=minilm or tiny-bert offline, a local model directory, or a Hub id with network access "
-           "(or in the Hugging Face cache)")
+    fix = (
+        "use model=minilm or tiny-bert offline, a local model directory, or a Hub id with network access "
+        "(or in the Hugging Face cache)"
+    )
     try:
         AutoConfig.from_pretrained(model_id, local_files_only=True)  # a directory, or the Hub cache
         return
     except Exception as exc:  # transformers raises OSError/ValueError alike
         if is_path:
-            raise ModelError(f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; "
-                             f"{fix}") from None
+            raise ModelError(
+                f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; {fix}"
+            ) from None
     if not hub.reachable():
-        raise ModelError(f"model={model!r} ({where} {model_id!r}) is not in the Hugging Face cache and the Hub "
-                         f"is not reachable; {fix}")
+        raise ModelError(
+            f"model={model!r} ({where} {model_id!r}) is not in the Hugging Face cache and the Hub "
+            f"is not reachable; {fix}"
+        )
     try:
         AutoConfig.from_pretrained(model_id)
     except Exception as exc:
-        raise ModelError(f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; "
-                         f"{fix}") from None
+        raise ModelError(
+            f"model={model!r} ({where} {model_id!r}) could not be loaded: {type(exc).__name__}; {fix}"
+        ) from None
 
 
 def load_tokenizer(model: str):

@@ -29,6 +29,7 @@ INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # --- is a process alive ------------------------------------------------------------------
 
+
 def process_start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat): with the pid
     it names one process, even after the pid is reused. None where /proc is not available."""
@@ -94,7 +95,7 @@ class StoppedSiteWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scaling-fl-stopped-sites", daemon=True)
 
-    def __enter__(self) -> "StoppedSiteWatch":
+    def __enter__(self) -> StoppedSiteWatch:
         self._thread.start()
         return self
 
@@ -109,8 +110,11 @@ class StoppedSiteWatch:
             if known - current:  # a process of the job has exited
                 for pid in current:
                     if process_state(pid) == "T":
-                        log.warning("process %d of this job is stopped (SIGSTOP) and a peer has exited: "
-                                    "continuing it so that the sites can be restarted", pid)
+                        log.warning(
+                            "process %d of this job is stopped (SIGSTOP) and a peer has exited: "
+                            "continuing it so that the sites can be restarted",
+                            pid,
+                        )
                         try:
                             os.kill(pid, signal.SIGCONT)
                         except OSError:
@@ -119,6 +123,7 @@ class StoppedSiteWatch:
 
 
 # --- children die with their parent ---------------------------------------------------------
+
 
 def die_with_parent(expected_parent: int | None = None) -> None:
     """Asks the kernel to SIGKILL this process when its parent dies (Linux; elsewhere a no-op).
@@ -149,6 +154,7 @@ def watch_launcher(interval_s: float = 1.0) -> None:
 
 
 # --- the sites' fork server -------------------------------------------------------------
+
 
 def start_fork_server() -> None:
     """Sites start from a fork server that imported torch, transformers and the round loop once,
@@ -200,6 +206,7 @@ def adopt_launcher_output() -> None:
 
 # --- signals -----------------------------------------------------------------------------
 
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM reached the launcher. A KeyboardInterrupt, so Sacred records the run as
     INTERRUPTED; the exit code is the shell's 128 + signal number."""
@@ -234,6 +241,7 @@ class InterruptHandler:
 
 
 # --- the job's temp folder -------------------------------------------------------------------
+
 
 def _workdir_prefix(job_name: str) -> str:
     safe = "".join(char if char.isalnum() or char in "-_." else "_" for char in job_name)
@@ -273,6 +281,7 @@ def remove_stale_workdirs(job_name: str) -> list[str]:
 
 # --- errors a restart cannot fix ------------------------------------------------------------
 
+
 def restart_cannot_fix(error: BaseException) -> bool:
     """A full disk, a denied permission or rejected credentials stay so on the next attempt:
     restarting the sites would only burn `max_restarts` before the same error."""
@@ -303,8 +312,11 @@ def record_permanent_error(workdir: str, rank: int, error: BaseException) -> Non
 
     from scaling_fl.storage import first_line
 
-    payload = {"rank": rank, "message": first_line(error) if str(error) else type(error).__name__,
-               "trace": "".join(traceback.format_exception(error))}
+    payload = {
+        "rank": rank,
+        "message": first_line(error) if str(error) else type(error).__name__,
+        "trace": "".join(traceback.format_exception(error)),
+    }
     try:
         with open(os.path.join(workdir, PERMANENT_ERROR_FILE), "x", encoding="utf-8") as handle:
             json.dump(payload, handle)
@@ -323,5 +335,6 @@ def read_permanent_error(workdir: str) -> dict | None:
 def stop_if_permanent_error(workdir: str) -> None:
     found = read_permanent_error(workdir)
     if found is not None:
-        raise PermanentSiteError(f"not restarted: site {found['rank']} met an error a restart cannot fix: "
-                                 f"{found['message']}")
+        raise PermanentSiteError(
+            f"not restarted: site {found['rank']} met an error a restart cannot fix: {found['message']}"
+        )

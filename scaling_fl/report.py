@@ -1,4 +1,5 @@
 """`python -m scaling_fl.report`: figures and tables of tracked runs (see scaling_fl/tracking/report.py)."""
+
 from scaling_fl.tracking.report import main
 
 if __name__ == "__main__":

@@ -53,8 +53,13 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def plan_layout(site_ids: tuple[int, ...], num_sites: int | None, processes_per_device: int | None,
-                cuda: bool, cores: int | None = None) -> Layout:
+def plan_layout(
+    site_ids: tuple[int, ...],
+    num_sites: int | None,
+    processes_per_device: int | None,
+    cuda: bool,
+    cores: int | None = None,
+) -> Layout:
     """Where every site runs.
 
     - `site_ids` alone: site k on device site_ids[k], one worker per site (the classic layout).
@@ -77,7 +82,7 @@ def plan_layout(site_ids: tuple[int, ...], num_sites: int | None, processes_per_
         on_device = [site for site, where in enumerate(site_device) if where == device]
         workers = min(processes_per_device, len(on_device))
         for worker in range(workers):  # contiguous, near-equal blocks
-            block = on_device[len(on_device) * worker // workers: len(on_device) * (worker + 1) // workers]
+            block = on_device[len(on_device) * worker // workers : len(on_device) * (worker + 1) // workers]
             devices.append(device)
             sites.append(tuple(block))
     return Layout(len(site_device), tuple(devices), tuple(sites))
@@ -137,8 +142,9 @@ def start_site(site_ids: tuple[int, ...], requested_backend: str, collective_tim
     if device.type == "cuda":
         torch.cuda.set_device(device)
     extra = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size,
-                            timeout=timeout, **extra)
+    dist.init_process_group(
+        backend, store=_attempt_store(world_size, timeout), rank=rank, world_size=world_size, timeout=timeout, **extra
+    )
     return Site(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend)
 
 
@@ -149,8 +155,9 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta):
     (the dead workers' addresses); reading them makes gloo connect to closed ports. A
     prefix per restart count gives every attempt a clean namespace.
     """
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
-                          timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
     return dist.PrefixStore(f"scaling-fl/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -51,7 +51,7 @@ os.environ.setdefault(_GCS_EXPERIMENTAL_VAR, "false")
 
 import fsspec  # noqa: E402
 
-from scaling_fl.errors import UserError
+from scaling_fl.errors import UserError  # noqa: E402
 
 CHECK_TIMEOUT_S = 8.0  # a whole check_readable / check_writable, probe included
 PROBE_TIMEOUT_S = 2.0  # TCP connect to an explicitly configured endpoint
@@ -68,12 +68,27 @@ LOCAL_PROTOCOLS = ("file", "local")
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 # Variables the clients read themselves: a change means a fresh (cached) client.
 _CLIENT_ENV_VARS = {
-    "s3": SECRET_ENV_VARS + ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE",
-                             "AWS_SHARED_CREDENTIALS_FILE", "AWS_REGION", "AWS_DEFAULT_REGION"),
+    "s3": SECRET_ENV_VARS
+    + (
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "AWS_CONFIG_FILE",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+    ),
     "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"),
 }
-_S3_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-                        "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
+_S3_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+}
 _S3_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "Forbidden", "403"}
 
 
@@ -149,8 +164,11 @@ def storage_options(path, env=None, *, quick: bool = False) -> dict:
     if proto in S3_PROTOCOLS:
         config = {"connect_timeout": CONNECT_TIMEOUT_S}
         if quick:
-            config = {"connect_timeout": PROBE_TIMEOUT_S + 1, "read_timeout": CHECK_TIMEOUT_S,
-                      "retries": {"max_attempts": 1, "mode": "standard"}}
+            config = {
+                "connect_timeout": PROBE_TIMEOUT_S + 1,
+                "read_timeout": CHECK_TIMEOUT_S,
+                "retries": {"max_attempts": 1, "mode": "standard"},
+            }
         return {"config_kwargs": config}
     if proto in GCS_PROTOCOLS:
         options = {"single_attempt": quick}
@@ -228,11 +246,14 @@ def _check_google_credentials_file(path: str) -> None:
         return
     credentials = (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
     if credentials and not os.path.isfile(credentials):
-        raise StorageError(f"{path}: GOOGLE_APPLICATION_CREDENTIALS points to {credentials}, which is not a file; "
-                           "set it to a service-account JSON key file (or unset it to use default credentials)")
+        raise StorageError(
+            f"{path}: GOOGLE_APPLICATION_CREDENTIALS points to {credentials}, which is not a file; "
+            "set it to a service-account JSON key file (or unset it to use default credentials)"
+        )
     if credentials and not os.access(credentials, os.R_OK):
-        raise StorageError(f"{path}: GOOGLE_APPLICATION_CREDENTIALS file {credentials} is not readable; "
-                           "fix its permissions")
+        raise StorageError(
+            f"{path}: GOOGLE_APPLICATION_CREDENTIALS file {credentials} is not readable; fix its permissions"
+        )
 
 
 # ---------------------------------------------------------------- the one private hook: gcsfs's retries
@@ -307,11 +328,14 @@ def __getattr__(name: str):
     if name in ("FailFastGCSFileSystem", "FailFastGCSFileSystemExperimental"):
         return _gcs_class_for(name.endswith("Experimental"))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------- everyday operations
 
 
-def open_file(path, mode: str = "rb", *, encoding=None, errors=None, newline=None, compression=None,
-              **open_kwargs) -> "fsspec.core.OpenFile":
+def open_file(
+    path, mode: str = "rb", *, encoding=None, errors=None, newline=None, compression=None, **open_kwargs
+) -> fsspec.core.OpenFile:
     """An fsspec OpenFile, as fsspec.open(path, mode, ...) gives: a context manager, or call .open().
 
     Differences from fsspec.open: the filesystem is configured from the environment (see the
@@ -329,8 +353,16 @@ def open_file(path, mode: str = "rb", *, encoding=None, errors=None, newline=Non
             os.makedirs(parent, exist_ok=True)
     if not writing and protocol(path) in GCS_PROTOCOLS:
         open_kwargs.setdefault("cache_type", "readahead")
-    return _OpenFile(fs, fs_path, mode, compression=compression, encoding=encoding, errors=errors,
-                     newline=newline, open_kwargs=open_kwargs)
+    return _OpenFile(
+        fs,
+        fs_path,
+        mode,
+        compression=compression,
+        encoding=encoding,
+        errors=errors,
+        newline=newline,
+        open_kwargs=open_kwargs,
+    )
 
 
 class _OpenFile(fsspec.core.OpenFile):
@@ -341,8 +373,19 @@ class _OpenFile(fsspec.core.OpenFile):
         self.open_kwargs = dict(open_kwargs or {})
 
     def __reduce__(self):
-        return (_rebuild_open_file, (self.fs, self.path, self.mode, self.compression, self.encoding, self.errors,
-                                     self.newline, self.open_kwargs))
+        return (
+            _rebuild_open_file,
+            (
+                self.fs,
+                self.path,
+                self.mode,
+                self.compression,
+                self.encoding,
+                self.errors,
+                self.newline,
+                self.open_kwargs,
+            ),
+        )
 
     def __enter__(self):
         import io
@@ -362,8 +405,16 @@ class _OpenFile(fsspec.core.OpenFile):
 
 
 def _rebuild_open_file(fs, path, mode, compression, encoding, errors, newline, open_kwargs):
-    return _OpenFile(fs, path, mode, compression=compression, encoding=encoding, errors=errors, newline=newline,
-                     open_kwargs=open_kwargs)
+    return _OpenFile(
+        fs,
+        path,
+        mode,
+        compression=compression,
+        encoding=encoding,
+        errors=errors,
+        newline=newline,
+        open_kwargs=open_kwargs,
+    )
 
 
 def describe_error(path, exc: BaseException) -> str:
@@ -523,8 +574,15 @@ def check_writable(directory, timeout_s: float = CHECK_TIMEOUT_S) -> None:
     try:
         _within(deadline.left(), _write_and_delete, fs, bucket, probe, progress)
     except Exception as exc:  # noqa: BLE001
-        raise _storage_error(directory, exc, fs=fs, fs_path=fs_path, deadline=deadline, writing=True,
-                                    deleting=progress["step"] == "delete") from None
+        raise _storage_error(
+            directory,
+            exc,
+            fs=fs,
+            fs_path=fs_path,
+            deadline=deadline,
+            writing=True,
+            deleting=progress["step"] == "delete",
+        ) from None
     finally:
         fs.invalidate_cache(fs_path)
 
@@ -571,9 +629,11 @@ def _quick_filesystem(path: str, deadline: _Deadline):
     try:
         return _within(deadline.left(), filesystem, path, quick=True)
     except _Overdue:
-        raise StorageError(f"{path}: no credentials found within {deadline.seconds:g} s (looked for "
-                           f"{_credential_vars(path)}, default credentials and the cloud metadata server); "
-                           f"set {_credential_vars(path)}") from None
+        raise StorageError(
+            f"{path}: no credentials found within {deadline.seconds:g} s (looked for "
+            f"{_credential_vars(path)}, default credentials and the cloud metadata server); "
+            f"set {_credential_vars(path)}"
+        ) from None
     except StorageError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -630,6 +690,8 @@ def _endpoint_var(path: str) -> str:
     if proto in S3_PROTOCOLS:
         return "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL"
     return "STORAGE_EMULATOR_HOST"
+
+
 def _check_endpoint(path: str, deadline: _Deadline) -> None:
     """A fast TCP probe of an explicitly configured endpoint (skipped behind a proxy)."""
     endpoint = _endpoint_for(path)
@@ -638,13 +700,15 @@ def _check_endpoint(path: str, deadline: _Deadline) -> None:
     parts = urlsplit(endpoint)
     host = parts.hostname
     if not host:
-        raise StorageError(f"{path}: {_endpoint_var(path)}={safe_url(endpoint)} is not a URL; "
-                           "use the form http://host:port")
+        raise StorageError(
+            f"{path}: {_endpoint_var(path)}={safe_url(endpoint)} is not a URL; use the form http://host:port"
+        )
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise StorageError(f"{path}: {_endpoint_var(path)}={safe_url(endpoint)} has a bad port; "
-                           "use the form http://host:port") from None
+        raise StorageError(
+            f"{path}: {_endpoint_var(path)}={safe_url(endpoint)} has a bad port; use the form http://host:port"
+        ) from None
     if _behind_proxy(parts.scheme, host):
         return
     cause = None
@@ -655,13 +719,15 @@ def _check_endpoint(path: str, deadline: _Deadline) -> None:
         cause = "connection refused"
     except socket.gaierror:
         cause = f"unknown host {host}"
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         cause = f"no TCP answer within {limit:.3g} s"
     except OSError as exc:
         cause = exc.strerror or type(exc).__name__
     if cause:
-        raise StorageError(f"{path}: endpoint {safe_url(endpoint)} is unreachable ({cause}); "
-                           f"check {_endpoint_var(path)} and that the server is up")
+        raise StorageError(
+            f"{path}: endpoint {safe_url(endpoint)} is unreachable ({cause}); "
+            f"check {_endpoint_var(path)} and that the server is up"
+        )
 
 
 def _behind_proxy(scheme: str, host: str) -> bool:
@@ -685,8 +751,11 @@ def safe_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else redact(url)
 
 
-_SIGNED_QUERY = re.compile(r"((?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|"
-                           r"access_token|token|key)=)[^&\s\"']+", re.IGNORECASE)
+_SIGNED_QUERY = re.compile(
+    r"((?:X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|"
+    r"access_token|token|key)=)[^&\s\"']+",
+    re.IGNORECASE,
+)
 _USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -755,8 +824,13 @@ def _http_status(exc: BaseException) -> int | None:
     """The HTTP status of GCS's answer (gcsfs's HttpError, aiohttp's ClientResponseError)."""
     types = _error_types()
     for item in _chain(exc):
-        status = item.code if isinstance(item, types.http_code) else \
-            item.status if isinstance(item, types.http_status) else None
+        status = (
+            item.code
+            if isinstance(item, types.http_code)
+            else item.status
+            if isinstance(item, types.http_status)
+            else None
+        )
         if isinstance(status, int):
             return status
     return None
@@ -856,24 +930,37 @@ def _explain_setup(path: str, exc: BaseException) -> str:
     if protocol(path) in GCS_PROTOCOLS and not gcs_endpoint():
         credentials = (os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or "").strip()
         if credentials:
-            return (f"{path}: GOOGLE_APPLICATION_CREDENTIALS file {credentials} holds no usable credentials "
-                    f"({type(exc).__name__}: {first_line(exc)[:80]}); use a service-account JSON key file "
-                    "or `gcloud auth application-default login`")
+            return (
+                f"{path}: GOOGLE_APPLICATION_CREDENTIALS file {credentials} holds no usable credentials "
+                f"({type(exc).__name__}: {first_line(exc)[:80]}); use a service-account JSON key file "
+                "or `gcloud auth application-default login`"
+            )
     if protocol(path) in S3_PROTOCOLS and s3_endpoint() and isinstance(exc, ValueError):
         return f"{path}: {_endpoint_var(path)}={safe_url(s3_endpoint())} is not a valid URL; use http(s)://host:port"
     return _explain(path, exc)
 
 
-def _explain(path: str, exc: BaseException, *, fs=None, fs_path: str | None = None,
-             deadline: _Deadline | None = None, writing: bool = False, deleting: bool = False) -> str:
+def _explain(
+    path: str,
+    exc: BaseException,
+    *,
+    fs=None,
+    fs_path: str | None = None,
+    deadline: _Deadline | None = None,
+    writing: bool = False,
+    deleting: bool = False,
+) -> str:
     """One line: path, cause, fix. With `fs`, may ask the store a follow-up question
     (does the bucket exist? which 403?) within what is left of `deadline`."""
     deadline = deadline or _Deadline(CHECK_TIMEOUT_S)
     remote = is_remote(path)
     endpoint = _endpoint_for(path)
     where = f" at {safe_url(endpoint)}" if endpoint else ""
-    endpoint_fix = f"check {_endpoint_var(path)} and that the server is up" if endpoint else \
-        "check the network (proxy, firewall, DNS)"
+    endpoint_fix = (
+        f"check {_endpoint_var(path)} and that the server is up"
+        if endpoint
+        else "check the network (proxy, firewall, DNS)"
+    )
     action = "delete" if deleting else ("write" if writing else "read")
     code, status = _s3_code(exc), _http_status(exc)
     if code in ("403", "400") and protocol(path) in S3_PROTOCOLS and fs is not None and fs_path:
@@ -883,8 +970,10 @@ def _explain(path: str, exc: BaseException, *, fs=None, fs_path: str | None = No
     if kind == "no-credentials":
         return f"{path}: no credentials found; set {_credential_vars(path)}"
     if kind in ("token-refused", "token-unreachable"):  # google-auth could not get an access token
-        return (f"{path}: could not get an access token with the configured credentials ({_cause(exc)}); "
-                f"check {_credential_vars(path)}")
+        return (
+            f"{path}: could not get an access token with the configured credentials ({_cause(exc)}); "
+            f"check {_credential_vars(path)}"
+        )
     if kind == "timeout":
         return f"{path}: no answer from the storage service{where} within {deadline.seconds:g} s; {endpoint_fix}"
     if kind == "unreachable":
@@ -892,8 +981,10 @@ def _explain(path: str, exc: BaseException, *, fs=None, fs_path: str | None = No
     if kind == "rejected":
         return f"{path}: the credentials were rejected ({code or 'HTTP 401'}); check {_credential_vars(path)}"
     if kind == "denied" and remote:
-        return (f"{path}: access denied ({code or status or 'permission'}); the credentials in "
-                f"{_credential_vars(path)} need permission to {action} it")
+        return (
+            f"{path}: access denied ({code or status or 'permission'}); the credentials in "
+            f"{_credential_vars(path)} need permission to {action} it"
+        )
     if kind == "denied":
         return f"{path}: permission denied; make it {'writable' if writing else 'readable'} for this user"
     if kind == "missing":

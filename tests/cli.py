@@ -23,22 +23,32 @@ def cli_command(*args: str) -> list[str]:
     """The real entry point's command line. Only tests marked slow may start it: the fast tier
     (./dev/test.sh --fast, `-m "not slow"`) stays in-process."""
     if not current_test_is_slow:
-        raise AssertionError("this test starts the command line (~10 s): mark it @pytest.mark.slow, "
-                             "or test the function it exercises in-process")
+        raise AssertionError(
+            "this test starts the command line (~10 s): mark it @pytest.mark.slow, "
+            "or test the function it exercises in-process"
+        )
     return [sys.executable, str(SCRIPT), *args]
 
 
 def run_cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cli_command(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def run_records(runs_dir: Path) -> list[Path]:
-    return sorted((p for p in runs_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)) if runs_dir.exists() else []
+    return (
+        sorted((p for p in runs_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        if runs_dir.exists()
+        else []
+    )
 
 
 def read_record(run_dir: Path) -> dict:
-    record = {name: json.loads((run_dir / f"{name}.json").read_text())
-              for name in ("run", "config", "metrics", "info") if (run_dir / f"{name}.json").exists()}
+    record = {
+        name: json.loads((run_dir / f"{name}.json").read_text())
+        for name in ("run", "config", "metrics", "info")
+        if (run_dir / f"{name}.json").exists()
+    }
     record["cout"] = (run_dir / "cout.txt").read_text() if (run_dir / "cout.txt").exists() else ""
     return record

@@ -1,5 +1,8 @@
 """Shared fixtures: real MongoDB / S3 / GCS test servers (see tests/servers.py)."""
 
+import pytest  # noqa: E402
+
+from tests import cli  # noqa: E402
 from tests.servers import (  # noqa: F401 - pytest finds fixtures by name
     gcs_env,
     gcs_server,
@@ -12,13 +15,18 @@ from tests.servers import (  # noqa: F401 - pytest finds fixtures by name
     server_env,
 )
 
-import pytest  # noqa: E402
-
-from tests import cli  # noqa: E402
-
 # Tests that use one of these start a real server: they belong to the slow tier.
-SERVER_FIXTURES = {"mongo_server", "mongo_auth_server", "mongo_env", "mongo_auth_env", "s3_server", "s3_env",
-                   "gcs_server", "gcs_env", "server_env"}
+SERVER_FIXTURES = {
+    "mongo_server",
+    "mongo_auth_server",
+    "mongo_env",
+    "mongo_auth_env",
+    "s3_server",
+    "s3_env",
+    "gcs_server",
+    "gcs_env",
+    "server_env",
+}
 
 
 def pytest_collection_modifyitems(config, items):

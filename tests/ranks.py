@@ -15,8 +15,7 @@ def free_port() -> int:
 
 # The ranks fork from a server that imported these once, instead of each spawned rank importing
 # torch again (seconds per rank on two cores; the gloo tests start dozens of ranks).
-PRELOAD = ["torch", "torch.distributed", "scaling_fl.exchange.factory", "scaling_fl.strategies.factory",
-           "tests.ranks"]
+PRELOAD = ["torch", "torch.distributed", "scaling_fl.exchange.factory", "scaling_fl.strategies.factory", "tests.ranks"]
 
 
 def run_on_ranks(fn, world_size: int, *args) -> list:
@@ -25,9 +24,17 @@ def run_on_ranks(fn, world_size: int, *args) -> list:
 
     multiprocessing.set_forkserver_preload(PRELOAD)
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=f"test-{free_port()}",
-        rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_configs={"rank": 0},
-        max_restarts=0, monitor_interval=0.1, start_method="forkserver", local_addr="127.0.0.1",
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world_size,
+        run_id=f"test-{free_port()}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_configs={"rank": 0},
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="forkserver",
+        local_addr="127.0.0.1",
     )
     results = elastic_launch(config, fn)(*args)
     return [results[rank] for rank in range(world_size)]

@@ -56,12 +56,28 @@ S3_TEST_KEY_ID = "testing"
 S3_TEST_SECRET = "testing"
 
 # Variables that would let the developer's own cloud configuration leak into a test.
-_AWS_ISOLATION = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
-                  "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ROLE_ARN",
-                  "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-                  "AWS_CONTAINER_CREDENTIALS_FULL_URI")
-_SACRED_VARS = ("SACRED_URL", "SACRED_USER", "SACRED_PASSWORD", "SACRED_HOST", "SACRED_DATABASE",
-                "SACRED_AUTH_SOURCE", "SACRED_TLS")
+_AWS_ISOLATION = (
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+)
+_SACRED_VARS = (
+    "SACRED_URL",
+    "SACRED_USER",
+    "SACRED_PASSWORD",
+    "SACRED_HOST",
+    "SACRED_DATABASE",
+    "SACRED_AUTH_SOURCE",
+    "SACRED_TLS",
+)
 
 
 class ServerStartError(RuntimeError):
@@ -124,9 +140,15 @@ class ServerProcess:
             self.process.wait(STOP_TIMEOUT_S)
 
 
-def start_process(name: str, argv_for_port: Callable[[int], list[str]], log_dir: Path,
-                  ready: Callable[[int], bool], timeout: float = START_TIMEOUT_S,
-                  env: dict | None = None, attempts: int = 3) -> ServerProcess:
+def start_process(
+    name: str,
+    argv_for_port: Callable[[int], list[str]],
+    log_dir: Path,
+    ready: Callable[[int], bool],
+    timeout: float = START_TIMEOUT_S,
+    env: dict | None = None,
+    attempts: int = 3,
+) -> ServerProcess:
     """Start a server on a free port and wait (bounded) until `ready(port)` is true.
 
     Another process may grab the chosen port between the probe and the bind: such a
@@ -138,9 +160,15 @@ def start_process(name: str, argv_for_port: Callable[[int], list[str]], log_dir:
         port = free_port()
         log_path = log_dir / f"{name}-{port}.log"
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(argv_for_port(port), stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True, cwd=log_dir,
-                                       env=env)
+            process = subprocess.Popen(
+                argv_for_port(port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=log_dir,
+                env=env,
+            )
         server = ServerProcess(name, port, process, log_path)
         deadline = time.monotonic() + timeout
         delay = 0.05
@@ -149,14 +177,17 @@ def start_process(name: str, argv_for_port: Callable[[int], list[str]], log_dir:
                 tail = server.log_tail()
                 if attempt < attempts and re.search(r"address already in use|errno 98", tail, re.IGNORECASE):
                     break  # lost the port race: try another port
-                raise ServerStartError(f"{name} exited with code {process.returncode} before answering on "
-                                       f"port {port}; log {log_path}:\n{tail}")
+                raise ServerStartError(
+                    f"{name} exited with code {process.returncode} before answering on "
+                    f"port {port}; log {log_path}:\n{tail}"
+                )
             if port_open(port) and _safe_ready(ready, port):
                 return server
             if time.monotonic() > deadline:
                 server.stop()
-                raise ServerStartError(f"{name} did not answer on port {port} within {timeout:g} s; "
-                                       f"log {log_path}:\n{server.log_tail()}")
+                raise ServerStartError(
+                    f"{name} did not answer on port {port} within {timeout:g} s; log {log_path}:\n{server.log_tail()}"
+                )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
     raise ServerStartError(f"{name}: no free port after {attempts} attempts")
@@ -169,8 +200,9 @@ def _safe_ready(ready: Callable[[int], bool], port: int) -> bool:
         return False
 
 
-def _http(method: str, url: str, body: bytes | None = None, content_type: str | None = None,
-          timeout: float = 10) -> tuple[int, bytes]:
+def _http(
+    method: str, url: str, body: bytes | None = None, content_type: str | None = None, timeout: float = 10
+) -> tuple[int, bytes]:
     headers = {"Content-Type": content_type} if content_type else {}
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
     # Loopback only: never send test traffic through a proxy from the environment.
@@ -215,8 +247,7 @@ class MongoServer:
 def _mongo_ready(port: int) -> bool:
     import pymongo
 
-    client = pymongo.MongoClient(f"mongodb://{LOOPBACK}:{port}/", serverSelectionTimeoutMS=1000,
-                                 connectTimeoutMS=1000)
+    client = pymongo.MongoClient(f"mongodb://{LOOPBACK}:{port}/", serverSelectionTimeoutMS=1000, connectTimeoutMS=1000)
     try:
         return client.admin.command("ping").get("ok") == 1
     finally:
@@ -227,10 +258,22 @@ def start_mongo(log_dir: Path) -> MongoServer:
     binary = executable("nx-27017")
     server = start_process(
         "nx-27017",
-        lambda port: [binary, "--db", "memory", "--host", LOOPBACK, "-p", str(port),
-                      "--log-file", str(log_dir / f"nx-27017-{port}.server.log"),
-                      "--pid-file", str(log_dir / f"nx-27017-{port}.pid")],
-        log_dir, _mongo_ready)
+        lambda port: [
+            binary,
+            "--db",
+            "memory",
+            "--host",
+            LOOPBACK,
+            "-p",
+            str(port),
+            "--log-file",
+            str(log_dir / f"nx-27017-{port}.server.log"),
+            "--pid-file",
+            str(log_dir / f"nx-27017-{port}.pid"),
+        ],
+        log_dir,
+        _mongo_ready,
+    )
     return MongoServer(server, f"{LOOPBACK}:{server.port}")
 
 
@@ -322,16 +365,16 @@ class MongoAuthProxy:
             position = 20
             while position < len(message) - (4 if flags & 1 else 0):
                 kind = message[position]
-                size = int.from_bytes(message[position + 1:position + 5], "little")
+                size = int.from_bytes(message[position + 1 : position + 5], "little")
                 if kind == 0:
-                    return opcode, bson.decode(message[position + 1:position + 1 + size]), flags
+                    return opcode, bson.decode(message[position + 1 : position + 1 + size]), flags
                 position += 1 + size
             return opcode, None, flags
         if opcode == 2004:  # OP_QUERY (the first handshake): flags, cstring name, skip, limit, query
             end = message.index(b"\x00", 20)
             position = end + 1 + 8
-            size = int.from_bytes(message[position:position + 4], "little")
-            return opcode, bson.decode(message[position:position + size]), 0
+            size = int.from_bytes(message[position : position + 4], "little")
+            return opcode, bson.decode(message[position : position + size]), 0
         return opcode, None, 0
 
     @staticmethod
@@ -341,14 +384,24 @@ class MongoAuthProxy:
         request_id = int.from_bytes(request[4:8], "little")
         payload = bson.encode(document)
         if opcode == 2004:
-            body = (0).to_bytes(4, "little") + (0).to_bytes(8, "little") + (0).to_bytes(4, "little") + \
-                (1).to_bytes(4, "little") + payload
+            body = (
+                (0).to_bytes(4, "little")
+                + (0).to_bytes(8, "little")
+                + (0).to_bytes(4, "little")
+                + (1).to_bytes(4, "little")
+                + payload
+            )
             reply_opcode = 1
         else:
             body = (0).to_bytes(4, "little") + b"\x00" + payload
             reply_opcode = 2013
-        header = (16 + len(body)).to_bytes(4, "little") + os.urandom(4)[:3] + b"\x00" + \
-            request_id.to_bytes(4, "little", signed=True) + reply_opcode.to_bytes(4, "little")
+        header = (
+            (16 + len(body)).to_bytes(4, "little")
+            + os.urandom(4)[:3]
+            + b"\x00"
+            + request_id.to_bytes(4, "little", signed=True)
+            + reply_opcode.to_bytes(4, "little")
+        )
         return header + body
 
     @staticmethod
@@ -357,7 +410,7 @@ class MongoAuthProxy:
 
         opcode = int.from_bytes(reply[12:16], "little")
         if opcode == 1:  # OP_REPLY: flags, cursorId, startingFrom, numberReturned, documents
-            return bson.decode(reply[36:36 + int.from_bytes(reply[36:40], "little")])
+            return bson.decode(reply[36 : 36 + int.from_bytes(reply[36:40], "little")])
         return MongoAuthProxy._command(reply)[1] or {}
 
     def _serve(self, client) -> None:
@@ -382,9 +435,18 @@ class MongoAuthProxy:
                 elif name in ("saslstart", "saslcontinue"):
                     client.sendall(self._reply(message, opcode, self._sasl(name, command, state)))
                 elif name and not state["authenticated"] and name not in self.OPEN_COMMANDS:
-                    client.sendall(self._reply(message, opcode, {
-                        "ok": 0.0, "code": 13, "codeName": "Unauthorized",
-                        "errmsg": f"command {next(iter(command))} requires authentication"}))
+                    client.sendall(
+                        self._reply(
+                            message,
+                            opcode,
+                            {
+                                "ok": 0.0,
+                                "code": 13,
+                                "codeName": "Unauthorized",
+                                "errmsg": f"command {next(iter(command))} requires authentication",
+                            },
+                        )
+                    )
                 else:
                     upstream.sendall(message)
                     if not flags & 2:  # moreToCome: the client expects no answer
@@ -411,8 +473,9 @@ class MongoAuthProxy:
             first_bare = payload[3:]
             fields = dict(item.split(b"=", 1) for item in first_bare.split(b","))
             nonce = fields[b"r"] + base64.b64encode(os.urandom(18))
-            server_first = b"r=" + nonce + b",s=" + base64.b64encode(self._salt) + b",i=" + \
-                str(self.ITERATIONS).encode()
+            server_first = (
+                b"r=" + nonce + b",s=" + base64.b64encode(self._salt) + b",i=" + str(self.ITERATIONS).encode()
+            )
             state.update(user=fields[b"n"].decode(), first_bare=first_bare, server_first=server_first, nonce=nonce)
             return {"ok": 1.0, "conversationId": 1, "done": False, "payload": server_first}
         if "first_bare" not in state:
@@ -426,8 +489,11 @@ class MongoAuthProxy:
             client_key = bytes(a ^ b for a, b in zip(base64.b64decode(proof), signature))
         except ValueError:
             client_key = b""
-        if (state["user"] != self.user or not without_proof.endswith(b"r=" + state["nonce"])
-                or not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._stored_key)):
+        if (
+            state["user"] != self.user
+            or not without_proof.endswith(b"r=" + state["nonce"])
+            or not hmac.compare_digest(hashlib.sha256(client_key).digest(), self._stored_key)
+        ):
             self.failures += 1
             return refused
         state.update(authenticated=True, done=True)
@@ -470,9 +536,14 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         """Variables that point boto3 / s3fs at this server with its test keys."""
-        return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_EC2_METADATA_DISABLED": "true",
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_CONFIG_FILE": os.devnull,
+        }
 
     def create_bucket(self, name: str) -> None:
         status, body = _http("PUT", f"{self.endpoint}/{name}")
@@ -483,8 +554,13 @@ class S3Server:
         """A boto3 client for this server with explicit keys (the environment is not read)."""
         import boto3
 
-        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=key_id or self.key_id, aws_secret_access_key=secret or self.secret)
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key_id or self.key_id,
+            aws_secret_access_key=secret or self.secret,
+        )
 
     def create_access_key(self, policy: dict | None = None) -> tuple[str, str]:
         """A new IAM user's (key id, secret); with `policy`, attached inline. Call it
@@ -525,8 +601,7 @@ def _moto_ready(port: int) -> bool:
 
 def start_s3(log_dir: Path, bucket: str = TEST_BUCKET) -> S3Server:
     binary = executable("moto_server")
-    server = start_process("moto_server", lambda port: [binary, "-H", LOOPBACK, "-p", str(port)],
-                           log_dir, _moto_ready)
+    server = start_process("moto_server", lambda port: [binary, "-H", LOOPBACK, "-p", str(port)], log_dir, _moto_ready)
     s3 = S3Server(server, f"http://{LOOPBACK}:{server.port}", bucket)
     try:
         s3.create_bucket(bucket)
@@ -560,8 +635,12 @@ class GCSServer:
         return {"STORAGE_EMULATOR_HOST": self.endpoint, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
 
     def create_bucket(self, name: str) -> None:
-        status, body = _http("POST", f"{self.endpoint}/storage/v1/b?project=test",
-                             json.dumps({"name": name}).encode(), "application/json")
+        status, body = _http(
+            "POST",
+            f"{self.endpoint}/storage/v1/b?project=test",
+            json.dumps({"name": name}).encode(),
+            "application/json",
+        )
         if status not in (200, 409):
             raise RuntimeError(f"gcp-storage-emulator: creating bucket {name} gave HTTP {status}: {body[:200]!r}")
 
@@ -579,7 +658,9 @@ def start_gcs(log_dir: Path, bucket: str = TEST_BUCKET) -> GCSServer:
     server = start_process(
         "gcp-storage-emulator",
         lambda port: [binary, "start", "--host", LOOPBACK, "--port", str(port), "--in-memory"],
-        log_dir, _gcs_ready)
+        log_dir,
+        _gcs_ready,
+    )
     gcs = GCSServer(server, f"http://{LOOPBACK}:{server.port}", bucket)
     try:
         gcs.create_bucket(bucket)
@@ -610,12 +691,17 @@ def mongo_variables(mongo: MongoServer, database: str) -> tuple[dict[str, str], 
     return {"SACRED_URL": mongo.url, "SACRED_DATABASE": database}, _SACRED_VARS
 
 
-def mongo_auth_variables(proxy: "MongoAuthProxy", database: str,
-                         password: str | None = None) -> tuple[dict[str, str], tuple[str, ...]]:
+def mongo_auth_variables(
+    proxy: MongoAuthProxy, database: str, password: str | None = None
+) -> tuple[dict[str, str], tuple[str, ...]]:
     """Separate variables (not a URL), so the code under test must URL-escape them itself."""
-    return {"SACRED_HOST": proxy.host, "SACRED_USER": proxy.user,
-            "SACRED_PASSWORD": MONGO_TEST_PASSWORD if password is None else password,
-            "SACRED_DATABASE": database, "SACRED_AUTH_SOURCE": "admin"}, _SACRED_VARS
+    return {
+        "SACRED_HOST": proxy.host,
+        "SACRED_USER": proxy.user,
+        "SACRED_PASSWORD": MONGO_TEST_PASSWORD if password is None else password,
+        "SACRED_DATABASE": database,
+        "SACRED_AUTH_SOURCE": "admin",
+    }, _SACRED_VARS
 
 
 # ---------------------------------------------------------------- pytest fixtures
@@ -694,8 +780,15 @@ def server_env(request) -> Callable[..., dict[str, str]]:
     """server_env(s3=True, gcs=True, mongo=False, database=None) -> a full environment for a
     subprocess (os.environ plus the servers' variables); starts only what is asked for."""
 
-    def make(*, s3: bool = True, gcs: bool = True, mongo: bool | str = False, database: str | None = None,
-             mongo_password: str | None = None, **extra: str) -> dict[str, str]:
+    def make(
+        *,
+        s3: bool = True,
+        gcs: bool = True,
+        mongo: bool | str = False,
+        database: str | None = None,
+        mongo_password: str | None = None,
+        **extra: str,
+    ) -> dict[str, str]:
         """mongo=True: SACRED_URL of nx-27017 (no auth); mongo="auth": SACRED_HOST/USER/PASSWORD of the
         password-protected front door (mongo_password overrides the right password, to test a wrong one)."""
         env = dict(os.environ)
@@ -705,11 +798,15 @@ def server_env(request) -> Callable[..., dict[str, str]]:
         if gcs:
             chosen.append(gcs_variables(request.getfixturevalue("gcs_server")))
         if mongo == "auth":
-            chosen.append(mongo_auth_variables(request.getfixturevalue("mongo_auth_server"),
-                                               database or unique_database(request), mongo_password))
+            chosen.append(
+                mongo_auth_variables(
+                    request.getfixturevalue("mongo_auth_server"), database or unique_database(request), mongo_password
+                )
+            )
         elif mongo:
-            chosen.append(mongo_variables(request.getfixturevalue("mongo_server"),
-                                          database or unique_database(request)))
+            chosen.append(
+                mongo_variables(request.getfixturevalue("mongo_server"), database or unique_database(request))
+            )
         for values, removed in chosen:
             for name in removed:
                 env.pop(name, None)

@@ -45,8 +45,10 @@ def _write_round(ck: str, number: int, numel: int = 4096) -> dict[str, bytes]:
     checkpoint.write_tensors(directory, "global.safetensors", {"global": torch.full((numel,), float(number))})
     checkpoint.write_tensors(directory, checkpoint.site_file(1), {"residual": torch.ones(numel)})
     checkpoint.write_state(directory, {"round": number, "history": []})
-    return {name: storage.read_bytes(f"{directory}/{name}")
-            for name in ("global.safetensors", checkpoint.site_file(1), "state.json")}
+    return {
+        name: storage.read_bytes(f"{directory}/{name}")
+        for name in ("global.safetensors", checkpoint.site_file(1), "state.json")
+    }
 
 
 def _data_reads(reads: list[tuple[str, int]]) -> list[str]:
@@ -77,11 +79,16 @@ def test_the_records_are_hidden_and_gone_once_sealed(tmp_path):
     ck = tmp_path / "ck"
     _write_round(str(ck), 1)
     folder = ck / "round-000001"
-    assert sorted(path.name for path in folder.iterdir() if path.name.startswith(".")) == sorted([
-        ".global.safetensors.sha256.json", ".site-00001.safetensors.sha256.json", ".state.json.sha256.json"])
+    assert sorted(path.name for path in folder.iterdir() if path.name.startswith(".")) == sorted(
+        [".global.safetensors.sha256.json", ".site-00001.safetensors.sha256.json", ".state.json.sha256.json"]
+    )
     checkpoint.commit(str(folder))
-    assert sorted(path.name for path in folder.iterdir()) == ["COMMITTED", "global.safetensors",
-                                                              "site-00001.safetensors", "state.json"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "COMMITTED",
+        "global.safetensors",
+        "site-00001.safetensors",
+        "state.json",
+    ]
     assert sorted(_marker(folder)) == ["global.safetensors", "site-00001.safetensors", "state.json"]
 
 
@@ -136,8 +143,12 @@ def test_prune_after_a_restart_verifies_each_kept_checkpoint_once(tmp_path, read
     checkpoint._trusted.clear()  # a new process: nothing committed or verified by it yet
     reads.clear()
     assert checkpoint.prune(ck, keep_last=2) == [checkpoint.round_dir(ck, 1)]
-    assert sorted(set(_data_reads(reads))) == ["COMMITTED", "global.safetensors", "site-00001.safetensors",
-                                               "state.json"]
+    assert sorted(set(_data_reads(reads))) == [
+        "COMMITTED",
+        "global.safetensors",
+        "site-00001.safetensors",
+        "state.json",
+    ]
     reads.clear()
     assert checkpoint.prune(ck, keep_last=2) == []
     assert reads == []

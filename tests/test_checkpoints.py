@@ -10,7 +10,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +21,26 @@ from scaling_fl import checkpoint
 from tests.cli import TINY_JOB, cli_command, read_record, run_cli, run_records
 
 SMALL = [*TINY_JOB, "synthetic_train_size=240", "synthetic_test_size=60", "site_ids=[0,0]"]
-COMPARABLE = ("validation.loss", "validation.accuracy", "validation.f1_macro", "train.loss", "train.accuracy",
-              "comm.bytes_per_site")
+COMPARABLE = (
+    "validation.loss",
+    "validation.accuracy",
+    "validation.f1_macro",
+    "train.loss",
+    "train.accuracy",
+    "comm.bytes_per_site",
+)
 # Top-k with error feedback, a server optimizer, and rounds that end between synchronizations
 # (sync after every 3 local steps, 4 steps a round): residuals, moments and local models must all come back.
 # 1 %, not 10 %: tiny-bert's update is non-zero on only ~104k weights besides the embedding rows of the
 # synthetic task's few tokens (2.06M in all), so top-10 % sends all of it and every residual stays zero.
-STATEFUL = ["exchange=sparse", "sparsity_level=0.01", "strategy=fedadam", "sync=periodic", "comm_period=3",
-            "local_steps=4"]
+STATEFUL = [
+    "exchange=sparse",
+    "sparsity_level=0.01",
+    "strategy=fedadam",
+    "sync=periodic",
+    "comm_period=3",
+    "local_steps=4",
+]
 
 
 def _final(runs: Path) -> dict:
@@ -46,14 +57,24 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, e
     common = [*SMALL, *exchange, "num_rounds=3", "learning_rate=0.003"]
     straight = run_cli(tmp_path, "with", *common, "job_name=straight", f"runs_dir={tmp_path / 'a'}")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    stopped = run_cli(tmp_path, "with", *common, "job_name=stopped", f"runs_dir={tmp_path / 'b'}",
-                      f"checkpoints_dir={tmp_path / 'ck'}", "max_restarts=0",
-                      env={"SCALING_FL_FAIL_AT": "site=0,round=3"})  # dies after round 2 is checkpointed
+    stopped = run_cli(
+        tmp_path,
+        "with",
+        *common,
+        "job_name=stopped",
+        f"runs_dir={tmp_path / 'b'}",
+        f"checkpoints_dir={tmp_path / 'ck'}",
+        "max_restarts=0",
+        env={"SCALING_FL_FAIL_AT": "site=0,round=3"},
+    )  # dies after round 2 is checkpointed
     assert stopped.returncode != 0
     assert _rounds(tmp_path / "ck") == ["round-000001", "round-000002"]
     saved = checkpoint.verify(str(tmp_path / "ck" / "round-000002"))
-    extra = sorted(name for name in os.listdir(saved.directory) if name not in ("global.safetensors", "state.json",
-                                                                               checkpoint.MARKER))
+    extra = sorted(
+        name
+        for name in os.listdir(saved.directory)
+        if name not in ("global.safetensors", "state.json", checkpoint.MARKER)
+    )
     if exchange:  # each site's residual and (round 2 ended unsynchronized) local model; the server moments
         assert extra == ["site-00000.safetensors", "site-00001.safetensors", "strategy.safetensors"]
         for site in (0, 1):
@@ -63,8 +84,14 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, e
         assert sorted(saved.tensors("strategy.safetensors")) == ["m", "step", "v"]
     else:  # dense FedAvg synchronized every round has no state beyond the global model
         assert extra == []
-    resumed = run_cli(tmp_path, "with", *common, "job_name=stopped", f"runs_dir={tmp_path / 'b'}",
-                      f"checkpoints_dir={tmp_path / 'ck'}")
+    resumed = run_cli(
+        tmp_path,
+        "with",
+        *common,
+        "job_name=stopped",
+        f"runs_dir={tmp_path / 'b'}",
+        f"checkpoints_dir={tmp_path / 'ck'}",
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {tmp_path / 'ck' / 'round-000002'}: continuing at round 3" in resumed.stderr
     assert len(run_records(tmp_path / "b")) == 1  # the resumed run continued the stopped run's Sacred record
@@ -103,9 +130,23 @@ def _site_pids(launcher_pid: int) -> list[int]:
 def test_a_site_killed_mid_round_is_restarted_and_the_run_finishes_logging_each_round_once(tmp_path):
     runs, ck = tmp_path / "runs", tmp_path / "ck"
     process = subprocess.Popen(
-        cli_command("with", *TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=1000",
-         "synthetic_test_size=60", "num_rounds=4", "max_restarts=3", "job_name=killed", f"runs_dir={runs}",
-         f"checkpoints_dir={ck}"), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cli_command(
+            "with",
+            *TINY_JOB,
+            "site_ids=[0,0]",
+            "synthetic_train_size=1000",
+            "synthetic_test_size=60",
+            "num_rounds=4",
+            "max_restarts=3",
+            "job_name=killed",
+            f"runs_dir={runs}",
+            f"checkpoints_dir={ck}",
+        ),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 240
         while not (ck / "round-000002" / checkpoint.MARKER).exists():
@@ -139,9 +180,19 @@ def test_a_hung_site_is_detected_within_the_collective_timeout_and_the_run_recov
     last checkpoint, and the run finishes."""
     runs, ck = tmp_path / "runs", tmp_path / "ck"
     started = time.monotonic()
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=3", "collective_timeout_s=10", "max_restarts=1",
-                     "job_name=hung", f"runs_dir={runs}", f"checkpoints_dir={ck}",
-                     env={"SCALING_FL_FAIL_AT": "site=1,round=2,attempts=1,mode=hang"}, timeout=300)
+    result = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=3",
+        "collective_timeout_s=10",
+        "max_restarts=1",
+        "job_name=hung",
+        f"runs_dir={runs}",
+        f"checkpoints_dir={ck}",
+        env={"SCALING_FL_FAIL_AT": "site=1,round=2,attempts=1,mode=hang"},
+        timeout=300,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sites restarted (restart 1 of at most 1), continuing after round 1" in result.stderr
@@ -164,8 +215,10 @@ def test_broken_checkpoints_are_skipped_and_retention_counts_only_good_ones(tmp_
     # Checkpoint rounds 3 and 6 only: the truncated round 4 is not rewritten, so retention meets it.
     again = run_cli(tmp_path, "with", *job, "num_rounds=6", "keep_last_checkpoints=2", "checkpoint_every=3")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert (f"skipping checkpoint {ck}/round-000004: {ck}/round-000004/global.safetensors does not match its marker"
-            in again.stderr)
+    assert (
+        f"skipping checkpoint {ck}/round-000004: {ck}/round-000004/global.safetensors does not match its marker"
+        in again.stderr
+    )
     assert f"skipping checkpoint {ck}/round-000003: {ck}/round-000003 has no COMMITTED marker" in again.stderr
     assert f"resumed from {ck}/round-000002: continuing at round 3" in again.stderr
     assert len(run_records(runs)) == 1
@@ -206,13 +259,29 @@ def test_retention_keeps_the_newest_good_checkpoints_and_drops_older_broken_ones
 @pytest.mark.slow
 def test_checkpoint_every_and_resume_from_a_round_folder(tmp_path):
     ck = tmp_path / "ck"
-    every = run_cli(tmp_path, "with", *SMALL, "num_rounds=5", "checkpoint_every=2", "keep_last_checkpoints=10",
-                    "job_name=every", f"checkpoints_dir={ck}", f"runs_dir={tmp_path / 'a'}")
+    every = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=5",
+        "checkpoint_every=2",
+        "keep_last_checkpoints=10",
+        "job_name=every",
+        f"checkpoints_dir={ck}",
+        f"runs_dir={tmp_path / 'a'}",
+    )
     assert every.returncode == 0, every.stderr[-2000:]
     assert _rounds(ck) == ["round-000002", "round-000004", "round-000005"]  # every 2nd round, and the last
     # An explicit round folder (not the newest), taken by another job: it starts from there.
-    fork = run_cli(tmp_path, "with", *SMALL, "num_rounds=5", "job_name=fork", f"resume_from={ck / 'round-000002'}",
-                   f"runs_dir={tmp_path / 'b'}")
+    fork = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=5",
+        "job_name=fork",
+        f"resume_from={ck / 'round-000002'}",
+        f"runs_dir={tmp_path / 'b'}",
+    )
     assert fork.returncode == 0, fork.stderr[-2000:]
     assert f"resumed from {ck / 'round-000002'}: continuing at round 3" in fork.stderr
     a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
@@ -239,10 +308,10 @@ def test_a_changed_experiment_or_another_job_is_refused_unless_forced(tmp_path):
     assert stranger.returncode == 2
     assert _error_lines(stranger.stderr) == [
         f"scaling-fl: error: checkpoint {ck}/round-000001 belongs to job_name='changed', not 'stranger': run with "
-        "job_name=changed to continue it, another checkpoints_dir for a new job, or resume=force to continue it anyway"]
+        "job_name=changed to continue it, another checkpoints_dir for a new job, or resume=force to continue it anyway"
+    ]
     assert _rounds(ck) == ["round-000001"] and len(run_records(runs)) == 1  # refused before anything was written
-    forced = run_cli(tmp_path, "with", *base, "num_rounds=2", "job_name=stranger", "split=label_sorted",
-                     "resume=force")
+    forced = run_cli(tmp_path, "with", *base, "num_rounds=2", "job_name=stranger", "split=label_sorted", "resume=force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert f"resume=force: job 'stranger' continues {ck}/round-000001 of job 'changed'" in forced.stderr
     assert "resume=force: continuing" in forced.stderr and "continuing at round 2" in forced.stderr
@@ -279,16 +348,19 @@ def _rewrite_state(state) -> Callable:
         data = state if isinstance(state, bytes) else json.dumps(state).encode()
         (directory / "state.json").write_bytes(data)
         checkpoint.commit(str(directory))  # re-sealed: every hash matches, only the content is wrong
+
     return apply
 
 
 def _rewrite_marker(change) -> Callable:
     """Replaces COMMITTED by change(marker as written by commit, directory): the seal itself is the bad part."""
+
     def apply(directory: Path) -> None:
         marker = json.loads((directory / checkpoint.MARKER).read_bytes())
         changed = change(marker, directory)
         data = changed if isinstance(changed, bytes) else json.dumps(changed).encode()
         (directory / checkpoint.MARKER).write_bytes(data)
+
     return apply
 
 
@@ -299,8 +371,10 @@ def _entry(path: Path) -> dict:
 
 def _with_file(name: str, target: str):
     """A marker that also lists `name`, with the true size and hash of `target` (relative to the folder)."""
+
     def change(marker, directory):
         return {**marker, "files": {**marker["files"], name: _entry(directory / target)}}
+
     return change
 
 
@@ -312,6 +386,7 @@ def _rewrite_global(data: bytes) -> Callable:
     def apply(directory: Path) -> None:
         (directory / "global.safetensors").write_bytes(data)
         checkpoint.commit(str(directory))
+
     return apply
 
 
@@ -342,25 +417,42 @@ MALFORMED = {
     "files-is-a-list": _rewrite_marker(lambda marker, directory: {**marker, "files": sorted(marker["files"])}),
     "entry-is-a-list": _rewrite_marker(_with_entry("state.json", [1, "ab"])),
     "entry-without-size": _rewrite_marker(
-        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
-            "sha256": marker["files"]["state.json"]["sha256"]}}}),
+        lambda marker, directory: {
+            **marker,
+            "files": {**marker["files"], "state.json": {"sha256": marker["files"]["state.json"]["sha256"]}},
+        }
+    ),
     "entry-without-sha256": _rewrite_marker(
-        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
-            "size": marker["files"]["state.json"]["size"]}}}),
+        lambda marker, directory: {
+            **marker,
+            "files": {**marker["files"], "state.json": {"size": marker["files"]["state.json"]["size"]}},
+        }
+    ),
     "size-is-a-string": _rewrite_marker(
-        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
-            **marker["files"]["state.json"], "size": str(marker["files"]["state.json"]["size"])}}}),
+        lambda marker, directory: {
+            **marker,
+            "files": {
+                **marker["files"],
+                "state.json": {**marker["files"]["state.json"], "size": str(marker["files"]["state.json"]["size"])},
+            },
+        }
+    ),
     "sha256-is-a-number": _rewrite_marker(
-        lambda marker, directory: {**marker, "files": {**marker["files"], "state.json": {
-            **marker["files"]["state.json"], "sha256": 7}}}),
+        lambda marker, directory: {
+            **marker,
+            "files": {**marker["files"], "state.json": {**marker["files"]["state.json"], "sha256": 7}},
+        }
+    ),
     "name-leaves-the-folder": _rewrite_marker(_with_file("../round-000001/state.json", "../round-000001/state.json")),
     "name-with-a-separator": _rewrite_marker(_with_file("sub/state.json", "state.json")),
     "name-with-a-backslash": _rewrite_marker(_with_file("sub\\state.json", "state.json")),
     "safetensors-header-is-a-list": _rewrite_global(_safetensors([1, 2])),
     "safetensors-offsets-are-strings": _rewrite_global(
-        _safetensors({"global": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}})),
+        _safetensors({"global": {"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}})
+    ),
     "safetensors-offsets-are-short": _rewrite_global(
-        _safetensors({"global": {"dtype": "F32", "shape": [4], "data_offsets": [0]}})),
+        _safetensors({"global": {"dtype": "F32", "shape": [4], "data_offsets": [0]}})
+    ),
 }
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from scaling_fl import claim as claims_module
 from scaling_fl import storage
-from scaling_fl.processes import process_start_time
 from scaling_fl.claim import ClaimRefused, JobClaim, JobClaims, claim_in_directory, claim_in_mongo
+from scaling_fl.processes import process_start_time
 
 BACKENDS = ["local", "s3", "gs", "mongo"]
 
@@ -192,8 +192,9 @@ def _race_in_process(directory, start, finish, results) -> None:
 def race_in_processes(directory: str, count: int) -> list[tuple[str, str]]:
     context = multiprocessing.get_context("fork")
     start, finish, results = context.Barrier(count), context.Barrier(count), context.Queue()
-    processes = [context.Process(target=_race_in_process, args=(directory, start, finish, results))
-                 for _ in range(count)]
+    processes = [
+        context.Process(target=_race_in_process, args=(directory, start, finish, results)) for _ in range(count)
+    ]
     for process in processes:
         process.start()
     outcomes = [results.get(timeout=60) for _ in range(count)]

@@ -21,11 +21,20 @@ BUCKETS = {"s3": "s3://scaling-fl-test", "gs": "gs://scaling-fl-test"}
 def test_cloud_data_and_checkpoints_with_resume(tmp_path, s3_env, gcs_env, data_store, checkpoint_store):
     prefix = f"{BUCKETS[data_store]}/{tmp_path.name}"
     storage.atomic_write_bytes(f"{prefix}/train.csv", (AGNEWS / "train.csv").read_bytes())
-    storage.atomic_write_bytes(f"{prefix}/test.csv",
-                               b"".join((AGNEWS / "test.csv").read_bytes().splitlines(keepends=True)[:200]))
+    storage.atomic_write_bytes(
+        f"{prefix}/test.csv", b"".join((AGNEWS / "test.csv").read_bytes().splitlines(keepends=True)[:200])
+    )
     checkpoints = f"{BUCKETS[checkpoint_store]}/{tmp_path.name}/ck"
-    job = [*TINY_JOB, "task_name=agnews", f"train_path={prefix}/train.csv", f"test_path={prefix}/test.csv",
-           "site_ids=[0,0]", "job_name=cloud", f"checkpoints_dir={checkpoints}", f"runs_dir={tmp_path / 'runs'}"]
+    job = [
+        *TINY_JOB,
+        "task_name=agnews",
+        f"train_path={prefix}/train.csv",
+        f"test_path={prefix}/test.csv",
+        "site_ids=[0,0]",
+        "job_name=cloud",
+        f"checkpoints_dir={checkpoints}",
+        f"runs_dir={tmp_path / 'runs'}",
+    ]
     env = dict(os.environ)  # the fixtures pointed this process's environment at the servers
     first = run_cli(tmp_path, "with", *job, "num_rounds=1", env=env)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,39 +26,57 @@ def test_defaults_resolve_and_iid_split_alias():
 
 
 def test_original_scaling_fl_keys_keep_their_names():
-    original = ["learning_rate", "max_seq_len", "batch_size", "val_batch_size", "num_rounds", "num_local_epochs",
-                "site_ids", "task_name", "train_path", "test_path", "model", "data_seed", "iid_split", "job_name",
-                "checkpoints_dir", "author"]
+    original = [
+        "learning_rate",
+        "max_seq_len",
+        "batch_size",
+        "val_batch_size",
+        "num_rounds",
+        "num_local_epochs",
+        "site_ids",
+        "task_name",
+        "train_path",
+        "test_path",
+        "model",
+        "data_seed",
+        "iid_split",
+        "job_name",
+        "checkpoints_dir",
+        "author",
+    ]
     assert set(original) <= set(DEFAULTS)
 
 
-@pytest.mark.parametrize("key, value, needle", [
-    ("site_ids", [], "site_ids"),
-    ("site_ids", [0, -1], "site_ids"),
-    ("site_ids", "0,1", "site_ids"),
-    ("num_rounds", 0, "num_rounds"),
-    ("learning_rate", -1.0, "learning_rate"),
-    ("learning_rate", float("nan"), "learning_rate"),
-    ("batch_size", 2.5, "batch_size"),
-    ("split", "random", "split"),
-    ("sample_percentage", 1.5, "sample_percentage"),
-    ("dirichlet_beta", 0, "dirichlet_beta"),
-    ("optimizer", "adam", "optimizer"),
-    ("lr_scheduler", "step", "lr_scheduler"),
-    ("precision", "fp8", "precision"),
-    ("task_name", "mnist", "task_name"),
-    ("job_name", "bad name/../x", "job_name"),
-    ("backend", "nccl", "backend"),
-    ("warmup_ratio", 1.0, "warmup_ratio"),
-    ("sparsity_level", 0.0, "sparsity_level"),
-    ("sparsity_level", 1.5, "sparsity_level"),
-    ("exchange", "gzip", "exchange"),
-    ("strategy", "fedprox", "strategy"),
-    ("server_momentum", 1.0, "server_momentum"),
-    ("selection_criterion", "random", "selection_criterion"),
-    ("sync", "dynamic", "delta_threshold"),
-    ("sync", "periodic", "comm_period"),
-])
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("site_ids", [], "site_ids"),
+        ("site_ids", [0, -1], "site_ids"),
+        ("site_ids", "0,1", "site_ids"),
+        ("num_rounds", 0, "num_rounds"),
+        ("learning_rate", -1.0, "learning_rate"),
+        ("learning_rate", float("nan"), "learning_rate"),
+        ("batch_size", 2.5, "batch_size"),
+        ("split", "random", "split"),
+        ("sample_percentage", 1.5, "sample_percentage"),
+        ("dirichlet_beta", 0, "dirichlet_beta"),
+        ("optimizer", "adam", "optimizer"),
+        ("lr_scheduler", "step", "lr_scheduler"),
+        ("precision", "fp8", "precision"),
+        ("task_name", "mnist", "task_name"),
+        ("job_name", "bad name/../x", "job_name"),
+        ("backend", "nccl", "backend"),
+        ("warmup_ratio", 1.0, "warmup_ratio"),
+        ("sparsity_level", 0.0, "sparsity_level"),
+        ("sparsity_level", 1.5, "sparsity_level"),
+        ("exchange", "gzip", "exchange"),
+        ("strategy", "fedprox", "strategy"),
+        ("server_momentum", 1.0, "server_momentum"),
+        ("selection_criterion", "random", "selection_criterion"),
+        ("sync", "dynamic", "delta_threshold"),
+        ("sync", "periodic", "comm_period"),
+    ],
+)
 def test_bad_values_name_the_key_and_what_is_allowed(key, value, needle):
     raw = {key: value}
     if key == "backend":
@@ -82,9 +99,13 @@ def test_half_precision_is_allowed_exactly_where_cuda_is(precision):
 
 
 def _cli(tmp_path, *updates):
-    return subprocess.run(cli_command("with",
-                           f"runs_dir={tmp_path / 'runs'}", *updates),
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        cli_command("with", f"runs_dir={tmp_path / 'runs'}", *updates),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 BAD_INPUT = [
@@ -118,11 +139,14 @@ def test_bad_input_is_one_user_error_from_the_checks_before_any_worker(tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("updates, needle", [
-    BAD_INPUT[0],  # refused by the config's own rules
-    BAD_INPUT[3],  # refused by the pre-flight (data)
-    (["num_round=3"], "did you mean num_rounds"),  # refused by the front end
-])
+@pytest.mark.parametrize(
+    "updates, needle",
+    [
+        BAD_INPUT[0],  # refused by the config's own rules
+        BAD_INPUT[3],  # refused by the pre-flight (data)
+        (["num_round=3"], "did you mean num_rounds"),  # refused by the front end
+    ],
+)
 def test_cli_rejects_bad_input_before_any_worker_or_record(tmp_path, updates, needle):
     result = _cli(tmp_path, "model=tiny-bert", *updates)
     assert result.returncode == 2, result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import math
 import subprocess
-import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
@@ -27,7 +26,8 @@ def test_readme_config_reference_is_the_one_rendered_from_the_declarations():
     assert table is not None, f"README.md lost the config reference markers; put them back and run: {REGENERATE}"
     assert table == config.markdown_table(), (
         f"README.md's config reference differs from scaling_fl/config.py's declarations; regenerate it with: "
-        f"{REGENERATE}")
+        f"{REGENERATE}"
+    )
 
 
 def test_every_key_is_declared_once_with_type_default_section_and_one_line_help():
@@ -163,11 +163,20 @@ def test_update_readme_rewrites_only_the_generated_part(tmp_path):
     assert not config.update_readme(str(readme))
 
 
-@pytest.mark.parametrize("argv, main", [
-    ([], True), (["with", "num_rounds=2"], True), (["-F", "runs", "with", "num_rounds=2"], True),
-    (["help"], False), (["help", "print_config"], False), (["--help"], False), (["-h"], False),
-    (["with", "num_rounds=2", "--help"], False), (["print_config", "with", "num_rounds=2"], False),
-])
+@pytest.mark.parametrize(
+    "argv, main",
+    [
+        ([], True),
+        (["with", "num_rounds=2"], True),
+        (["-F", "runs", "with", "num_rounds=2"], True),
+        (["help"], False),
+        (["help", "print_config"], False),
+        (["--help"], False),
+        (["-h"], False),
+        (["with", "num_rounds=2", "--help"], False),
+        (["print_config", "with", "num_rounds=2"], False),
+    ],
+)
 def test_help_and_other_commands_do_not_start_the_fork_server(argv, main):
     from scaling_fl.cli import _runs_main_command
 
@@ -176,8 +185,7 @@ def test_help_and_other_commands_do_not_start_the_fork_server(argv, main):
 
 @pytest.mark.slow
 def test_cli_help_lists_every_key_and_starts_nothing(tmp_path):
-    result = subprocess.run(cli_command("help"),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cli_command("help"), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage:")
     for name in KEYS:

@@ -35,12 +35,33 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # Docker builds
 
 IMAGE_NAME = "scaling-fl-ci"
 HOST_UID = 4321  # not root, and without an entry in the image's /etc/passwd
-CHECKOUT = ["Dockerfile", ".dockerignore", "docker-compose.yaml", "docker-compose.cpu.yaml",
-            "docker-compose.debug.yaml", "run-local.sh", ".env.template", "pyproject.toml", "README.md",
-            "requirements", "scaling_fl", "scripts"]
-JOB = ["scripts/train_federated.py", "with", "model=tiny-bert", "task_name=synthetic", "max_seq_len=32",
-       "site_ids=[0,0,1,1]", "num_rounds=1", "synthetic_train_size=200", "synthetic_test_size=40",
-       "job_name=container", "author=Ada Lovelace"]
+CHECKOUT = [
+    "Dockerfile",
+    ".dockerignore",
+    "docker-compose.yaml",
+    "docker-compose.cpu.yaml",
+    "docker-compose.debug.yaml",
+    "run-local.sh",
+    ".env.template",
+    "pyproject.toml",
+    "README.md",
+    "requirements",
+    "scaling_fl",
+    "scripts",
+]
+JOB = [
+    "scripts/train_federated.py",
+    "with",
+    "model=tiny-bert",
+    "task_name=synthetic",
+    "max_seq_len=32",
+    "site_ids=[0,0,1,1]",
+    "num_rounds=1",
+    "synthetic_train_size=200",
+    "synthetic_test_size=40",
+    "job_name=container",
+    "author=Ada Lovelace",
+]
 TIMINGS: dict[str, float] = {}  # the module's phases, one after the other: their sum is its cost
 BASE_IMAGE_PHASES: dict[str, float] = {}  # the steps of base_image_s when the base image was made afresh
 BUDGET_S = 900
@@ -63,12 +84,18 @@ def engine():
         yield ds.BASE_IMAGE
     finally:
         # Earlier builds of our image that a rebuild left untagged; nothing else is touched.
-        ds.run([ds.docker_cli(), "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=scaling-fl"],
-               check=False)
+        ds.run(
+            [ds.docker_cli(), "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=scaling-fl"],
+            check=False,
+        )
         daemon.stop()
         ds.CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        report = {**TIMINGS, "sum_s": round(sum(TIMINGS.values()), 1),
-                  "module_wall_s": round(time.monotonic() - module_started, 1), "base_image_phases": BASE_IMAGE_PHASES}
+        report = {
+            **TIMINGS,
+            "sum_s": round(sum(TIMINGS.values()), 1),
+            "module_wall_s": round(time.monotonic() - module_started, 1),
+            "base_image_phases": BASE_IMAGE_PHASES,
+        }
         (ds.CACHE_DIR / "timings.json").write_text(json.dumps(report, indent=1))
         print("\ncontainer test timings:", json.dumps(report))
     # Only after a normal run (an error above is reported as it is).
@@ -99,22 +126,24 @@ def project(engine, tmp_path_factory):
     with ds.PackageServer() as server:
         torch_version = torch.__version__.split("+")[0]
         have_cpu_wheel = server.local_wheel(f"torch-{torch_version}+cpu-*.whl")
-        set_env(directory / ".env", {
-            "COMPOSE_FILE": "docker-compose.yaml:docker-compose.cpu.yaml",
-            "IMAGE_NAME": IMAGE_NAME,
-            "BASE_IMAGE": engine,
-            "BUILD_NETWORK": "host",
-            "BUILD_PIP_INDEX_URL": server.build_args["PIP_INDEX_URL"],
-            "BUILD_PIP_EXTRA_INDEX_URL": server.build_args["PIP_EXTRA_INDEX_URL"],
-            "BUILD_PIP_FIND_LINKS": server.build_args["PIP_FIND_LINKS"],
-            "CPU_TORCH_VERSION": torch_version,
-            "CPU_TORCH_INDEX_URL": "" if have_cpu_wheel else server.proxy("https://download.pytorch.org/whl/cpu"),
-        })
+        set_env(
+            directory / ".env",
+            {
+                "COMPOSE_FILE": "docker-compose.yaml:docker-compose.cpu.yaml",
+                "IMAGE_NAME": IMAGE_NAME,
+                "BASE_IMAGE": engine,
+                "BUILD_NETWORK": "host",
+                "BUILD_PIP_INDEX_URL": server.build_args["PIP_INDEX_URL"],
+                "BUILD_PIP_EXTRA_INDEX_URL": server.build_args["PIP_EXTRA_INDEX_URL"],
+                "BUILD_PIP_FIND_LINKS": server.build_args["PIP_FIND_LINKS"],
+                "CPU_TORCH_VERSION": torch_version,
+                "CPU_TORCH_INDEX_URL": "" if have_cpu_wheel else server.proxy("https://download.pytorch.org/whl/cpu"),
+            },
+        )
         for name in ("data", "runs", "checkpoints"):
             (directory / name).mkdir()
             os.chown(directory / name, HOST_UID, HOST_UID)
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("COMPOSE_", "SACRED_", "MONGO_"))}
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("COMPOSE_", "SACRED_", "MONGO_"))}
         docker_config = ds.docker_config_with_compose(tmp_path_factory.mktemp("docker-config"))
         if docker_config is not None:
             env["DOCKER_CONFIG"] = str(docker_config)
@@ -124,13 +153,21 @@ def project(engine, tmp_path_factory):
 
 def run_local(project, *args: str, extra_env: dict | None = None, timeout: float = 780):
     directory, env = project
-    return subprocess.run(["./run-local.sh", *args], cwd=directory, env={**env, **(extra_env or {})},
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        ["./run-local.sh", *args],
+        cwd=directory,
+        env={**env, **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def leftover_containers() -> list[str]:
-    result = ds.run([ds.docker_cli(), "ps", "-a", "--format", "{{.Names}}",
-                     "--filter", "label=com.docker.compose.service=main"])
+    result = ds.run(
+        [ds.docker_cli(), "ps", "-a", "--format", "{{.Names}}", "--filter", "label=com.docker.compose.service=main"]
+    )
     return [name for name in result.stdout.split() if name.startswith("scaling-fl-")]
 
 
@@ -167,11 +204,27 @@ def test_image_is_non_root_with_python_entry_point_and_nothing_secret_or_local_i
     assert config["Entrypoint"] == ["python"] and config["WorkingDir"] == "/workspace"
     names = {item.split("=", 1)[0] for item in config["Env"]}
     assert not any(re.search(r"SACRED|MONGO|PASSWORD|SECRET|TOKEN|AWS_|GOOGLE_|PIP_", name) for name in names), names
-    probe = ("import os, torch, scaling_fl\n"
-             "open('/cache/huggingface/probe', 'w').write('ok')\n"  # the HF cache volume takes any uid
-             "print(sorted(os.listdir('/workspace')), torch.__version__, os.getuid())\n")
-    result = ds.run([ds.docker_cli(), "run", "--rm", "--user", f"{HOST_UID}:{HOST_UID}",
-                     "-v", "scaling-fl-cache:/cache", f"{IMAGE_NAME}:latest", "-W", "ignore", "-c", probe])
+    probe = (
+        "import os, torch, scaling_fl\n"
+        "open('/cache/huggingface/probe', 'w').write('ok')\n"  # the HF cache volume takes any uid
+        "print(sorted(os.listdir('/workspace')), torch.__version__, os.getuid())\n"
+    )
+    result = ds.run(
+        [
+            ds.docker_cli(),
+            "run",
+            "--rm",
+            "--user",
+            f"{HOST_UID}:{HOST_UID}",
+            "-v",
+            "scaling-fl-cache:/cache",
+            f"{IMAGE_NAME}:latest",
+            "-W",
+            "ignore",
+            "-c",
+            probe,
+        ]
+    )
     listing, torch_version, uid = result.stdout.strip().rsplit(" ", 2)
     assert listing == "['checkpoints', 'data', 'runs', 'scripts']"  # no .env, tests, .git or .venv
     assert torch_version.endswith("+cpu") and uid == str(HOST_UID)
@@ -189,14 +242,36 @@ def test_image_keeps_the_torch_of_the_base_image(project, job):
     base = ds.run([ds.docker_cli(), "run", "--rm", "--entrypoint", "python3", ds.BASE_IMAGE, "-c", TORCH_PROBE])
     base_version, base_file = base.stdout.split()
     assert base_version == ds.BASE_TORCH and not base_file.startswith("/opt/venv/")
-    image = ds.run([ds.docker_cli(), "run", "--rm", "--user", f"{HOST_UID}:{HOST_UID}", f"{IMAGE_NAME}:latest",
-                    "-W", "ignore", "-c", "import sys; " + TORCH_PROBE + "; print(sys.prefix)"])
+    image = ds.run(
+        [
+            ds.docker_cli(),
+            "run",
+            "--rm",
+            "--user",
+            f"{HOST_UID}:{HOST_UID}",
+            f"{IMAGE_NAME}:latest",
+            "-W",
+            "ignore",
+            "-c",
+            "import sys; " + TORCH_PROBE + "; print(sys.prefix)",
+        ]
+    )
     version, file, prefix = image.stdout.split()
     assert prefix == "/opt/venv"  # python is the virtual environment's ...
     assert (version, file) == (base_version, base_file)  # ... and its torch the base image's, untouched
     assert not file.startswith("/opt/venv/")
-    listing = ds.run([ds.docker_cli(), "run", "--rm", "--entrypoint", "sh", f"{IMAGE_NAME}:latest", "-c",
-                      "ls /opt/venv/lib/python3*/site-packages"]).stdout.split()
+    listing = ds.run(
+        [
+            ds.docker_cli(),
+            "run",
+            "--rm",
+            "--entrypoint",
+            "sh",
+            f"{IMAGE_NAME}:latest",
+            "-c",
+            "ls /opt/venv/lib/python3*/site-packages",
+        ]
+    ).stdout.split()
     assert not any(name == "torch" or name.startswith("torch-") for name in listing), listing
     timed("base_torch_checks_s", started)
 
@@ -204,8 +279,14 @@ def test_image_keeps_the_torch_of_the_base_image(project, job):
 def dap_request_initialize(port: int, timeout: float) -> dict:
     """Sends a Debug Adapter Protocol 'initialize' request; returns the response."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
-        body = json.dumps({"seq": 1, "type": "request", "command": "initialize",
-                           "arguments": {"clientID": "pytest", "adapterID": "debugpy"}}).encode()
+        body = json.dumps(
+            {
+                "seq": 1,
+                "type": "request",
+                "command": "initialize",
+                "arguments": {"clientID": "pytest", "adapterID": "debugpy"},
+            }
+        ).encode()
         connection.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
         buffer = b""
         while True:
@@ -241,8 +322,15 @@ def test_debug_override_waits_for_a_debugger_on_port_5678(project, job):
     assert job.returncode == 0, "the image was not built"
     files = "docker-compose.yaml:docker-compose.cpu.yaml:docker-compose.debug.yaml"
     started = time.monotonic()
-    process = subprocess.Popen(["./run-local.sh", *JOB], cwd=directory, env={**env, "COMPOSE_FILE": files},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        ["./run-local.sh", *JOB],
+        cwd=directory,
+        env={**env, "COMPOSE_FILE": files},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         response = dap_initialize(5678, timeout=300)
         timed("debug_build_and_attach_s", started)

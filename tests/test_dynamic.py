@@ -26,9 +26,15 @@ def test_squared_distance_streams_in_chunks():
     assert squared_distance(a, b, chunk_numel=3) == float(((a - b) ** 2).sum())
 
 
-@pytest.mark.parametrize("kwargs", [{"sync": "dynamic", "check_every": 0, "delta_threshold": 1.0},
-                                    {"sync": "dynamic", "check_every": 2},
-                                    {"sync": "periodic"}, {"sync": "sometimes"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"sync": "dynamic", "check_every": 0, "delta_threshold": 1.0},
+        {"sync": "dynamic", "check_every": 2},
+        {"sync": "periodic"},
+        {"sync": "sometimes"},
+    ],
+)
 def test_bad_settings_fail_clearly(kwargs):
     with pytest.raises(ValueError):
         make_sync_policy(steps_per_round=4, **kwargs)
@@ -58,6 +64,11 @@ def test_dynamic_averaging_syncs_exactly_when_the_largest_divergence_exceeds_the
     expected = [step in (9, 12) for step in range(1, 13)]
     for r in results:
         assert r["decisions"] == expected
-        assert r["stats"] == {"sync.done": 2, "sync.skipped": 2, "sync.checks": 4, "sync.check_bytes": 32,
-                              "sync.divergence_max": 36.0}
+        assert r["stats"] == {
+            "sync.done": 2,
+            "sync.skipped": 2,
+            "sync.checks": 4,
+            "sync.check_bytes": 32,
+            "sync.divergence_max": 36.0,
+        }
         assert r["divergences"][5] == THRESHOLD  # the boundary itself does not sync

@@ -8,13 +8,31 @@ from tests.cli import TINY_JOB, read_record, run_cli, run_records
 
 pytestmark = pytest.mark.slow  # every test here starts the command line
 
-ROUND_METRICS = ["validation.loss", "validation.accuracy", "validation.f1_macro", "train.loss", "train.accuracy",
-                 "time.round_s", "time.train_s", "time.aggregate_s", "time.eval_s", "comm.bytes_per_site"]
+ROUND_METRICS = [
+    "validation.loss",
+    "validation.accuracy",
+    "validation.f1_macro",
+    "train.loss",
+    "train.accuracy",
+    "time.round_s",
+    "time.train_s",
+    "time.aggregate_s",
+    "time.eval_s",
+    "comm.bytes_per_site",
+]
 
 
 def test_four_tiny_bert_sites_learn_synthetic_well_above_chance_in_three_rounds(tmp_path):
-    result = run_cli(tmp_path, "with", *TINY_JOB, "site_ids=[0,0,0,0]", "num_rounds=3", "num_local_epochs=2",
-                     "job_name=e2e", f"runs_dir={tmp_path / 'runs'}")
+    result = run_cli(
+        tmp_path,
+        "with",
+        *TINY_JOB,
+        "site_ids=[0,0,0,0]",
+        "num_rounds=3",
+        "num_local_epochs=2",
+        "job_name=e2e",
+        f"runs_dir={tmp_path / 'runs'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_records(tmp_path / "runs")
     record = read_record(run_dir)
@@ -31,8 +49,16 @@ def test_four_tiny_bert_sites_learn_synthetic_well_above_chance_in_three_rounds(
 
 
 def test_one_site_is_the_centralized_baseline_on_the_same_code_path(tmp_path):
-    result = run_cli(tmp_path, "with", *TINY_JOB, "site_ids=[0]", "num_rounds=2", "synthetic_train_size=400",
-                     "synthetic_test_size=100", f"runs_dir={tmp_path / 'runs'}")
+    result = run_cli(
+        tmp_path,
+        "with",
+        *TINY_JOB,
+        "site_ids=[0]",
+        "num_rounds=2",
+        "synthetic_train_size=400",
+        "synthetic_test_size=100",
+        f"runs_dir={tmp_path / 'runs'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_records(tmp_path / "runs")
     record = read_record(run_dir)
@@ -44,9 +70,18 @@ def test_one_site_is_the_centralized_baseline_on_the_same_code_path(tmp_path):
 # One non-iid split through the command line; every split's skew is checked in-process (test_data_splits).
 @pytest.mark.parametrize("split", ["dirichlet"])
 def test_non_iid_splits_run_and_record_their_label_histograms(tmp_path, split):
-    result = run_cli(tmp_path, "with", *TINY_JOB, "site_ids=[0,0]", "num_rounds=1", f"split={split}",
-                     "dirichlet_beta=0.1", "synthetic_train_size=200", "synthetic_test_size=40",
-                     f"runs_dir={tmp_path / 'runs'}")
+    result = run_cli(
+        tmp_path,
+        "with",
+        *TINY_JOB,
+        "site_ids=[0,0]",
+        "num_rounds=1",
+        f"split={split}",
+        "dirichlet_beta=0.1",
+        "synthetic_train_size=200",
+        "synthetic_test_size=40",
+        f"runs_dir={tmp_path / 'runs'}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sites = read_record(run_records(tmp_path / "runs")[0])["info"]["sites"]
     histograms = sites["label_histograms"]

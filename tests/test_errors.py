@@ -20,9 +20,15 @@ from scaling_fl.tracking.observers import TrackingError
 from scaling_fl.tracking.report import ReportError
 
 # Each user-facing error and the built-in base existing `except` clauses rely on.
-USER_ERRORS = [(ConfigError, ValueError), (DataError, ValueError), (ModelError, ValueError),
-               (CheckpointError, RuntimeError), (TrackingError, RuntimeError), (ClaimRefused, RuntimeError),
-               (ReportError, RuntimeError)]
+USER_ERRORS = [
+    (ConfigError, ValueError),
+    (DataError, ValueError),
+    (ModelError, ValueError),
+    (CheckpointError, RuntimeError),
+    (TrackingError, RuntimeError),
+    (ClaimRefused, RuntimeError),
+    (ReportError, RuntimeError),
+]
 
 
 @pytest.mark.parametrize("error, builtin", USER_ERRORS, ids=[error.__name__ for error, _ in USER_ERRORS])
@@ -80,8 +86,9 @@ def _cli(args: list[str], debug: bool, tmp_path) -> subprocess.CompletedProcess:
     if debug:
         env[errors.DEBUG_VARIABLE] = "1"
     code = f"from scaling_fl.cli import main; main({['train_federated.py', *args]!r})"
-    return subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_unknown_key_is_one_line_and_debug_adds_the_traceback(tmp_path):

@@ -48,17 +48,29 @@ def _sparse_k(n: int, level: float, value_bytes: int) -> int:
     return math.floor(level * n) - math.ceil(4 * _buckets(n) / value_bytes)
 
 
-@pytest.mark.parametrize("options, payload, density", [
-    (["exchange=dense", "strategy=fedavgm"], lambda n: (4 * n, 4 * n), lambda n: 1.0),
-    (["exchange=sparse", "sparsity_level=0.1", "strategy=fedadam"],
-     lambda n: (4 * _buckets(n) + 8 * _sparse_k(n, 0.1, 8),) * 2, lambda n: _sparse_k(n, 0.1, 8) / n),
-    (["exchange=int8"], lambda n: (n + 4 * math.ceil(n / 256),) * 2, lambda n: 1.0),
-    (["exchange=sparse_int8", "sparsity_level=0.05"],  # a bucket may start one more block of scales
-     lambda n: (4 * _buckets(n) + 5 * _sparse_k(n, 0.05, 5) + 4 * math.ceil(_sparse_k(n, 0.05, 5) / 256),
-                4 * _buckets(n) + 5 * _sparse_k(n, 0.05, 5) + 4 * (math.ceil(_sparse_k(n, 0.05, 5) / 256)
-                                                                  + _buckets(n))),
-     lambda n: _sparse_k(n, 0.05, 5) / n),
-], ids=["dense-fedavgm", "sparse-fedadam", "int8", "sparse_int8"])
+@pytest.mark.parametrize(
+    "options, payload, density",
+    [
+        (["exchange=dense", "strategy=fedavgm"], lambda n: (4 * n, 4 * n), lambda n: 1.0),
+        (
+            ["exchange=sparse", "sparsity_level=0.1", "strategy=fedadam"],
+            lambda n: (4 * _buckets(n) + 8 * _sparse_k(n, 0.1, 8),) * 2,
+            lambda n: _sparse_k(n, 0.1, 8) / n,
+        ),
+        (["exchange=int8"], lambda n: (n + 4 * math.ceil(n / 256),) * 2, lambda n: 1.0),
+        (
+            ["exchange=sparse_int8", "sparsity_level=0.05"],  # a bucket may start one more block of scales
+            lambda n: (
+                4 * _buckets(n) + 5 * _sparse_k(n, 0.05, 5) + 4 * math.ceil(_sparse_k(n, 0.05, 5) / 256),
+                4 * _buckets(n)
+                + 5 * _sparse_k(n, 0.05, 5)
+                + 4 * (math.ceil(_sparse_k(n, 0.05, 5) / 256) + _buckets(n)),
+            ),
+            lambda n: _sparse_k(n, 0.05, 5) / n,
+        ),
+    ],
+    ids=["dense-fedavgm", "sparse-fedadam", "int8", "sparse_int8"],
+)
 def test_each_exchange_puts_exactly_its_payload_into_collectives(tmp_path, options, payload, density):
     metrics = _run(tmp_path, "num_rounds=2", *options)
     n = _model_values()

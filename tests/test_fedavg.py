@@ -39,9 +39,13 @@ def _exchange_on_rank(bucket_bytes: int, generic: bool) -> dict:
     exchange = DenseExchange(NUMEL, bucket_bytes, torch.float32)
     weight = SIZES[rank] / sum(SIZES)
     sent = exchange.exchange_(local_weights, global_weights, weight, strategy)
-    result = {"global": global_weights.numpy().copy(), "sha": flat_sha256(global_weights),
-              "local_equals_global": bool(torch.equal(local_weights, global_weights)), "bytes": sent,
-              "buckets": len(exchange.ranges)}
+    result = {
+        "global": global_weights.numpy().copy(),
+        "sha": flat_sha256(global_weights),
+        "local_equals_global": bool(torch.equal(local_weights, global_weights)),
+        "bytes": sent,
+        "buckets": len(exchange.ranges),
+    }
     dist.destroy_process_group()
     return result
 
@@ -51,7 +55,8 @@ def test_weighted_fedavg_matches_hand_computed_mean_and_ranks_agree(generic):
     # 1000 floats in 384-byte buckets: 96 elements each, the last one partial.
     results = run_on_ranks(_exchange_on_rank, 4, 384, generic)
     expected = start_weights().double().numpy() + sum(
-        SIZES[rank] / sum(SIZES) * site_update(rank).double().numpy() for rank in range(4))
+        SIZES[rank] / sum(SIZES) * site_update(rank).double().numpy() for rank in range(4)
+    )
     for result in results:
         np.testing.assert_allclose(result["global"], expected, rtol=1e-6, atol=1e-6)
         assert result["local_equals_global"]

@@ -14,11 +14,15 @@ from scaling_fl.sites import Layout, participants, plan_layout
 from tests.cli import TINY_JOB, read_record, run_cli, run_records
 
 EIGHT = [*TINY_JOB, "synthetic_train_size=320", "synthetic_test_size=64", "num_rounds=3", "learning_rate=0.001"]
-PACKINGS = {"8x1": ["site_ids=[0,0,0,0,0,0,0,0]"], "2x4": ["num_sites=8", "processes_per_device=2"],
-            "1x8": ["num_sites=8", "processes_per_device=1"]}
+PACKINGS = {
+    "8x1": ["site_ids=[0,0,0,0,0,0,0,0]"],
+    "2x4": ["num_sites=8", "processes_per_device=2"],
+    "1x8": ["num_sites=8", "processes_per_device=1"],
+}
 
 
 # --- layouts and sampling (pure functions) ---------------------------------------------
+
 
 def test_site_ids_alone_keep_one_process_per_site_on_its_device():
     layout = plan_layout((0, 0, 1, 1), None, None, cuda=True)
@@ -51,25 +55,34 @@ def test_participants_depend_on_seed_and_round_only_and_respect_fraction_and_min
     assert counts.min() > 0.6 * counts.mean()  # every site is drawn, none far more than the others
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ({"num_sites": 0}, "num_sites=0 is not allowed"),
-    ({"fraction_fit": 0}, "fraction_fit=0 is not allowed"),
-    ({"fraction_fit": 1.5}, "fraction_fit=1.5 is not allowed"),
-    ({"num_sites": 4, "min_fit_sites": 5}, "min_fit_sites=5 is not allowed: at most the number of sites (4)"),
-    ({"num_sites": 3, "processes_per_device": 4}, "processes_per_device=4 is not allowed"),
-    ({"site_ids": [0, 0], "processes_per_device": 3}, "processes_per_device=3 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        ({"num_sites": 0}, "num_sites=0 is not allowed"),
+        ({"fraction_fit": 0}, "fraction_fit=0 is not allowed"),
+        ({"fraction_fit": 1.5}, "fraction_fit=1.5 is not allowed"),
+        ({"num_sites": 4, "min_fit_sites": 5}, "min_fit_sites=5 is not allowed: at most the number of sites (4)"),
+        ({"num_sites": 3, "processes_per_device": 4}, "processes_per_device=4 is not allowed"),
+        ({"site_ids": [0, 0], "processes_per_device": 3}, "processes_per_device=3 is not allowed"),
+    ],
+)
 def test_bad_site_counts_are_one_line_naming_the_key(raw, needle):
     with pytest.raises(ConfigError) as error:
         resolve(raw)
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("raw, needle", [
-    ({"num_sites": 8, "processes_per_device": 2, "exchange": "sparse"}, "exchange=sparse with 8 sites in 2 process"),
-    ({"fraction_fit": 0.5, "sync": "periodic", "comm_period": 2}, "sync=periodic with fraction_fit=0.5"),
-    ({"num_sites": 8, "processes_per_device": 2, "per_site_metrics": True}, "per_site_metrics=True with 8 sites"),
-])
+@pytest.mark.parametrize(
+    "raw, needle",
+    [
+        (
+            {"num_sites": 8, "processes_per_device": 2, "exchange": "sparse"},
+            "exchange=sparse with 8 sites in 2 process",
+        ),
+        ({"fraction_fit": 0.5, "sync": "periodic", "comm_period": 2}, "sync=periodic with fraction_fit=0.5"),
+        ({"num_sites": 8, "processes_per_device": 2, "per_site_metrics": True}, "per_site_metrics=True with 8 sites"),
+    ],
+)
 def test_combinations_not_supported_with_packed_or_sampled_sites_are_refused(raw, needle):
     cfg = resolve(raw)
     layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=False)
@@ -89,10 +102,12 @@ def test_more_sites_than_training_rows_is_refused():
 
 # --- packing does not change results (real command line) ---------------------------------
 
+
 def _run(tmp_path, name: str, *args: str, env: dict | None = None) -> dict:
     runs = tmp_path / name
-    result = run_cli(tmp_path, "with", *EIGHT, *args, f"job_name={name}", f"runs_dir={runs}", "save_final_model=True",
-                     env=env)
+    result = run_cli(
+        tmp_path, "with", *EIGHT, *args, f"job_name={name}", f"runs_dir={runs}", "save_final_model=True", env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     record = read_record(run_records(runs)[0])
     record["weights"] = load_file(str(run_records(runs)[0] / "final_model.model.safetensors"))
@@ -108,8 +123,9 @@ def _assert_same_model(a: dict, b: dict) -> None:
         else:
             assert torch.equal(tensor, b["weights"][name]), name
     for metric in ("validation.accuracy", "validation.loss", "train.loss"):
-        assert np.round(a["metrics"][metric]["values"], 4).tolist() == \
-            np.round(b["metrics"][metric]["values"], 4).tolist(), metric
+        assert (
+            np.round(a["metrics"][metric]["values"], 4).tolist() == np.round(b["metrics"][metric]["values"], 4).tolist()
+        ), metric
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
@@ -117,8 +133,10 @@ def _assert_same_model(a: dict, b: dict) -> None:
 def test_eight_sites_as_8_processes_2x4_and_1x8_end_with_the_same_model(tmp_path, strategy):
     # Eight processes on two cores cost the most: FedAdam's server state is compared packed only.
     packings = ["8x1", "2x4", "1x8"] if strategy == "fedavg" else ["2x4", "1x8"]
-    records = {packing: _run(tmp_path, f"{strategy}-{packing}", *PACKINGS[packing], f"strategy={strategy}")
-               for packing in packings}
+    records = {
+        packing: _run(tmp_path, f"{strategy}-{packing}", *PACKINGS[packing], f"strategy={strategy}")
+        for packing in packings
+    }
     assert records["1x8"]["info"]["sites"]["processes"] == 1
     for packing in packings[1:]:
         _assert_same_model(records[packings[0]], records[packing])
@@ -129,8 +147,15 @@ def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp
     sampled = ["fraction_fit=0.5", "min_fit_sites=2"]
     packed = _run(tmp_path, "sampled-2x4", *PACKINGS["2x4"], *sampled)
     single = _run(tmp_path, "sampled-1x8", *PACKINGS["1x8"], *sampled)
-    crashed = _run(tmp_path, "sampled-crash", *PACKINGS["2x4"], *sampled, f"checkpoints_dir={tmp_path / 'ck'}",
-                   "max_restarts=1", env={"SCALING_FL_FAIL_AT": "site=1,round=3,attempts=1"})
+    crashed = _run(
+        tmp_path,
+        "sampled-crash",
+        *PACKINGS["2x4"],
+        *sampled,
+        f"checkpoints_dir={tmp_path / 'ck'}",
+        "max_restarts=1",
+        env={"SCALING_FL_FAIL_AT": "site=1,round=3,attempts=1"},
+    )
     assert "sites restarted (restart 1 of at most 1), continuing after round 2" in crashed["stderr"]
     drawn = {str(r): participants(42, r - 1, 8, 0.5, 2) for r in (1, 2, 3)}
     for record in (packed, single, crashed):
@@ -142,9 +167,20 @@ def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp
 
 @pytest.mark.slow
 def test_a_thousand_sites_sampling_one_percent_run_three_rounds_in_two_processes(tmp_path):
-    result = run_cli(tmp_path, "with", *TINY_JOB, "num_sites=1000", "fraction_fit=0.01", "processes_per_device=2",
-                     "synthetic_train_size=3000", "synthetic_test_size=64", "num_rounds=3", "job_name=thousand",
-                     f"runs_dir={tmp_path / 'runs'}", timeout=300)
+    result = run_cli(
+        tmp_path,
+        "with",
+        *TINY_JOB,
+        "num_sites=1000",
+        "fraction_fit=0.01",
+        "processes_per_device=2",
+        "synthetic_train_size=3000",
+        "synthetic_test_size=64",
+        "num_rounds=3",
+        "job_name=thousand",
+        f"runs_dir={tmp_path / 'runs'}",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1000 sites: rows min 3 / median 3 / max 3" in result.stderr  # one summary line, not 1,000
     assert "site 999:" not in result.stderr

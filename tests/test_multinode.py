@@ -29,8 +29,11 @@ CONTRACT = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "L
 
 def clean_env(**extra: str) -> dict:
     """This process's environment without any distributed, SLURM or tracking settings of its own."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in CONTRACT and not key.startswith(("SLURM_", "TORCHELASTIC_", "PET_", "SACRED_"))}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in CONTRACT and not key.startswith(("SLURM_", "TORCHELASTIC_", "PET_", "SACRED_"))
+    }
     return {**env, **extra}
 
 
@@ -67,9 +70,16 @@ def test_two_launchers_with_the_kubeflow_env_contract_train_four_sites(tmp_path)
         logs.append(node_dir / "output.txt")
         env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
         with open(logs[-1], "w") as log:
-            processes.append(subprocess.Popen(cli_command("with", *JOB, "job_name=two-nodes",
-                                               "runs_dir=runs"), cwd=node_dir, env=env, stdout=log,
-                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            processes.append(
+                subprocess.Popen(
+                    cli_command("with", *JOB, "job_name=two-nodes", "runs_dir=runs"),
+                    cwd=node_dir,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
     codes = wait_all(processes, timeout=300)
     outputs = [log.read_text() for log in logs]
     assert codes == [0, 0], "\n\n".join(f"--- node {i} ---\n{out[-3000:]}" for i, out in enumerate(outputs))
@@ -117,14 +127,27 @@ def slurm_env(tmp_path: Path, **extra: str) -> dict:
     for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    return clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node[01-02]",
-                     SLURM_NNODES="2", SLURM_SUBMIT_DIR=str(ROOT), PYTHON=sys.executable, SRUN_LOGS=str(tmp_path),
-                     **extra)
+    return clean_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node[01-02]",
+        SLURM_NNODES="2",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        PYTHON=sys.executable,
+        SRUN_LOGS=str(tmp_path),
+        **extra,
+    )
 
 
 def launch(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "deploy/slurm/launch.sh"), *args], capture_output=True, text=True,
-                          env=env, stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "deploy/slurm/launch.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
 
 
 def test_slurm_launch_passes_one_task_per_node_and_the_cpus_per_task_to_srun(tmp_path):
@@ -141,8 +164,13 @@ def test_slurm_launch_passes_one_task_per_node_and_the_cpus_per_task_to_srun(tmp
     assert "--ntasks-per-node=1" in options and "--cpus-per-task=6" in options, options
 
     # The stand-in itself holds the line: without one task per node it fails.
-    refused = subprocess.run([str(tmp_path / "bin" / "srun"), "--kill-on-bad-exit=1", "true"], capture_output=True,
-                             text=True, env=env, timeout=60)
+    refused = subprocess.run(
+        [str(tmp_path / "bin" / "srun"), "--kill-on-bad-exit=1", "true"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "--ntasks-per-node=1" in refused.stderr
 
 

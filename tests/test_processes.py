@@ -36,18 +36,22 @@ def test_the_first_signal_interrupts_and_a_second_one_waits_for_the_cleanup():
 
 def test_a_grandchild_dies_with_its_parent_killed_by_sigkill(tmp_path):
     pid_file = tmp_path / "grandchild.pid"
-    (tmp_path / "grandchild.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "grandchild.py").write_text(
+        textwrap.dedent(f"""
         import os, sys, time
         from scaling_fl import processes
         processes.die_with_parent(expected_parent=int(sys.argv[1]))
         open({str(pid_file)!r}, "w").write(str(os.getpid()))
         time.sleep(60)
-    """))
-    (tmp_path / "parent.py").write_text(textwrap.dedent(f"""
+    """)
+    )
+    (tmp_path / "parent.py").write_text(
+        textwrap.dedent(f"""
         import os, subprocess, sys, time
         subprocess.Popen([sys.executable, {str(tmp_path / "grandchild.py")!r}, str(os.getpid())])
         time.sleep(60)
-    """))
+    """)
+    )
     parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")])
     try:
         deadline = time.monotonic() + 30
@@ -89,23 +93,32 @@ def test_a_dead_launchers_temp_folder_is_removed_at_the_next_start_and_a_live_on
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    for name, pid in (("scaling-fl-job-dead", dead.pid), ("scaling-fl-job-live", os.getpid()),
-                      ("scaling-fl-other-dead", dead.pid)):
+    for name, pid in (
+        ("scaling-fl-job-dead", dead.pid),
+        ("scaling-fl-job-live", os.getpid()),
+        ("scaling-fl-other-dead", dead.pid),
+    ):
         (tmp_path / name).mkdir()
         (tmp_path / name / "owner.json").write_text(json.dumps({"pid": pid, "start_time": None}))
     workdir = processes.make_workdir("job")
-    assert sorted(path.name for path in tmp_path.iterdir() if path.name != os.path.basename(workdir)) == \
-        ["scaling-fl-job-live", "scaling-fl-other-dead"]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name != os.path.basename(workdir)) == [
+        "scaling-fl-job-live",
+        "scaling-fl-other-dead",
+    ]
     assert json.loads((tmp_path / os.path.basename(workdir) / "owner.json").read_text())["pid"] == os.getpid()
 
 
-@pytest.mark.parametrize("error, permanent", [
-    (OSError(errno.ENOSPC, "No space left on device"), True),
-    (PermissionError(errno.EACCES, "Permission denied"), True),
-    (OSError(errno.EROFS, "Read-only file system"), True),
-    (OSError(errno.ECONNRESET, "Connection reset by peer"), False),
-    (RuntimeError("Connection closed by peer"), False),
-], ids=["no-space", "permission", "read-only", "connection-reset", "peer-gone"])
+@pytest.mark.parametrize(
+    "error, permanent",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (PermissionError(errno.EACCES, "Permission denied"), True),
+        (OSError(errno.EROFS, "Read-only file system"), True),
+        (OSError(errno.ECONNRESET, "Connection reset by peer"), False),
+        (RuntimeError("Connection closed by peer"), False),
+    ],
+    ids=["no-space", "permission", "read-only", "connection-reset", "peer-gone"],
+)
 def test_errors_a_restart_cannot_fix_are_told_from_the_others(error, permanent, tmp_path):
     assert processes.restart_cannot_fix(error) is permanent
     try:  # also when wrapped by another exception, and when it comes as the storage layer's one line
@@ -142,7 +155,7 @@ def test_a_site_writes_where_the_launcher_writes_now_not_where_the_fork_server_s
     launcher = textwrap.dedent(f"""
         import os, subprocess, sys
         read_end, write_end = os.pipe()          # what Sacred's capture puts on fd 1 and 2
-        stale = open({str(tmp_path / 'stale.txt')!r}, 'w')  # what the fork server inherited
+        stale = open({str(tmp_path / "stale.txt")!r}, 'w')  # what the fork server inherited
         os.dup2(write_end, 1); os.dup2(write_end, 2); os.close(write_end)
         site = subprocess.Popen([sys.executable, '-c',
             'from scaling_fl import processes; processes.adopt_launcher_output(); print("from the site", flush=True)'],
@@ -150,7 +163,7 @@ def test_a_site_writes_where_the_launcher_writes_now_not_where_the_fork_server_s
         site.wait()
         os.close(1); os.close(2)
         sys.__stdout__ = None
-        with open({str(tmp_path / 'captured.txt')!r}, 'wb') as out:
+        with open({str(tmp_path / "captured.txt")!r}, 'wb') as out:
             out.write(os.read(read_end, 1000))
     """)
     subprocess.run([sys.executable, "-c", launcher], timeout=60, check=False)
@@ -165,8 +178,14 @@ def test_a_site_keeps_a_regular_file_it_shares_with_the_launcher(tmp_path):
         out.write("launcher line\n")
         out.flush()
         code = 'from scaling_fl import processes; processes.adopt_launcher_output(); print("site line", flush=True)'
-        subprocess.run([sys.executable, "-c", code], stdout=out, stderr=out, timeout=60, check=True,
-                       env={**os.environ, processes.LAUNCHER_PID_ENV: str(os.getpid())})
+        subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=out,
+            stderr=out,
+            timeout=60,
+            check=True,
+            env={**os.environ, processes.LAUNCHER_PID_ENV: str(os.getpid())},
+        )
     assert log_file.read_text() == "launcher line\nsite line\n"
 
 

@@ -114,8 +114,11 @@ def test_the_launcher_passes_its_own_terminal_to_the_sites(monkeypatch):
     monkeypatch.setattr(multiprocessing.forkserver, "ensure_running", lambda: None)
     for name in ("TOKENIZERS_PARALLELISM", processes.LAUNCHER_PID_ENV, "TORCHELASTIC_SIGNALS_TO_HANDLE"):
         monkeypatch.setenv(name, "")  # restored after the test
-    for stdout, stderr, expected in ((FakeTerminal(), FakeTerminal(), "bar"), (io.StringIO(), FakeTerminal(), "lines"),
-                                     (FakeTerminal(), io.StringIO(), "lines")):
+    for stdout, stderr, expected in (
+        (FakeTerminal(), FakeTerminal(), "bar"),
+        (io.StringIO(), FakeTerminal(), "lines"),
+        (FakeTerminal(), io.StringIO(), "lines"),
+    ):
         monkeypatch.delenv(PROGRESS_ENV, raising=False)
         monkeypatch.setattr("sys.stdout", stdout)
         monkeypatch.setattr("sys.stderr", stderr)

@@ -8,7 +8,12 @@ import torch
 import torch.distributed as dist
 
 from scaling_fl.exchange.quantize import (
-    Int8Exchange, block_scales, dequantize, int8_payload_bytes, num_blocks, quantize,
+    Int8Exchange,
+    block_scales,
+    dequantize,
+    int8_payload_bytes,
+    num_blocks,
+    quantize,
 )
 from scaling_fl.flat_state import flat_sha256
 from scaling_fl.strategies.fedavg import FedAvg
@@ -78,10 +83,19 @@ def _int8_on_rank() -> list[dict]:
         local = global_ + _site_update(rank, round_index)
         update = (local - global_) + residual_before  # what the site sends, as the exchange forms it
         sent = exchange.exchange_(local, global_, weight, FedAvg())
-        out.append({"before": before.numpy(), "after": global_.numpy().copy(), "update": update.numpy(),
-                    "residual": exchange.residual.numpy().copy(), "sha": flat_sha256(global_), "bytes": sent,
-                    "local_equals_global": bool(torch.equal(local, global_)), "stats": dict(exchange.stats),
-                    "buckets": len(exchange.ranges)})
+        out.append(
+            {
+                "before": before.numpy(),
+                "after": global_.numpy().copy(),
+                "update": update.numpy(),
+                "residual": exchange.residual.numpy().copy(),
+                "sha": flat_sha256(global_),
+                "bytes": sent,
+                "local_equals_global": bool(torch.equal(local, global_)),
+                "stats": dict(exchange.stats),
+                "buckets": len(exchange.ranges),
+            }
+        )
     dist.destroy_process_group()
     return out
 

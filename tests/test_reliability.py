@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,9 @@ pytestmark = pytest.mark.slow  # every test here starts the command line
 
 # Long enough (about 10 s of rounds) that a start 7 s after the first meets it alive.
 JOB = [*TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=480", "synthetic_test_size=60", "num_rounds=6"]
-REFUSED = re.compile(r"^scaling-fl: error: job_name='(\w+)' is already running: launcher pid (\d+) on host \S+",
-                     re.MULTILINE)
+REFUSED = re.compile(
+    r"^scaling-fl: error: job_name='(\w+)' is already running: launcher pid (\d+) on host \S+", re.MULTILINE
+)
 
 
 class Launcher:
@@ -33,8 +33,13 @@ class Launcher:
     def __init__(self, cwd: Path, *args: str, env: dict | None = None, name: str = "launcher"):
         self.log = cwd / f"{name}-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(cli_command("with", *args), cwd=cwd, stdout=out,
-                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            self.process = subprocess.Popen(
+                cli_command("with", *args),
+                cwd=cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+            )
 
     @property
     def pid(self) -> int:
@@ -150,8 +155,14 @@ def test_sigterm_and_a_double_ctrl_c_are_interruptions_not_failures(tmp_path):
     work.mkdir()
     for signals, code, name in (([signal.SIGTERM], 143, "SIGTERM"), ([signal.SIGINT, signal.SIGINT], 130, "SIGINT")):
         runs, ck = tmp_path / f"runs-{name}", tmp_path / f"ck-{name}"
-        launcher = Launcher(tmp_path, *JOB, f"job_name=stop-{name}", f"runs_dir={runs}", f"checkpoints_dir={ck}",
-                            env={"TMPDIR": str(work)})
+        launcher = Launcher(
+            tmp_path,
+            *JOB,
+            f"job_name=stop-{name}",
+            f"runs_dir={runs}",
+            f"checkpoints_dir={ck}",
+            env={"TMPDIR": str(work)},
+        )
         try:
             wait_until(committed(ck, 1), launcher, "checkpoint of round 1")
             for signum in signals:
@@ -161,8 +172,12 @@ def test_sigterm_and_a_double_ctrl_c_are_interruptions_not_failures(tmp_path):
         finally:
             launcher.kill()
         output = launcher.output()
-        line = re.search(rf"^scaling-fl: interrupted by {name} after round (\d+) of 6; re-run with "
-                         rf"job_name=stop-{name} to resume from its last checkpoint$", output, re.MULTILINE)
+        line = re.search(
+            rf"^scaling-fl: interrupted by {name} after round (\d+) of 6; re-run with "
+            rf"job_name=stop-{name} to resume from its last checkpoint$",
+            output,
+            re.MULTILINE,
+        )
         assert line, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
         record = final_record(runs)
@@ -175,8 +190,17 @@ def test_sigterm_and_a_double_ctrl_c_are_interruptions_not_failures(tmp_path):
 def test_a_frozen_site_is_restarted_within_the_collective_timeout_plus_5_s(tmp_path):
     ck = tmp_path / "ck"
     # Small rounds: the peer reaches the collective that waits for the frozen site at once.
-    launcher = Launcher(tmp_path, *JOB, "num_rounds=4", "synthetic_train_size=160", "collective_timeout_s=10",
-                        "max_restarts=1", "job_name=frozen", f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={ck}")
+    launcher = Launcher(
+        tmp_path,
+        *JOB,
+        "num_rounds=4",
+        "synthetic_train_size=160",
+        "collective_timeout_s=10",
+        "max_restarts=1",
+        "job_name=frozen",
+        f"runs_dir={tmp_path / 'runs'}",
+        f"checkpoints_dir={ck}",
+    )
     try:
         wait_until(committed(ck, 1), launcher, "checkpoint of round 1")
         first = site_pids(launcher.pid)
@@ -196,7 +220,9 @@ def test_a_frozen_site_is_restarted_within_the_collective_timeout_plus_5_s(tmp_p
 
 def site_pids(launcher_pid: int) -> set[int]:
     """The sites: the children of the launcher's fork server."""
-    servers = [pid for pid in descendants(launcher_pid) if _parent(pid) == launcher_pid and "forkserver" in _cmdline(pid)]
+    servers = [
+        pid for pid in descendants(launcher_pid) if _parent(pid) == launcher_pid and "forkserver" in _cmdline(pid)
+    ]
     return {pid for server in servers for pid in descendants(server) if _parent(pid) == server and alive(pid)}
 
 
@@ -216,6 +242,7 @@ def _parent(pid: int) -> int:
 
 # --- stores that fail -----------------------------------------------------------------
 
+
 @pytest.fixture
 def small_mount(tmp_path):
     """A tmpfs of its own (root only, as in CI): can be filled up or made read-only mid-run."""
@@ -224,8 +251,9 @@ def small_mount(tmp_path):
     def mount(name: str, size: str) -> Path:
         path = tmp_path / name
         path.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
         assert result.returncode == 0, f"these tests mount a tmpfs and need root: {result.stderr}"
         mounts.append(path)
         return path
@@ -238,8 +266,17 @@ def small_mount(tmp_path):
 def test_a_full_disk_fails_at_once_without_burning_restarts(tmp_path, small_mount):
     ck = small_mount("ck", "12m")  # one tiny-bert checkpoint (~8.3 MB) fits, a second does not
     started = time.monotonic()
-    result = run_cli(tmp_path, "with", *JOB, "max_restarts=3", "keep_last_checkpoints=2", "job_name=full",
-                     f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={ck}", timeout=300)
+    result = run_cli(
+        tmp_path,
+        "with",
+        *JOB,
+        "max_restarts=3",
+        "keep_last_checkpoints=2",
+        "job_name=full",
+        f"runs_dir={tmp_path / 'runs'}",
+        f"checkpoints_dir={ck}",
+        timeout=300,
+    )
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     assert "no space left on the device" in result.stderr and "not retried" in result.stderr, result.stderr[-3000:]
@@ -270,7 +307,8 @@ def test_runs_dir_made_read_only_mid_run_fails_the_job_and_a_rerun_completes_the
     args = [*JOB, "job_name=readonly", f"runs_dir={runs}", f"checkpoints_dir={ck}"]
     try:
         launcher, code, exited_after = run_and_break_after_round_2(
-            tmp_path, args, ck, lambda: subprocess.run(["mount", "-o", "remount,ro", str(runs)], check=True))
+            tmp_path, args, ck, lambda: subprocess.run(["mount", "-o", "remount,ro", str(runs)], check=True)
+        )
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(runs)], check=True)
     output = launcher.output()
@@ -294,10 +332,24 @@ def test_mongo_lost_mid_run_fails_the_job_and_a_rerun_completes_the_record(tmp_p
     port, database = free_port(), tmp_path / "mongo.db"
 
     def start_mongo():
-        process = subprocess.Popen([executable("nx-27017"), "--db", str(database), "--host", "127.0.0.1",
-                                    "-p", str(port), "--log-file", str(tmp_path / "mongo.log"),
-                                    "--pid-file", str(tmp_path / "mongo.pid")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            [
+                executable("nx-27017"),
+                "--db",
+                str(database),
+                "--host",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--log-file",
+                str(tmp_path / "mongo.log"),
+                "--pid-file",
+                str(tmp_path / "mongo.pid"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while not port_open(port):
             assert process.poll() is None and time.monotonic() < deadline, "nx-27017 did not start"

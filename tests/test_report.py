@@ -60,8 +60,10 @@ def line_data(figure) -> dict[str, tuple[list, list]]:
 
 def test_file_store_figures_have_one_curve_per_run(file_store):
     runs = report.load_file_runs(file_store, ["alpha", "2"])
-    assert [(run.run_id, run.job_name, run.status) for run in runs] == [(3, "alpha", "COMPLETED"),
-                                                                        (2, "beta", "COMPLETED")]
+    assert [(run.run_id, run.job_name, run.status) for run in runs] == [
+        (3, "alpha", "COMPLETED"),
+        (2, "beta", "COMPLETED"),
+    ]
     figures = report.make_figures(runs)
     assert set(figures) == {"accuracy_vs_round", "loss_vs_round", "accuracy_vs_bytes"}
     for figure in figures.values():
@@ -85,12 +87,19 @@ def test_file_store_report_files_and_table(file_store, tmp_path):
     for name in report.FIGURES.values():
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
-    assert set(written) == {"accuracy_vs_round", "loss_vs_round", "accuracy_vs_bytes", "final_metrics_md",
-                            "final_metrics_csv"}
+    assert set(written) == {
+        "accuracy_vs_round",
+        "loss_vs_round",
+        "accuracy_vs_bytes",
+        "final_metrics_md",
+        "final_metrics_csv",
+    }
 
     rows = list(csv.DictReader(io.StringIO((out / "final_metrics.csv").read_text())))
     assert [(row["job_name"], row["run_id"], row["status"], row["rounds"]) for row in rows] == [
-        ("alpha", "3", "COMPLETED", "5"), ("beta", "2", "COMPLETED", "4")]
+        ("alpha", "3", "COMPLETED", "5"),
+        ("beta", "2", "COMPLETED", "4"),
+    ]
     alpha, beta = rows
     assert float(alpha["final_validation_accuracy"]) == pytest.approx(0.8)
     assert float(alpha["final_validation_loss"]) == pytest.approx(0.4)
@@ -118,10 +127,14 @@ def test_runs_without_a_metric_are_left_out_of_that_figure_only(tmp_path):
 
 
 def run_script(*args: str, env: dict | None = None, module: bool = False) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "scaling_fl.report"] if module else [sys.executable, str(ROOT / "scripts" /
-                                                                                              "plot_runs.py")]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    command = (
+        [sys.executable, "-m", "scaling_fl.report"]
+        if module
+        else [sys.executable, str(ROOT / "scripts" / "plot_runs.py")]
+    )
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})}
+    )
 
 
 def test_command_line(file_store, tmp_path):
@@ -129,8 +142,9 @@ def test_command_line(file_store, tmp_path):
     result = run_script("--runs-dir", str(file_store), "--out", str(out), "alpha", "beta")
     assert result.returncode == 0, result.stderr
     assert "| alpha | 3 | COMPLETED | 5 |" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted([*report.FIGURES.values(), "final_metrics.md",
-                                                            "final_metrics.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*report.FIGURES.values(), "final_metrics.md", "final_metrics.csv"]
+    )
 
     result = run_script("--runs-dir", str(file_store), "--out", str(out), "gamma", module=True)
     assert result.returncode == 2
@@ -152,8 +166,10 @@ def test_mongo_runs_from_url_and_from_environment(mongo_env, tmp_path):
         runs = report.load_mongo_runs(client[database], ["alpha", "beta"])
     finally:
         client.close()
-    assert [(run.run_id, run.job_name, run.status) for run in runs] == [(3, "alpha", "COMPLETED"),
-                                                                        (2, "beta", "COMPLETED")]
+    assert [(run.run_id, run.job_name, run.status) for run in runs] == [
+        (3, "alpha", "COMPLETED"),
+        (2, "beta", "COMPLETED"),
+    ]
     for figure in report.make_figures(runs).values():
         assert len(figure.axes[0].get_lines()) == 2
     assert report.summarize(runs[0])["final_validation_accuracy"] == pytest.approx(0.8)
@@ -162,11 +178,21 @@ def test_mongo_runs_from_url_and_from_environment(mongo_env, tmp_path):
     out = tmp_path / "from-env"  # no --mongo-url: SACRED_URL from the environment
     assert report.main(["--out", str(out), "alpha", "1"]) == 0
     rows = list(csv.DictReader(io.StringIO((out / "final_metrics.csv").read_text())))
-    assert [(row["job_name"], row["run_id"], row["rounds"]) for row in rows] == [("alpha", "3", "5"),
-                                                                                  ("alpha", "1", "3")]
+    assert [(row["job_name"], row["run_id"], row["rounds"]) for row in rows] == [
+        ("alpha", "3", "5"),
+        ("alpha", "1", "3"),
+    ]
     out = tmp_path / "from-url"
-    result = run_script("--mongo-url", server.url, "--database", database, "--out", str(out), "beta",
-                        env={"SACRED_URL": "", "SACRED_DATABASE": ""})
+    result = run_script(
+        "--mongo-url",
+        server.url,
+        "--database",
+        database,
+        "--out",
+        str(out),
+        "beta",
+        env={"SACRED_URL": "", "SACRED_DATABASE": ""},
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "accuracy_vs_bytes.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -176,8 +202,9 @@ def test_unreachable_mongo_is_one_line_in_seconds(tmp_path, capsys):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     started = time.monotonic()
-    code = report.main(["--mongo-url", f"mongodb://reader:hunter2-secret@127.0.0.1:{port}/", "--out",
-                        str(tmp_path / "out"), "alpha"])
+    code = report.main(
+        ["--mongo-url", f"mongodb://reader:hunter2-secret@127.0.0.1:{port}/", "--out", str(tmp_path / "out"), "alpha"]
+    )
     elapsed = time.monotonic() - started
     error = capsys.readouterr().err
     assert code == 2 and elapsed < 10

@@ -27,7 +27,10 @@ def test_lr_schedules_follow_hugging_face_shapes():
 def test_batch_plan_epochs_cover_every_row_once_per_epoch_and_reshuffle():
     plan = local.batch_plan(num_rows=10, batch_size=3, grad_accum_steps=2, num_local_epochs=2, local_steps=0, seed=1)
     assert len(plan) == local.steps_per_round(10, 3, 2, 2, 0) == 4
-    epochs = [np.concatenate([b for step in plan[:2] for b in step]), np.concatenate([b for step in plan[2:] for b in step])]
+    epochs = [
+        np.concatenate([b for step in plan[:2] for b in step]),
+        np.concatenate([b for step in plan[2:] for b in step]),
+    ]
     for rows in epochs:
         assert sorted(rows.tolist()) == list(range(10))
     assert not np.array_equal(epochs[0], epochs[1])
@@ -78,8 +81,17 @@ def test_topology_single_node_and_kubeflow_and_slurm_and_torchrun():
     assert (kubeflow.num_nodes, kubeflow.node_rank, kubeflow.num_sites, kubeflow.master_addr) == (3, 2, 6, "10.0.0.1")
     slurm = node_topology(2, env={"MASTER_ADDR": "n1", "MASTER_PORT": "1", "SLURM_NNODES": "2", "SLURM_NODEID": "1"})
     assert (slurm.num_nodes, slurm.node_rank) == (2, 1)
-    torchrun = node_topology(2, env={"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "h",
-                                     "MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"})
+    torchrun = node_topology(
+        2,
+        env={
+            "TORCHELASTIC_RUN_ID": "x",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "29500",
+            "WORLD_SIZE": "2",
+            "RANK": "1",
+        },
+    )
     assert (torchrun.num_nodes, torchrun.node_rank, torchrun.master_port) == (2, 1, 29501)
     with pytest.raises(ConfigError, match="nproc-per-node=1"):
         node_topology(2, env={"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "1"})

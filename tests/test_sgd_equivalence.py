@@ -39,10 +39,20 @@ def sgd_step(rows: np.ndarray) -> tuple[torch.nn.Module, torch.Tensor]:
     dataset = tokenize([texts[i] for i in rows], labels[rows], tokenizer, max_seq_len=64)
     optimizer = local.make_optimizer(model, "sgd", LR, weight_decay=0.0, momentum=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    plan = local.batch_plan(len(rows), batch_size=len(rows), grad_accum_steps=1, num_local_epochs=1,
-                            local_steps=1, seed=0)
-    local.train_round(model, dataset, padding_collator(tokenizer), plan, optimizer=optimizer, scheduler=scheduler,
-                      precision="fp32", max_grad_norm=0.0, device=torch.device("cpu"))
+    plan = local.batch_plan(
+        len(rows), batch_size=len(rows), grad_accum_steps=1, num_local_epochs=1, local_steps=1, seed=0
+    )
+    local.train_round(
+        model,
+        dataset,
+        padding_collator(tokenizer),
+        plan,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision="fp32",
+        max_grad_norm=0.0,
+        device=torch.device("cpu"),
+    )
     return model, flat
 
 

@@ -13,7 +13,14 @@ import torch.distributed as dist
 from scaling_fl.exchange.factory import make_exchange
 from scaling_fl.exchange.quantize import dequantize, quantize
 from scaling_fl.exchange.sparse import (
-    CRITERIA, SparseExchange, _Keys, find_cut, iter_selected, scores_into, segments_from_model, topk_regions,
+    CRITERIA,
+    SparseExchange,
+    _Keys,
+    find_cut,
+    iter_selected,
+    scores_into,
+    segments_from_model,
+    topk_regions,
 )
 from scaling_fl.flat_state import flat_sha256, flatten_model_
 from scaling_fl.strategies.factory import STRATEGIES, make_strategy
@@ -21,13 +28,22 @@ from scaling_fl.strategies.fedavg import FedAvg
 from tests.ranks import init_gloo, run_on_ranks
 
 
-def select_topk(update: torch.Tensor, global_: torch.Tensor, sparsity_level: float, *,
-                criterion: str = "largest_magnitude_change", segments: list[tuple[int, int]] | None = None,
-                scope: str = "model", chunk_numel: int = 1 << 20) -> torch.Tensor:
+def select_topk(
+    update: torch.Tensor,
+    global_: torch.Tensor,
+    sparsity_level: float,
+    *,
+    criterion: str = "largest_magnitude_change",
+    segments: list[tuple[int, int]] | None = None,
+    scope: str = "model",
+    chunk_numel: int = 1 << 20,
+) -> torch.Tensor:
     """All selected flat indices at once (the exchange streams them)."""
     keys_of = _Keys(update, global_, criterion, chunk_numel)
-    cuts = [find_cut(keys_of, s, e, k, chunk_numel)
-            for s, e, k in topk_regions(update.numel(), sparsity_level, segments, scope)]
+    cuts = [
+        find_cut(keys_of, s, e, k, chunk_numel)
+        for s, e, k in topk_regions(update.numel(), sparsity_level, segments, scope)
+    ]
     return torch.cat(list(iter_selected(cuts, keys_of, chunk_numel)))
 
 
@@ -38,9 +54,11 @@ def test_each_criterion_selects_what_it_says():
     global_ = torch.tensor([5.0, -5.0, 0.1, 0.2])
     update = torch.tensor([-4.9, 0.5, 1.0, -0.3])  # local = [0.1, -4.5, 1.1, -0.1]
     picks = {c: select_topk(update, global_, 0.25, criterion=c).tolist() for c in CRITERIA}
-    assert picks == {"largest_magnitude_change": [0],        # |update| 4.9
-                     "largest_final_magnitude": [1],         # |local| 4.5
-                     "largest_increase_in_magnitude": [2]}   # |local| - |global| = +1.0
+    assert picks == {
+        "largest_magnitude_change": [0],  # |update| 4.9
+        "largest_final_magnitude": [1],  # |local| 4.5
+        "largest_increase_in_magnitude": [2],
+    }  # |local| - |global| = +1.0
     g = torch.Generator().manual_seed(0)
     update, global_ = torch.randn(5000, generator=g), torch.randn(5000, generator=g)
     for criterion in CRITERIA:
@@ -172,13 +190,20 @@ def _hand_scenarios(rank: int) -> dict:
                 dense_local, dense_global = local.clone(), global_.clone()
                 make_exchange("dense", NUMEL).exchange_(dense_local, dense_global, weight, FedAvg())
             sent = exchange.exchange_(local, global_, weight, FedAvg())
-            rounds.append({
-                "before": before.numpy(), "after": global_.numpy().copy(), "update": update.numpy(),
-                "residual": None if exchange.residual is None else exchange.residual.numpy().copy(),
-                "bytes": sent, "stats": dict(exchange.stats), "sha": flat_sha256(global_),
-                "local_equals_global": bool(torch.equal(local, global_)),
-                "dense_after": dense_global.numpy() if name == "fallback" else None,
-                "state_keys": sorted(exchange.state_dict())})
+            rounds.append(
+                {
+                    "before": before.numpy(),
+                    "after": global_.numpy().copy(),
+                    "update": update.numpy(),
+                    "residual": None if exchange.residual is None else exchange.residual.numpy().copy(),
+                    "bytes": sent,
+                    "stats": dict(exchange.stats),
+                    "sha": flat_sha256(global_),
+                    "local_equals_global": bool(torch.equal(local, global_)),
+                    "dense_after": dense_global.numpy() if name == "fallback" else None,
+                    "state_keys": sorted(exchange.state_dict()),
+                }
+            )
         out[name] = rounds
     return out
 
@@ -200,7 +225,7 @@ def _expected_delta(updates, chosen, rule="per_position", segments=((0, NUMEL),)
             sent_in[i, t] = bool(np.any(values[inside] != 0))
     if rule == "fl4health":
         for t, (offset, size) in enumerate(segments):
-            den[offset:offset + size] = (weights * sent_in[:, t]).sum()
+            den[offset : offset + size] = (weights * sent_in[:, t]).sum()
     return np.divide(num, den, out=np.zeros(NUMEL), where=den > 0)
 
 
@@ -241,7 +266,7 @@ def test_per_position_average_is_not_diluted_and_error_feedback_conserves_mass(h
     assert np.all(delta[[6, 7, 8, 11]] == 0)
     # overlap: position 2, sent by sites 0, 1, 2 with weights .1 .3 .2
     u2 = [first[i]["update"][2] for i in range(3)]
-    assert delta[2] == pytest.approx((.1 * u2[0] + .3 * u2[1] + .2 * u2[2]) / .6, rel=1e-6)
+    assert delta[2] == pytest.approx((0.1 * u2[0] + 0.3 * u2[1] + 0.2 * u2[2]) / 0.6, rel=1e-6)
     for site, r in enumerate(first):
         sent = np.zeros(NUMEL, dtype=np.float32)
         sent[CHOSEN[site]] = r["update"][CHOSEN[site]]
@@ -257,11 +282,11 @@ def _check_second_round(rounds, residuals):
     second = [r[1] for r in rounds]
     updates = [r["update"] for r in second]
     for site in range(4):
-        np.testing.assert_allclose(updates[site], residuals[site] + _second_update(site).numpy(),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(updates[site], residuals[site] + _second_update(site).numpy(), rtol=1e-6, atol=1e-6)
     chosen = [select_topk(torch.from_numpy(u), torch.zeros(NUMEL), 0.25).numpy() for u in updates]
-    np.testing.assert_allclose(second[0]["after"] - second[0]["before"], _expected_delta(updates, chosen),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        second[0]["after"] - second[0]["before"], _expected_delta(updates, chosen), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_fl4health_rule_dilutes_by_every_site_that_sent_into_the_tensor(hand_results):
@@ -291,8 +316,9 @@ def test_int8_values_decode_before_averaging_and_keep_the_quantization_error(han
     rounds = _checked_rounds(hand_results, "int8_values")
     first, delta = _first_round(rounds)
     chosen = [np.array(c) for c in CHOSEN]
-    np.testing.assert_allclose(delta, _expected_delta([r["update"] for r in first], chosen, int8_block=2),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        delta, _expected_delta([r["update"] for r in first], chosen, int8_block=2), rtol=1e-6, atol=1e-7
+    )
     for site, r in enumerate(first):
         values = torch.from_numpy(r["update"][CHOSEN[site]])
         decoded = dequantize(*quantize(values, 2), 2).numpy()
@@ -320,18 +346,28 @@ BIG = 3000
 EXCHANGE_CONFIGS = {
     "dense": ("dense", {}),
     "sparse": ("sparse", {"sparsity_level": 0.1}),
-    "sparse_fl4health": ("sparse", {"sparsity_level": 0.1, "sparse_average": "fl4health",
-                                    "segments": [(0, 1000), (1000, 1500), (2500, 500)]}),
-    "sparse_tensor": ("sparse", {"sparsity_level": 0.05, "sparsity_scope": "tensor",
-                                 "segments": [(0, 1000), (1000, 1500), (2500, 500)],
-                                 "selection_criterion": "largest_increase_in_magnitude"}),
+    "sparse_fl4health": (
+        "sparse",
+        {"sparsity_level": 0.1, "sparse_average": "fl4health", "segments": [(0, 1000), (1000, 1500), (2500, 500)]},
+    ),
+    "sparse_tensor": (
+        "sparse",
+        {
+            "sparsity_level": 0.05,
+            "sparsity_scope": "tensor",
+            "segments": [(0, 1000), (1000, 1500), (2500, 500)],
+            "selection_criterion": "largest_increase_in_magnitude",
+        },
+    ),
     "sparse_final": ("sparse", {"sparsity_level": 0.02, "selection_criterion": "largest_final_magnitude"}),
     "int8": ("int8", {"block_size": 128, "scale_dtype": "bf16"}),
     "sparse_int8": ("sparse_int8", {"sparsity_level": 0.1, "block_size": 64}),
     "sparse_fallback": ("sparse", {"sparsity_level": 0.6}),
     "sparse_given_weights": ("sparse", {"sparsity_level": 0.1, "site_weights": [s / sum(SIZES) for s in SIZES]}),
-    "int8_given_weights": ("int8", {"block_size": 128, "scale_dtype": "bf16",
-                                    "site_weights": [s / sum(SIZES) for s in SIZES]}),
+    "int8_given_weights": (
+        "int8",
+        {"block_size": 128, "scale_dtype": "bf16", "site_weights": [s / sum(SIZES) for s in SIZES]},
+    ),
 }
 
 
@@ -342,16 +378,24 @@ def _all_combinations(rank: int) -> dict:
         for strategy_name in STRATEGIES:
             # 8 KiB buckets: several buckets and chunks, so several collectives per exchange
             exchange = make_exchange(name, BIG, bucket_bytes=8192, **options)
-            strategy = make_strategy(strategy_name, BIG, "cpu", server_learning_rate=0.5 if "fedavg" in
-                                     strategy_name else 1e-2)
+            strategy = make_strategy(
+                strategy_name, BIG, "cpu", server_learning_rate=0.5 if "fedavg" in strategy_name else 1e-2
+            )
             global_ = torch.linspace(-1, 1, BIG)
             records = []
             for step in range(2):
                 local = global_ + _big_update(rank, step)
                 before = global_.clone()
                 sent = exchange.exchange_(local, global_, weight, strategy)
-                records.append((flat_sha256(global_), bool(torch.equal(local, global_)), sent,
-                                exchange.stats["comm.bytes_per_site"], not torch.equal(before, global_)))
+                records.append(
+                    (
+                        flat_sha256(global_),
+                        bool(torch.equal(local, global_)),
+                        sent,
+                        exchange.stats["comm.bytes_per_site"],
+                        not torch.equal(before, global_),
+                    )
+                )
             out[f"{label}/{strategy_name}"] = records
     return out
 
@@ -410,5 +454,6 @@ def test_every_exchange_and_strategy_keeps_all_ranks_bitwise_identical(rank_resu
     assert results[0]["sparse_given_weights/fedadam"][0][2] == 4 * 12 + 8 * 294
     assert results[0]["int8_given_weights/fedyogi"][0][2] == results[0]["int8/fedyogi"][0][2] - 8
     for strategy in STRATEGIES:
-        assert ([x[0] for x in results[0][f"int8_given_weights/{strategy}"]]
-                == [x[0] for x in results[0][f"int8/{strategy}"]])
+        assert [x[0] for x in results[0][f"int8_given_weights/{strategy}"]] == [
+            x[0] for x in results[0][f"int8/{strategy}"]
+        ]

@@ -184,8 +184,11 @@ def test_everyday_gs_operations_report_an_unreachable_endpoint_within_10_s(monke
     port = closed_port()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"127.0.0.1:{port}")
     path = "gs://bucket/dir/train.csv"
-    for call in (lambda: storage.read_bytes(path), lambda: storage.atomic_write_bytes(path, b"x"),
-                 lambda: storage.list_dir("gs://bucket/dir")):
+    for call in (
+        lambda: storage.read_bytes(path),
+        lambda: storage.atomic_write_bytes(path, b"x"),
+        lambda: storage.list_dir("gs://bucket/dir"),
+    ):
         message, elapsed = one_line_error(call)
         assert f"the storage service at http://127.0.0.1:{port} is unreachable (connection refused)" in message
         assert "check STORAGE_EMULATOR_HOST" in message
@@ -279,7 +282,7 @@ def test_silent_endpoint_fails_within_the_deadline(scheme, timeout_s, monkeypatc
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)  # the kernel completes handshakes; nobody ever reads or answers
-        endpoint = "http://127.0.0.1:%d" % silent.getsockname()[1]
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         if scheme == "s3":
             monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
             monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
@@ -297,8 +300,9 @@ def test_s3_bad_missing_and_insufficient_credentials(s3_env, monkeypatch, caplog
     storage.atomic_write_bytes(f"s3://{s3.bucket}/creds/train.csv", b"1,a,b\n")
     path = f"s3://{s3.bucket}/creds/train.csv"
     reader_id, reader_secret = s3.create_access_key(policy=None)  # valid, but allowed nothing
-    admin_id, admin_secret = s3.create_access_key(policy={
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})
+    admin_id, admin_secret = s3.create_access_key(
+        policy={"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    )
     caplog.set_level(logging.INFO)
     secrets = []
     with s3.auth_enforced():
@@ -353,14 +357,25 @@ def test_gcs_credentials_file_problems(tmp_path, monkeypatch, gcs_server):
     # A well-formed service account whose token server rejects it (the emulator answers 4xx).
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
+
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    private_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()).decode()
+    private_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     account = tmp_path / "service-account.json"
-    account.write_text(json.dumps({
-        "type": "service_account", "project_id": "test", "private_key_id": "k1", "private_key": private_key,
-        "client_email": "sa@test.iam.gserviceaccount.com", "client_id": "1",
-        "token_uri": f"{gcs_server.endpoint}/token"}))
+    account.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "test",
+                "private_key_id": "k1",
+                "private_key": private_key,
+                "client_email": "sa@test.iam.gserviceaccount.com",
+                "client_id": "1",
+                "token_uri": f"{gcs_server.endpoint}/token",
+            }
+        )
+    )
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(account))
     message, elapsed = one_line_error(lambda: storage.check_readable(path))
     assert "could not get an access token" in message and elapsed < CHECK_LIMIT_S
@@ -376,8 +391,11 @@ def test_messages_and_logs_hold_no_secret(s3_env, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG, logger="scaling_fl")
     caplog.set_level(logging.INFO)
     texts = []
-    for call in (lambda: storage.check_readable("s3://b/k"), lambda: storage.check_writable("s3://b/d"),
-                 lambda: storage.atomic_write_bytes("s3://b/k", b"x")):
+    for call in (
+        lambda: storage.check_readable("s3://b/k"),
+        lambda: storage.check_writable("s3://b/d"),
+        lambda: storage.atomic_write_bytes("s3://b/k", b"x"),
+    ):
         with pytest.raises(StorageError) as caught:
             call()
         texts += [str(caught.value), repr(caught.value)]
@@ -388,8 +406,10 @@ def test_messages_and_logs_hold_no_secret(s3_env, monkeypatch, caplog):
     assert "http://127.0.0.1:1" in texts[0] and "user" not in texts[0]  # user info dropped from the endpoint
     for text in texts:
         assert secret not in text and token not in text
-    assert storage.redact(f"https://x/?X-Amz-Signature=abc&X-Amz-Credential={secret}") == \
-        "https://x/?X-Amz-Signature=***&X-Amz-Credential=***"
+    assert (
+        storage.redact(f"https://x/?X-Amz-Signature=abc&X-Amz-Credential={secret}")
+        == "https://x/?X-Amz-Signature=***&X-Amz-Credential=***"
+    )
 
 
 def test_server_env_points_a_subprocess_at_the_servers(server_env, s3_server, gcs_server):
@@ -402,6 +422,5 @@ def test_server_env_points_a_subprocess_at_the_servers(server_env, s3_server, gc
         "    storage.check_readable(base + '/subprocess/ok.txt')\n"
         "print('done')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=server_env(), capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], env=server_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]

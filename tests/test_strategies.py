@@ -52,8 +52,8 @@ def reference(name: str, steps: int) -> np.ndarray:
                 v = v - (1 - b2) * d * d * np.sign(v - d * d)
             else:
                 v = v + d * d
-            v_hat = v if name == "fedadagrad" else v / (1 - b2 ** t)
-            x = x + lr * (m / (1 - b1 ** t)) / (np.sqrt(v_hat) + tau)
+            v_hat = v if name == "fedadagrad" else v / (1 - b2**t)
+            x = x + lr * (m / (1 - b1**t)) / (np.sqrt(v_hat) + tau)
     return x
 
 
@@ -129,8 +129,9 @@ def test_factory_defaults_and_fedavg_server_learning_rate():
     assert isinstance(make_strategy("fedyogi", NUMEL), FedYogi)
 
 
-@pytest.mark.parametrize("kwargs", [{"server_learning_rate": 0.0}, {"server_momentum": 1.0}, {"beta1": 1.0},
-                                    {"tau": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"server_learning_rate": 0.0}, {"server_momentum": 1.0}, {"beta1": 1.0}, {"tau": 0.0}]
+)
 def test_bad_hyperparameters_fail_clearly(kwargs):
     name = "fedavgm" if "server_momentum" in kwargs else "fedadam"
     with pytest.raises(ValueError):

@@ -8,10 +8,9 @@ import time
 import uuid
 from urllib.parse import quote_plus
 
+import pytest
 import torch
 from safetensors.torch import load_file
-
-import pytest
 
 from scaling_fl import claim
 from scaling_fl.train.metrics import SITE_COLUMNS, round_metrics
@@ -26,8 +25,16 @@ TWO_SITES = [*TINY_JOB, "synthetic_train_size=96", "synthetic_test_size=32", "si
 
 def test_a_crashing_site_fails_the_run_with_its_traceback_then_the_same_job_continues_the_record(tmp_path):
     runs = tmp_path / "runs"
-    crashed = run_cli(tmp_path, "with", *SMALL, "num_rounds=3", "job_name=crashy", "max_restarts=0",
-                      f"runs_dir={runs}", env={"SCALING_FL_FAIL_AT": "site=2,round=2"})
+    crashed = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=3",
+        "job_name=crashy",
+        "max_restarts=0",
+        f"runs_dir={runs}",
+        env={"SCALING_FL_FAIL_AT": "site=2,round=2"},
+    )
     assert crashed.returncode != 0
     assert "site 2" in crashed.stderr
     (run_dir,) = run_records(runs)
@@ -53,8 +60,15 @@ def test_a_crashing_site_fails_the_run_with_its_traceback_then_the_same_job_cont
 
 
 def test_restarts_exhausted_exit_nonzero_naming_the_failing_site(tmp_path):
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=2", "max_restarts=1", f"runs_dir={tmp_path / 'runs'}",
-                     env={"SCALING_FL_FAIL_AT": "site=1,round=1"})
+    result = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=2",
+        "max_restarts=1",
+        f"runs_dir={tmp_path / 'runs'}",
+        env={"SCALING_FL_FAIL_AT": "site=1,round=1"},
+    )
     assert result.returncode != 0
     assert "site 1" in result.stderr and "injected failure in site 1" in result.stderr
 
@@ -76,13 +90,25 @@ def test_a_live_run_with_the_same_job_name_is_refused(tmp_path):
 
 
 def test_artifacts_per_site_metrics_and_tensorboard(tmp_path):
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=2", "save_final_model=True", "per_site_metrics=True",
-                     f"tensorboard_dir={tmp_path / 'tb'}", "job_name=arts", f"runs_dir={tmp_path / 'runs'}")
+    result = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=2",
+        "save_final_model=True",
+        "per_site_metrics=True",
+        f"tensorboard_dir={tmp_path / 'tb'}",
+        "job_name=arts",
+        f"runs_dir={tmp_path / 'runs'}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = run_records(tmp_path / "runs")
     record = read_record(run_dir)
-    assert sorted(record["run"]["artifacts"]) == ["config.resolved.json", "final_model.config.json",
-                                                  "final_model.model.safetensors"]
+    assert sorted(record["run"]["artifacts"]) == [
+        "config.resolved.json",
+        "final_model.config.json",
+        "final_model.model.safetensors",
+    ]
     resolved = json.loads((run_dir / "config.resolved.json").read_text())
     assert resolved["split"] == "iid" and resolved["site_ids"] == [0, 0, 0]
     state = load_file(run_dir / "final_model.model.safetensors")  # safetensors: no pickle involved
@@ -114,11 +140,14 @@ def test_peak_cuda_memory_is_reported_overall_and_per_site_on_cuda_only():
 
 
 def test_print_config_shows_the_config_and_starts_nothing(tmp_path):
-    env = {"SACRED_URL": f"mongodb://127.0.0.1:{free_port()}/",  # never contacted by print_config
-           "SCALING_FL_FAIL_AT": "site=0,round=1"}  # a site that started would fail
+    env = {
+        "SACRED_URL": f"mongodb://127.0.0.1:{free_port()}/",  # never contacted by print_config
+        "SCALING_FL_FAIL_AT": "site=0,round=1",
+    }  # a site that started would fail
     started = time.monotonic()
-    result = run_cli(tmp_path, "print_config", "with", *TWO_SITES, "job_name=shown", f"runs_dir={tmp_path / 'runs'}",
-                     env=env)
+    result = run_cli(
+        tmp_path, "print_config", "with", *TWO_SITES, "job_name=shown", f"runs_dir={tmp_path / 'runs'}", env=env
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert time.monotonic() - started < 60
     assert "site_ids = [0, 0]" in result.stdout and "job_name = 'shown'" in result.stdout
@@ -129,8 +158,17 @@ def test_print_config_shows_the_config_and_starts_nothing(tmp_path):
 def test_dash_F_writes_the_record_to_that_folder_and_not_to_runs_dir(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     env = {name: "" for name in _SACRED_VARS}  # whatever the environment says, -F decides
-    result = run_cli(tmp_path, "-F", str(elsewhere), "with", *TWO_SITES, "num_rounds=1", "job_name=flagged",
-                     f"runs_dir={tmp_path / 'runs'}", env=env)
+    result = run_cli(
+        tmp_path,
+        "-F",
+        str(elsewhere),
+        "with",
+        *TWO_SITES,
+        "num_rounds=1",
+        "job_name=flagged",
+        f"runs_dir={tmp_path / 'runs'}",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
     (run_dir,) = run_records(elsewhere)
@@ -146,13 +184,27 @@ def test_dash_F_writes_the_record_to_that_folder_and_not_to_runs_dir(tmp_path):
 def test_s3_checkpoints_and_a_mongo_password_leave_no_secret_in_the_file_store(tmp_path, server_env, s3_server):
     aws_secret = "aws-secret-only-in-the-environment-Qm73"
     sacred_password = "sacred-password-only-in-the-environment-Vb19"
-    env = server_env(gcs=False, AWS_SECRET_ACCESS_KEY=aws_secret, SACRED_USER="writer",
-                     SACRED_PASSWORD=sacred_password, SACRED_HOST=f"127.0.0.1:{free_port()}")  # tracking=file: unused
+    env = server_env(
+        gcs=False,
+        AWS_SECRET_ACCESS_KEY=aws_secret,
+        SACRED_USER="writer",
+        SACRED_PASSWORD=sacred_password,
+        SACRED_HOST=f"127.0.0.1:{free_port()}",
+    )  # tracking=file: unused
     prefix = f"secrets-{uuid.uuid4().hex[:8]}"
     runs = tmp_path / "runs"
-    result = run_cli(tmp_path, "with", *TWO_SITES, "num_rounds=2", "tracking=file", "job_name=secrets",
-                     f"checkpoints_dir=s3://{s3_server.bucket}/{prefix}/ck", "save_final_model=True",
-                     f"runs_dir={runs}", env=env)
+    result = run_cli(
+        tmp_path,
+        "with",
+        *TWO_SITES,
+        "num_rounds=2",
+        "tracking=file",
+        "job_name=secrets",
+        f"checkpoints_dir=s3://{s3_server.bucket}/{prefix}/ck",
+        "save_final_model=True",
+        f"runs_dir={runs}",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_records(runs)
     assert read_record(run_dir)["run"]["status"] == "COMPLETED"

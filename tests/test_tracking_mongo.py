@@ -51,8 +51,16 @@ def _dump(database) -> str:
 
 def test_a_multi_site_run_logs_to_mongo_with_artifacts_and_no_secret_anywhere(tmp_path, server_env, mongo_server):
     env = server_env(s3=False, gcs=False, mongo="auth", database="full_run", AWS_SECRET_ACCESS_KEY=AWS_SECRET)
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=2", "save_final_model=True", "job_name=mongo-full",
-                     f"runs_dir={tmp_path / 'runs'}", env=env)
+    result = run_cli(
+        tmp_path,
+        "with",
+        *SMALL,
+        "num_rounds=2",
+        "save_final_model=True",
+        "job_name=mongo-full",
+        f"runs_dir={tmp_path / 'runs'}",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert not run_records(tmp_path / "runs")  # Mongo was configured: no file store record
     database = _database(mongo_server, "full_run")
@@ -114,8 +122,17 @@ def test_a_live_mongo_run_with_the_same_job_name_is_refused(tmp_path, server_env
 
 def test_dash_m_host_port_db_records_there_instead_of_the_environment_choice(tmp_path, server_env, mongo_server):
     env = server_env(s3=False, gcs=False, mongo=True, database="from_env_unused")
-    result = run_cli(tmp_path, "-m", f"{mongo_server.host}:flag_db", "with", *TWO_SITES, "num_rounds=1",
-                     "job_name=flag-m", f"runs_dir={tmp_path / 'runs'}", env=env)
+    result = run_cli(
+        tmp_path,
+        "-m",
+        f"{mongo_server.host}:flag_db",
+        "with",
+        *TWO_SITES,
+        "num_rounds=1",
+        "job_name=flag-m",
+        f"runs_dir={tmp_path / 'runs'}",
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = list(_database(mongo_server, "flag_db").runs.find())
     assert run["status"] == "COMPLETED" and run["config"]["job_name"] == "flag-m"
@@ -128,11 +145,14 @@ def _without_sacred_variables(env: dict) -> dict:
 
 
 def test_a_dotenv_in_the_working_directory_points_the_run_at_mongo_and_its_secrets_stay_out(
-        tmp_path, server_env, mongo_server, mongo_auth_server):
+    tmp_path, server_env, mongo_server, mongo_auth_server
+):
     """./.env holds a credentialed SACRED_URL (and an AWS key); a variable of the real environment wins."""
     url = mongo_auth_server.url()  # mongodb://sacred-writer:<escaped password>@127.0.0.1:P/?authSource=admin
-    (tmp_path / ".env").write_text(f"# written by the test\nSACRED_URL='{url}'\nSACRED_DATABASE=from_dotenv\n"
-                                   f"AWS_SECRET_ACCESS_KEY={DOTENV_AWS_SECRET}\n")
+    (tmp_path / ".env").write_text(
+        f"# written by the test\nSACRED_URL='{url}'\nSACRED_DATABASE=from_dotenv\n"
+        f"AWS_SECRET_ACCESS_KEY={DOTENV_AWS_SECRET}\n"
+    )
     env = _without_sacred_variables(server_env(s3=False, gcs=False))
     env["SACRED_DATABASE"] = "from_environment"  # set in the real environment: wins over .env
     env.pop("AWS_SECRET_ACCESS_KEY", None)
@@ -154,8 +174,10 @@ def test_a_dotenv_in_the_working_directory_points_the_run_at_mongo_and_its_secre
 def test_sacred_url_in_the_real_environment_wins_over_dotenv(tmp_path, server_env, mongo_server):
     refused = free_port()
     (tmp_path / ".env").write_text(f"SACRED_URL={mongo_server.url}\nSACRED_DATABASE=dotenv_loses\n")
-    env = {**_without_sacred_variables(server_env(s3=False, gcs=False)),
-           "SACRED_URL": f"mongodb://127.0.0.1:{refused}/"}
+    env = {
+        **_without_sacred_variables(server_env(s3=False, gcs=False)),
+        "SACRED_URL": f"mongodb://127.0.0.1:{refused}/",
+    }
     result = run_cli(tmp_path, "with", *TWO_SITES, "num_rounds=1", env=env)
     assert result.returncode == 2
     assert f"MongoDB at 127.0.0.1:{refused} is not reachable" in result.stderr
@@ -226,9 +248,15 @@ def test_credentials_for_a_server_without_authentication_fail_as_an_authenticati
     the server is unreachable, and must hold no secret."""
     from scaling_fl.tracking.observers import TrackingError, check_mongo, mongo_target_from_env
 
-    target = mongo_target_from_env({"SACRED_HOST": mongo_server.host, "SACRED_USER": "sacred-writer",
-                                    "SACRED_PASSWORD": MONGO_TEST_PASSWORD, "SACRED_AUTH_SOURCE": "admin",
-                                    "SACRED_DATABASE": "auth_probe"})
+    target = mongo_target_from_env(
+        {
+            "SACRED_HOST": mongo_server.host,
+            "SACRED_USER": "sacred-writer",
+            "SACRED_PASSWORD": MONGO_TEST_PASSWORD,
+            "SACRED_AUTH_SOURCE": "admin",
+            "SACRED_DATABASE": "auth_probe",
+        }
+    )
     start = time.monotonic()
     with pytest.raises(TrackingError) as raised:
         check_mongo(target)
@@ -246,7 +274,8 @@ def test_credentials_for_an_unreachable_server_still_say_not_reachable():
     from scaling_fl.tracking.observers import TrackingError, check_mongo, mongo_target_from_env
 
     port = free_port()
-    target = mongo_target_from_env({"SACRED_HOST": f"127.0.0.1:{port}", "SACRED_USER": "sacred-writer",
-                                    "SACRED_PASSWORD": MONGO_TEST_PASSWORD})
+    target = mongo_target_from_env(
+        {"SACRED_HOST": f"127.0.0.1:{port}", "SACRED_USER": "sacred-writer", "SACRED_PASSWORD": MONGO_TEST_PASSWORD}
+    )
     with pytest.raises(TrackingError, match=rf"MongoDB at 127\.0\.0\.1:{port} is not reachable .*connection refused"):
         check_mongo(target, timeout_s=1)

@@ -35,8 +35,7 @@ class TextDataset:
         object.__setattr__(self, "label_names", tuple(self.label_names))
         if len(self.texts) != len(labels):
             raise DataError(
-                f"{self.source}: {len(self.texts)} texts but {len(labels)} labels; "
-                "every text needs exactly one label"
+                f"{self.source}: {len(self.texts)} texts but {len(labels)} labels; every text needs exactly one label"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
             raise DataError(
@@ -47,7 +46,7 @@ class TextDataset:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, indices) -> "TextDataset":
+    def subset(self, indices) -> TextDataset:
         """Rows of one site (or one sample) that share label names with the whole."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         return TextDataset(

@@ -39,18 +39,30 @@ class PreparedData:
 
 def prepare_data(cfg, num_sites: int) -> PreparedData:
     train, test = load_task(
-        cfg.task_name, cfg.train_path, cfg.test_path,
-        text_columns=list(cfg.text_columns) if cfg.text_columns else None, label_column=cfg.label_column,
-        synthetic_train_size=cfg.synthetic_train_size, synthetic_test_size=cfg.synthetic_test_size,
+        cfg.task_name,
+        cfg.train_path,
+        cfg.test_path,
+        text_columns=list(cfg.text_columns) if cfg.text_columns else None,
+        label_column=cfg.label_column,
+        synthetic_train_size=cfg.synthetic_train_size,
+        synthetic_test_size=cfg.synthetic_test_size,
         data_seed=cfg.data_seed,
     )
-    parts = split_indices(train.labels, num_sites, cfg.split, cfg.data_seed,
-                          dirichlet_beta=cfg.dirichlet_beta, sample_percentage=cfg.sample_percentage)
+    parts = split_indices(
+        train.labels,
+        num_sites,
+        cfg.split,
+        cfg.data_seed,
+        dirichlet_beta=cfg.dirichlet_beta,
+        sample_percentage=cfg.sample_percentage,
+    )
     return PreparedData(train=train, test=test, parts=parts)
 
 
 def _write_table(dataset: TextDataset, path: str) -> None:
-    table = pa.table({"text": pa.array(dataset.texts, pa.large_string()), "label": pa.array(dataset.labels, pa.int64())})
+    table = pa.table(
+        {"text": pa.array(dataset.texts, pa.large_string()), "label": pa.array(dataset.labels, pa.int64())}
+    )
     feather.write_feather(table, path, compression="uncompressed")
 
 
@@ -81,12 +93,17 @@ class WorkerData:
 
 def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source: str) -> TextDataset:
     table = feather.read_table(path, memory_map=True).take(pa.array(rows, pa.int64()))
-    return TextDataset(texts=table.column("text").to_pylist(), labels=table.column("label").to_numpy(),
-                       label_names=label_names, source=source)
+    return TextDataset(
+        texts=table.column("text").to_pylist(),
+        labels=table.column("label").to_numpy(),
+        label_names=label_names,
+        source=source,
+    )
 
 
-def load_worker_data(directory: str, sites: tuple[int, ...], worker: int, num_workers: int,
-                     full_test: bool = False) -> WorkerData:
+def load_worker_data(
+    directory: str, sites: tuple[int, ...], worker: int, num_workers: int, full_test: bool = False
+) -> WorkerData:
     """The rows of `sites`, and test rows worker, worker + num_workers, ... (every row scored once)."""
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)

@@ -152,9 +152,7 @@ def _parse_class_index(path: str, line: int, value: str, task: str, num_labels: 
             f"the class index 1-{num_labels} for task {task}"
         ) from None
     if not 1 <= index <= num_labels:
-        raise DataError(
-            f"{path}:{line}: label {index} is outside 1-{num_labels} for task {task}; {fix}"
-        )
+        raise DataError(f"{path}:{line}: label {index} is outside 1-{num_labels} for task {task}; {fix}")
     return index - 1
 
 
@@ -235,9 +233,7 @@ def _column_index(names: list[str], wanted: str) -> int | None:
     return matches[0] if len(matches) == 1 else None
 
 
-def iter_columns(
-    path: str, columns: list[str], missing_fix: str
-) -> Iterator[tuple[int, list[str]]]:
+def iter_columns(path: str, columns: list[str], missing_fix: str) -> Iterator[tuple[int, list[str]]]:
     """Yield (line, values of `columns`) from a headered CSV."""
     path = str(path)
     rows = iter_csv_rows(path)
@@ -248,8 +244,7 @@ def iter_columns(
         position = _column_index(names, column)
         if position is None:
             raise DataError(
-                f"{path}:{header_line}: no column '{column}' in the header "
-                f"({', '.join(names)}); {missing_fix}"
+                f"{path}:{header_line}: no column '{column}' in the header ({', '.join(names)}); {missing_fix}"
             )
         positions.append(position)
     found = False
@@ -294,9 +289,7 @@ def read_imdb_dir(path: str) -> TextDataset:
     for label, folder in enumerate(("neg", "pos")):
         files = sorted(fs.glob(f"{root}/{folder}/*.txt"))
         if not files:
-            raise DataError(
-                f"{path}: no {folder}/*.txt reviews; pass an aclImdb split directory such as aclImdb/train"
-            )
+            raise DataError(f"{path}: no {folder}/*.txt reviews; pass an aclImdb split directory such as aclImdb/train")
         contents = fs.cat(files)
         for file in files:
             texts.append(_decode_review(file, contents[file]))
@@ -348,9 +341,7 @@ def read_spooky_author(path: str) -> TextDataset:
 # ---------------------------------------------------------------- generic CSV
 
 
-def read_labeled_csv(
-    path: str, text_columns: list[str], label_column: str
-) -> tuple[list[str], list[str], list[int]]:
+def read_labeled_csv(path: str, text_columns: list[str], label_column: str) -> tuple[list[str], list[str], list[int]]:
     """(texts, raw label strings, line numbers): labels stay strings until the
     train file has fixed the label names."""
     path = str(path)

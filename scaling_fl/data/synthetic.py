@@ -70,8 +70,7 @@ def make_synthetic(
     labels = rng.permutation(np.arange(num_rows) % num_labels)
     topics = _written_topics(labels, num_labels, off_topic_rate, rng)
     texts = [
-        _make_text(int(topic), num_labels, rng, min_words, max_words, topic_rate, distractor_rate)
-        for topic in topics
+        _make_text(int(topic), num_labels, rng, min_words, max_words, topic_rate, distractor_rate) for topic in topics
     ]
     return TextDataset(
         texts=texts,

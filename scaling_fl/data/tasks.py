@@ -65,9 +65,7 @@ def check_task_options(task_name, train_path, test_path, text_columns, label_col
     if task_name == "csv":
         _check_csv_columns(text_columns, label_column)
     elif text_columns is not None or label_column is not None:
-        raise DataError(
-            f"text_columns and label_column apply only to task_name=csv, not {task_name}; drop them"
-        )
+        raise DataError(f"text_columns and label_column apply only to task_name=csv, not {task_name}; drop them")
 
 
 def _check_paths(task_name, train_path, test_path) -> None:
@@ -94,9 +92,7 @@ def _check_paths(task_name, train_path, test_path) -> None:
 
 def _check_csv_columns(text_columns, label_column) -> None:
     if isinstance(text_columns, str) or not text_columns:
-        raise DataError(
-            "task_name=csv needs text_columns, a list of column names such as ['title', 'body']"
-        )
+        raise DataError("task_name=csv needs text_columns, a list of column names such as ['title', 'body']")
     if not all(isinstance(c, str) and c for c in text_columns):
         raise DataError(f"text_columns must be non-empty column names, got {list(text_columns)}")
     if not isinstance(label_column, str) or not label_column:
@@ -139,4 +135,3 @@ def hub_split_to_dataset(split, label_names, clean, source: str) -> TextDataset:
     texts = [clean(text) for text in split["text"]]
     labels = np.asarray(split["label"], dtype=np.int64)
     return TextDataset(texts=texts, labels=labels, label_names=label_names, source=source)
-

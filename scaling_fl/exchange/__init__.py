@@ -15,12 +15,27 @@ from scaling_fl.exchange.collectives import (
     sum_across_sites,
     wait_for_all_sites,
 )
-from scaling_fl.exchange.dense import DenseExchange, bucket_ranges, average_and_apply_
+from scaling_fl.exchange.dense import DenseExchange, average_and_apply_, bucket_ranges
 from scaling_fl.exchange.dynamic import SYNC_MODES, SyncPolicy, make_sync_policy
 from scaling_fl.exchange.factory import EXCHANGES, make_exchange
 from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES, segments_from_model
 
-__all__ = ["CRITERIA", "DenseExchange", "EXCHANGES", "SCOPES", "SPARSE_AVERAGES", "SYNC_MODES", "SyncPolicy",
-           "broadcast_flat_", "broadcast_int", "bucket_ranges", "gather_from_sites", "make_exchange",
-           "make_sync_policy", "segments_from_model", "sum_across_sites", "average_and_apply_",
-           "wait_for_all_sites"]
+__all__ = [
+    "CRITERIA",
+    "DenseExchange",
+    "EXCHANGES",
+    "SCOPES",
+    "SPARSE_AVERAGES",
+    "SYNC_MODES",
+    "SyncPolicy",
+    "broadcast_flat_",
+    "broadcast_int",
+    "bucket_ranges",
+    "gather_from_sites",
+    "make_exchange",
+    "make_sync_policy",
+    "segments_from_model",
+    "sum_across_sites",
+    "average_and_apply_",
+    "wait_for_all_sites",
+]

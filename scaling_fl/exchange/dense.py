@@ -39,9 +39,11 @@ def load_residual(residual: torch.Tensor | None, state: dict[str, torch.Tensor],
     """Loads an exchange's per-site state (the error-feedback residual, or nothing)."""
     expected = set() if residual is None else {"residual"}
     if set(state) != expected or (residual is not None and state["residual"].shape != residual.shape):
-        raise ValueError(f"{what} exchange state: expected {sorted(expected)} "
-                         f"{'' if residual is None else tuple(residual.shape)}, got "
-                         f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+        raise ValueError(
+            f"{what} exchange state: expected {sorted(expected)} "
+            f"{'' if residual is None else tuple(residual.shape)}, got "
+            f"{ {k: tuple(v.shape) for k, v in state.items()} }"
+        )
     if residual is not None:
         residual.copy_(state["residual"])
 
@@ -81,9 +83,13 @@ class DenseExchange:
             sent += bucket.numel() * bucket.element_size()
             strategy.apply_average_(global_[start:end], bucket, slice(start, end))
         world = self.world_size or dist.get_world_size()
-        self.stats = {"comm.bytes_per_site": sent, "comm.density": 1.0,
-                      "comm.wire_bytes_per_site": ring_wire_bytes(sent, world, "all_reduce"),
-                      "memory.exchange_peak_mb": 0.0, "memory.exchange_state_mb": 0.0}  # in place: no buffer
+        self.stats = {
+            "comm.bytes_per_site": sent,
+            "comm.density": 1.0,
+            "comm.wire_bytes_per_site": ring_wire_bytes(sent, world, "all_reduce"),
+            "memory.exchange_peak_mb": 0.0,
+            "memory.exchange_state_mb": 0.0,
+        }  # in place: no buffer
         return sent
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -100,8 +106,10 @@ def average_and_apply_(weighted_sum: torch.Tensor, global_: torch.Tensor, strate
     participants' average, which the strategy applies to the global model, as DenseExchange does
     with one site per process (same arithmetic, so packing changes only the order of sums).
     `weighted_sum` is scratch."""
-    pending = [(start, end, dist.all_reduce(weighted_sum[start:end], op=dist.ReduceOp.SUM, async_op=True))
-               for start, end in bucket_ranges(weighted_sum.numel(), bucket_numel)]
+    pending = [
+        (start, end, dist.all_reduce(weighted_sum[start:end], op=dist.ReduceOp.SUM, async_op=True))
+        for start, end in bucket_ranges(weighted_sum.numel(), bucket_numel)
+    ]
     for start, end, work in pending:
         work.wait()
         strategy.apply_average_(global_[start:end], weighted_sum[start:end], slice(start, end))

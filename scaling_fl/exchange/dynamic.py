@@ -28,7 +28,7 @@ def squared_distance(local: torch.Tensor, reference: torch.Tensor, chunk_numel: 
     """||local - reference||², accumulated in float64, one chunk-sized temporary at a time."""
     total = torch.zeros((), dtype=torch.float64, device=local.device)
     for start in range(0, local.numel(), chunk_numel):
-        diff = local[start:start + chunk_numel] - reference[start:start + chunk_numel]
+        diff = local[start : start + chunk_numel] - reference[start : start + chunk_numel]
         total += diff.square_().sum(dtype=torch.float64)
     return float(total)
 
@@ -42,8 +42,15 @@ class SyncPolicy:
     `force=True` (e.g. at the end of training) syncs without checking and counts it as done.
     """
 
-    def __init__(self, mode: str, *, period: int | None = None, check_every: int | None = None,
-                 delta_threshold: float | None = None, chunk_numel: int = 1 << 22):
+    def __init__(
+        self,
+        mode: str,
+        *,
+        period: int | None = None,
+        check_every: int | None = None,
+        delta_threshold: float | None = None,
+        chunk_numel: int = 1 << 22,
+    ):
         if mode not in SYNC_MODES:
             raise ValueError(f"sync must be one of {', '.join(SYNC_MODES)}, got {mode!r}")
         if mode == "dynamic":
@@ -67,8 +74,9 @@ class SyncPolicy:
             return self._count(True) if step % self.period == 0 else False
         if step % self.check_every:
             return False
-        divergence = torch.tensor([squared_distance(local, reference, self.chunk_numel)], dtype=torch.float64,
-                                  device=local.device)
+        divergence = torch.tensor(
+            [squared_distance(local, reference, self.chunk_numel)], dtype=torch.float64, device=local.device
+        )
         dist.all_reduce(divergence, op=dist.ReduceOp.MAX)
         self.last_divergence = float(divergence)
         self._checked_since_pop = True
@@ -94,8 +102,14 @@ class SyncPolicy:
         return stats
 
 
-def make_sync_policy(sync: str, *, steps_per_round: int, comm_period: int | None = None,
-                     check_every: int | None = None, delta_threshold: float | None = None) -> SyncPolicy:
+def make_sync_policy(
+    sync: str,
+    *,
+    steps_per_round: int,
+    comm_period: int | None = None,
+    check_every: int | None = None,
+    delta_threshold: float | None = None,
+) -> SyncPolicy:
     """sync="round": every steps_per_round steps; "periodic": every comm_period; "dynamic": see SyncPolicy."""
     if sync == "round":
         return SyncPolicy("round", period=steps_per_round)

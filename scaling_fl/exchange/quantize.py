@@ -47,7 +47,7 @@ def _rows(x: torch.Tensor, block_size: int):
     if full:
         yield x[: full * block_size].view(full, block_size), slice(0, full)
     if n > full * block_size:
-        yield x[full * block_size:].view(1, -1), slice(full, full + 1)
+        yield x[full * block_size :].view(1, -1), slice(full, full + 1)
 
 
 def block_scales(x: torch.Tensor, block_size: int, scale_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -67,13 +67,15 @@ def block_scales(x: torch.Tensor, block_size: int, scale_dtype: torch.dtype = to
     return rounded
 
 
-def quantize_into(x: torch.Tensor, scales: torch.Tensor, block_size: int, codes: torch.Tensor,
-                  work: torch.Tensor) -> torch.Tensor:
+def quantize_into(
+    x: torch.Tensor, scales: torch.Tensor, block_size: int, codes: torch.Tensor, work: torch.Tensor
+) -> torch.Tensor:
     """codes (int8, like x) <- round(x / scale) in [-127, 127]; `work` is an fp32 scratch of x's size."""
     safe = scales.float()
     safe = torch.where(safe > 0, safe, torch.ones_like(safe))  # an all-zero block has scale 0: codes 0
     for (rows, blocks), (work_rows, _), (code_rows, _) in zip(
-            _rows(x, block_size), _rows(work, block_size), _rows(codes, block_size)):
+        _rows(x, block_size), _rows(work, block_size), _rows(codes, block_size)
+    ):
         torch.div(rows, safe[blocks, None], out=work_rows)
         work_rows.round_().clamp_(-127, 127)
         code_rows.copy_(work_rows)
@@ -95,8 +97,9 @@ def quantize(x: torch.Tensor, block_size: int = 256, scale_dtype: torch.dtype = 
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, block_size: int = 256) -> torch.Tensor:
-    return dequantize_into(codes, scales, block_size, torch.empty(codes.shape, dtype=torch.float32,
-                                                                   device=codes.device))
+    return dequantize_into(
+        codes, scales, block_size, torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    )
 
 
 def int8_payload_bytes(numel: int, block_size: int, scale_dtype: torch.dtype) -> int:
@@ -130,10 +133,19 @@ class SiteWeights:
 class Int8Exchange:
     """Dense int8 exchange: every value of every site's update, quantized blockwise."""
 
-    def __init__(self, numel: int, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES, block_size: int = 256,
-                 scale_dtype: str = "fp32", error_feedback: bool = True, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, world_size: int | None = None,
-                 site_weights: list[float] | None = None):
+    def __init__(
+        self,
+        numel: int,
+        *,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        block_size: int = 256,
+        scale_dtype: str = "fp32",
+        error_feedback: bool = True,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        world_size: int | None = None,
+        site_weights: list[float] | None = None,
+    ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if scale_dtype not in SCALE_DTYPES:
@@ -174,8 +186,9 @@ class Int8Exchange:
             scales = block_scales(update, self.block_size, self.scale_dtype)
             codes = quantize_into(update, scales, self.block_size, own_codes[:n], work[:n])
             if self.residual is not None:  # what the others will decode is q * s; keep the rest
-                torch.sub(update, dequantize_into(codes, scales, self.block_size, work[:n]),
-                          out=self.residual[start:end])
+                torch.sub(
+                    update, dequantize_into(codes, scales, self.block_size, work[:n]), out=self.residual[start:end]
+                )
             dist.all_gather([codes_all[i, :n] for i in range(world)], codes)
             dist.all_gather([scales_all[i, :nb] for i in range(world)], scales)
             sent += n + nb * scales.element_size()
@@ -187,10 +200,13 @@ class Int8Exchange:
             local[start:end].copy_(global_[start:end])
         workspace = 2 * (codes_all.nbytes + scales_all.nbytes) + own_codes.nbytes + work.nbytes
         state = self.residual.nbytes if self.residual is not None else 0
-        self.stats = {"comm.bytes_per_site": sent, "comm.density": 1.0,
-                      "comm.wire_bytes_per_site": ring_wire_bytes(sent, world, "all_gather"),
-                      "memory.exchange_peak_mb": (workspace + state) / 2**20,
-                      "memory.exchange_state_mb": state / 2**20}
+        self.stats = {
+            "comm.bytes_per_site": sent,
+            "comm.density": 1.0,
+            "comm.wire_bytes_per_site": ring_wire_bytes(sent, world, "all_gather"),
+            "memory.exchange_peak_mb": (workspace + state) / 2**20,
+            "memory.exchange_state_mb": state / 2**20,
+        }
         return sent
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ flat model; `final` is global + u, which is local without error feedback):
     largest_increase_in_magnitude   |final| - |global|
 chosen over the whole model (`sparsity_scope="model"`, global top-k: never more than the
 fraction asked for) or ceil(level * n_t) per tensor (`"tensor"`, every tensor sends at least
-one value; needs the tensors' (offset, numel) segments). The threshold is found without a model-sized score buffer: the scores' float bits map to order-preserving
+one value; needs the tensors' (offset, numel) segments). The threshold is found without a model-sized score
+buffer: the scores' float bits map to order-preserving
 int32 keys and two passes of 65,536-bin histograms (high, then low 16 bits) give the exact
 k-th largest key; a third pass streams out every position above it plus the first ties
 at it, in index order, so every site sends exactly k values. (FL4Health sends every score
@@ -61,15 +62,23 @@ selection) covers one index bucket, ~36 bytes a position at most, and lives with
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from scaling_fl.exchange.dense import DenseExchange, bucket_ranges, load_residual, ring_wire_bytes
 from scaling_fl.exchange.quantize import (
-    DEFAULT_BUCKET_BYTES, SCALE_DTYPES, Int8Exchange, SiteWeights, block_scales, dequantize_into, int8_payload_bytes,
-    num_blocks, quantize_into,
+    DEFAULT_BUCKET_BYTES,
+    SCALE_DTYPES,
+    Int8Exchange,
+    SiteWeights,
+    block_scales,
+    dequantize_into,
+    int8_payload_bytes,
+    num_blocks,
+    quantize_into,
 )
 
 CRITERIA = ("largest_magnitude_change", "largest_final_magnitude", "largest_increase_in_magnitude")
@@ -81,6 +90,7 @@ _MAX_BITMASK_SITES = 8
 
 
 # --- selection ---------------------------------------------------------------------------
+
 
 def scores_into(update: torch.Tensor, global_part: torch.Tensor, criterion: str, out: torch.Tensor) -> torch.Tensor:
     """out <- the criterion's score of every position (higher is sent first)."""
@@ -102,6 +112,7 @@ def order_keys_(scores: torch.Tensor) -> torch.Tensor:
 
 class Cut(NamedTuple):
     """Positions [start, end) to send: every key above `key`, then the first `ties` positions equal to it."""
+
     start: int
     end: int
     key: int
@@ -172,8 +183,9 @@ class _Keys:
         return order_keys_(scores_into(self.update[a:b], self.global_[a:b], self.criterion, out))
 
 
-def topk_regions(numel: int, sparsity_level: float, segments: list[tuple[int, int]] | None,
-                 scope: str) -> list[tuple[int, int, int]]:
+def topk_regions(
+    numel: int, sparsity_level: float, segments: list[tuple[int, int]] | None, scope: str
+) -> list[tuple[int, int, int]]:
     """(start, end, k) of every region a fixed k is chosen in: the model, or each tensor."""
     if scope == "model":
         return [(0, numel, max(1, math.floor(sparsity_level * numel)))]
@@ -183,9 +195,11 @@ def topk_regions(numel: int, sparsity_level: float, segments: list[tuple[int, in
 def segments_from_model(model: torch.nn.Module, flat: torch.Tensor) -> list[tuple[int, int]]:
     """(offset, numel) in `flat` of every float parameter and buffer that lives in it (after flatten_model_)."""
     pointer, base = flat.untyped_storage().data_ptr(), flat.storage_offset()
-    found = {(t.storage_offset() - base, t.numel())
-             for t in list(model.parameters()) + list(model.buffers())
-             if t.is_floating_point() and t.untyped_storage().data_ptr() == pointer}
+    found = {
+        (t.storage_offset() - base, t.numel())
+        for t in list(model.parameters()) + list(model.buffers())
+        if t.is_floating_point() and t.untyped_storage().data_ptr() == pointer
+    }
     return sorted(found)
 
 
@@ -202,6 +216,7 @@ def _check_segments(segments: list[tuple[int, int]], numel: int) -> list[tuple[i
 
 
 # --- the exchange ------------------------------------------------------------------------
+
 
 class SparseExchange:
     """exchange_(local, global_, weight, strategy) -> payload bytes this site sent (see the module docstring).
@@ -228,19 +243,34 @@ class SparseExchange:
     # and value (4, + 4 decoded).
     BYTES_PER_POSITION = 41
 
-    def __init__(self, numel: int, *, sparsity_level: float, sparsity_scope: str = "model",
-                 segments: list[tuple[int, int]] | None = None,
-                 selection_criterion: str = "largest_magnitude_change", sparse_average: str = "per_position",
-                 error_feedback: bool = True, values: str = "fp32", block_size: int = 256, scale_dtype: str = "fp32",
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, world_size: int | None = None,
-                 site_weights: list[float] | None = None):
+    def __init__(
+        self,
+        numel: int,
+        *,
+        sparsity_level: float,
+        sparsity_scope: str = "model",
+        segments: list[tuple[int, int]] | None = None,
+        selection_criterion: str = "largest_magnitude_change",
+        sparse_average: str = "per_position",
+        error_feedback: bool = True,
+        values: str = "fp32",
+        block_size: int = 256,
+        scale_dtype: str = "fp32",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        world_size: int | None = None,
+        site_weights: list[float] | None = None,
+    ):
         if not 0 < sparsity_level <= 1:
             raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
-        for value, choices, what in ((sparsity_scope, SCOPES, "sparsity_scope"),
-                                     (selection_criterion, CRITERIA, "selection_criterion"),
-                                     (sparse_average, SPARSE_AVERAGES, "sparse_average"),
-                                     (values, VALUE_FORMATS, "values"), (scale_dtype, SCALE_DTYPES, "scale_dtype")):
+        for value, choices, what in (
+            (sparsity_scope, SCOPES, "sparsity_scope"),
+            (selection_criterion, CRITERIA, "selection_criterion"),
+            (sparse_average, SPARSE_AVERAGES, "sparse_average"),
+            (values, VALUE_FORMATS, "values"),
+            (scale_dtype, SCALE_DTYPES, "scale_dtype"),
+        ):
             if value not in choices:
                 raise ValueError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
         if sparsity_scope == "tensor" and segments is None:
@@ -258,8 +288,11 @@ class SparseExchange:
         self.buckets = bucket_ranges(numel, self.bucket_numel)
 
         # What every exchange sends besides the values: sample shares, per-bucket counts, per-tensor flags.
-        self.overhead_bytes = (self.site_weights.bytes + 4 * len(self.buckets)
-                               + (len(self.segments) if sparse_average == "fl4health" else 0))
+        self.overhead_bytes = (
+            self.site_weights.bytes
+            + 4 * len(self.buckets)
+            + (len(self.segments) if sparse_average == "fl4health" else 0)
+        )
         value_bytes = 8 if values == "fp32" else 5
         if sparsity_scope == "model":  # the counts are paid out of the budget of floor(level * n) values
             k = max(1, math.floor(sparsity_level * numel) - math.ceil(self.overhead_bytes / value_bytes))
@@ -280,9 +313,17 @@ class SparseExchange:
             if values == "fp32":
                 self._dense = DenseExchange(numel, bucket_bytes, dtype, world_size=self.world_size)
             else:
-                self._dense = Int8Exchange(numel, bucket_bytes=bucket_bytes, block_size=block_size,
-                                           scale_dtype=scale_dtype, error_feedback=error_feedback, device=device,
-                                           dtype=dtype, world_size=self.world_size, site_weights=site_weights)
+                self._dense = Int8Exchange(
+                    numel,
+                    bucket_bytes=bucket_bytes,
+                    block_size=block_size,
+                    scale_dtype=scale_dtype,
+                    error_feedback=error_feedback,
+                    device=device,
+                    dtype=dtype,
+                    world_size=self.world_size,
+                    site_weights=site_weights,
+                )
         self.density = 1.0 if self._dense is not None else self.k / numel
         if self._dense is not None:
             self.residual = getattr(self._dense, "residual", None)
@@ -329,8 +370,9 @@ class SparseExchange:
         ties = [cut.ties for cut in cuts]
         for bucket, (start, end) in enumerate(self.buckets):
             own = self._select(keys_of, cuts, ties, start, end)
-            sent_here, buffers, senders = self._send_and_sum_(local, work, own, counts_all[:, bucket], weights,
-                                                               start, end)
+            sent_here, buffers, senders = self._send_and_sum_(
+                local, work, own, counts_all[:, bucket], weights, start, end
+            )
             sent += sent_here
             workspace = max(workspace, keys_of.buffer.nbytes + buffers)
             if self.average == "fl4health":
@@ -347,10 +389,13 @@ class SparseExchange:
         state = self.residual.nbytes if error_feedback else 0
         if not error_feedback:
             workspace += work.nbytes
-        self.stats = {"comm.bytes_per_site": sent, "comm.density": self.density,
-                      "comm.wire_bytes_per_site": ring_wire_bytes(sent, self.world_size, "all_gather"),
-                      "memory.exchange_peak_mb": (workspace + state) / 2**20,
-                      "memory.exchange_state_mb": state / 2**20}
+        self.stats = {
+            "comm.bytes_per_site": sent,
+            "comm.density": self.density,
+            "comm.wire_bytes_per_site": ring_wire_bytes(sent, self.world_size, "all_gather"),
+            "memory.exchange_peak_mb": (workspace + state) / 2**20,
+            "memory.exchange_state_mb": state / 2**20,
+        }
         return sent
 
     def _select(self, keys_of, cuts: list[Cut], ties: list[int], start: int, end: int) -> torch.Tensor:
@@ -374,8 +419,11 @@ class SparseExchange:
         """Selected positions per bucket (int32), and for the fl4health rule whether this site sends a
         non-zero value into each tensor (uint8)."""
         counts = torch.zeros(len(self.buckets), dtype=torch.int32, device=work.device)
-        flags = (torch.zeros(len(self.segments), dtype=torch.uint8, device=work.device)
-                 if self.average == "fl4health" else None)
+        flags = (
+            torch.zeros(len(self.segments), dtype=torch.uint8, device=work.device)
+            if self.average == "fl4health"
+            else None
+        )
         seg_starts = torch.tensor([o for o, _ in self.segments], dtype=torch.int64, device=work.device)
         ties = [cut.ties for cut in cuts]
         for bucket, (start, end) in enumerate(self.buckets):
@@ -400,8 +448,16 @@ class SparseExchange:
             dist.all_gather(list(flags_all.unbind(0)), flags)
         return counts_all.cpu(), flags_all
 
-    def _send_and_sum_(self, local: torch.Tensor, work: torch.Tensor, own: torch.Tensor, counts: torch.Tensor,
-                       weights: list[float], start: int, end: int) -> tuple[int, int, torch.Tensor]:
+    def _send_and_sum_(
+        self,
+        local: torch.Tensor,
+        work: torch.Tensor,
+        own: torch.Tensor,
+        counts: torch.Tensor,
+        weights: list[float],
+        start: int,
+        end: int,
+    ) -> tuple[int, int, torch.Tensor]:
         """Every site broadcasts its selection of [start, end) in turn; all add it into `local` in rank
         order (bitwise the same everywhere) and record who sent each position. Returns (bytes this
         site sent, bytes of the buffers used, who sent each position: a bitmask or a weight sum)."""
@@ -413,20 +469,24 @@ class SparseExchange:
         received = torch.empty(width, dtype=torch.int8 if int8 else torch.float32, device=device)
         scales = torch.empty(num_blocks(width, self.block_size), dtype=self.scale_dtype, device=device)
         by_mask = world <= _MAX_BITMASK_SITES
-        senders = torch.zeros(end - start if self.average == "per_position" else 0,
-                              dtype=torch.uint8 if by_mask else torch.float32, device=device)
+        senders = torch.zeros(
+            end - start if self.average == "per_position" else 0,
+            dtype=torch.uint8 if by_mask else torch.float32,
+            device=device,
+        )
 
         m = own.numel()
         own_values = work[own]
         own_scales = None
         if int8 and m:
             own_scales = block_scales(own_values, self.block_size, self.scale_dtype)
-            own_codes = quantize_into(own_values, own_scales, self.block_size, torch.empty(m, dtype=torch.int8,
-                                                                                          device=device),
-                                      decoded[:m])
+            own_codes = quantize_into(
+                own_values, own_scales, self.block_size, torch.empty(m, dtype=torch.int8, device=device), decoded[:m]
+            )
             if error_feedback:  # keep what the others will decode differently
-                work.index_put_((own,), own_values.sub_(dequantize_into(own_codes, own_scales, self.block_size,
-                                                                        decoded[:m])))
+                work.index_put_(
+                    (own,), own_values.sub_(dequantize_into(own_codes, own_scales, self.block_size, decoded[:m]))
+                )
             own_values = own_codes
         elif error_feedback:
             work.index_fill_(0, own, 0.0)
@@ -456,10 +516,19 @@ class SparseExchange:
             local.index_add_(0, positions, values, alpha=weights[site])
             if self.average == "per_position":
                 alpha = (1 << site) if by_mask else weights[site]
-                senders.index_add_(0, positions.sub_(start), torch.ones(n, dtype=senders.dtype, device=device),
-                                   alpha=alpha)
-        buffers = (indices.nbytes + decoded.nbytes + received.nbytes + scales.nbytes + senders.nbytes
-                   + own.nbytes + 4 * m + 12 * width)  # + own values, int64 positions, ones
+                senders.index_add_(
+                    0, positions.sub_(start), torch.ones(n, dtype=senders.dtype, device=device), alpha=alpha
+                )
+        buffers = (
+            indices.nbytes
+            + decoded.nbytes
+            + received.nbytes
+            + scales.nbytes
+            + senders.nbytes
+            + own.nbytes
+            + 4 * m
+            + 12 * width
+        )  # + own values, int64 positions, ones
         return sent, buffers, senders
 
     def _tensor_denominators(self, flags_all: torch.Tensor, weights: list[float]) -> list[float]:
@@ -483,8 +552,9 @@ def _mask_table(weights: list[float], device) -> torch.Tensor:
     return torch.tensor([s if s > 0 else 1.0 for s in sums], dtype=torch.float32, device=device)
 
 
-def _divide_by_tensor_(local: torch.Tensor, segments: list[tuple[int, int]], denominators: list[float],
-                       start: int, end: int) -> None:
+def _divide_by_tensor_(
+    local: torch.Tensor, segments: list[tuple[int, int]], denominators: list[float], start: int, end: int
+) -> None:
     for (offset, size), den in zip(segments, denominators):
         a, b = max(start, offset), min(end, offset + size)
         if a < b and den > 0:

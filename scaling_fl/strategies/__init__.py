@@ -6,5 +6,15 @@ from scaling_fl.strategies.factory import STRATEGIES, STRATEGY_DEFAULTS, make_st
 from scaling_fl.strategies.fedavg import FedAvg
 from scaling_fl.strategies.fedavgm import FedAvgM
 
-__all__ = ["STRATEGIES", "STRATEGY_DEFAULTS", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "Strategy",
-           "make_strategy", "strategy_hyperparameters"]
+__all__ = [
+    "STRATEGIES",
+    "STRATEGY_DEFAULTS",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedYogi",
+    "Strategy",
+    "make_strategy",
+    "strategy_hyperparameters",
+]

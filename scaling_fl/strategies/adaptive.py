@@ -31,8 +31,17 @@ from scaling_fl.strategies.base import Strategy
 class _AdaptiveStrategy(Strategy):
     correct_v = True
 
-    def __init__(self, numel: int, device: torch.device | str = "cpu", *, server_learning_rate: float = 1e-3,
-                 beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        numel: int,
+        device: torch.device | str = "cpu",
+        *,
+        server_learning_rate: float = 1e-3,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        dtype: torch.dtype = torch.float32,
+    ):
         if not server_learning_rate > 0:
             raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate}")
         if not 0.0 <= beta1 < 1.0 or not 0.0 <= beta2 < 1.0:
@@ -56,8 +65,8 @@ class _AdaptiveStrategy(Strategy):
         m, v = self.m[where], self.v[where]
         m.mul_(self.beta1).add_(mean_update, alpha=1 - self.beta1)
         self._second_moment_(v, mean_update)
-        bias1 = 1 - self.beta1 ** self.step
-        bias2_sqrt = math.sqrt(1 - self.beta2 ** self.step) if self.correct_v else 1.0
+        bias1 = 1 - self.beta1**self.step
+        bias2_sqrt = math.sqrt(1 - self.beta2**self.step) if self.correct_v else 1.0
         denominator = mean_update  # the contract lets us overwrite it: no extra buffer
         torch.sqrt(v, out=denominator).div_(bias2_sqrt).add_(self.tau)
         global_part.addcdiv_(m, denominator, value=self.server_learning_rate / bias1)
@@ -67,8 +76,10 @@ class _AdaptiveStrategy(Strategy):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != {"m", "v", "step"} or state["m"].shape != self.m.shape or state["v"].shape != self.v.shape:
-            raise ValueError(f"{self.name}: expected m, v of shape {tuple(self.m.shape)} and a 0-d step, got "
-                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+            raise ValueError(
+                f"{self.name}: expected m, v of shape {tuple(self.m.shape)} and a 0-d step, got "
+                f"{ {k: tuple(v.shape) for k, v in state.items()} }"
+            )
         self.m.copy_(state["m"])
         self.v.copy_(state["v"])
         self.step = int(state["step"])
@@ -94,10 +105,20 @@ class FedAdagrad(_AdaptiveStrategy):
     name = "fedadagrad"
     correct_v = False
 
-    def __init__(self, numel: int, device: torch.device | str = "cpu", *, server_learning_rate: float = 1e-3,
-                 beta1: float = 0.0, beta2: float = 0.0, tau: float = 1e-3, dtype: torch.dtype = torch.float32):
-        super().__init__(numel, device, server_learning_rate=server_learning_rate, beta1=beta1, beta2=beta2,
-                         tau=tau, dtype=dtype)
+    def __init__(
+        self,
+        numel: int,
+        device: torch.device | str = "cpu",
+        *,
+        server_learning_rate: float = 1e-3,
+        beta1: float = 0.0,
+        beta2: float = 0.0,
+        tau: float = 1e-3,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__(
+            numel, device, server_learning_rate=server_learning_rate, beta1=beta1, beta2=beta2, tau=tau, dtype=dtype
+        )
 
     def _second_moment_(self, v, delta):
         v.addcmul_(delta, delta)

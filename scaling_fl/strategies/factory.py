@@ -50,18 +50,33 @@ def strategy_hyperparameters(name: str, **given: float | None) -> dict[str, floa
     return {key: (given[key] if given.get(key) is not None else default) for key, default in defaults.items()}
 
 
-def make_strategy(name: str, numel: int, device: torch.device | str = "cpu", *,
-                  server_learning_rate: float | None = None, server_momentum: float | None = None,
-                  beta1: float | None = None, beta2: float | None = None, tau: float | None = None,
-                  dtype: torch.dtype = torch.float32) -> Strategy:
+def make_strategy(
+    name: str,
+    numel: int,
+    device: torch.device | str = "cpu",
+    *,
+    server_learning_rate: float | None = None,
+    server_momentum: float | None = None,
+    beta1: float | None = None,
+    beta2: float | None = None,
+    tau: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Strategy:
     """Builds the strategy; hyperparameters it does not use are ignored, None takes its default."""
-    hp = strategy_hyperparameters(name, server_learning_rate=server_learning_rate,
-                                  server_momentum=server_momentum, beta1=beta1, beta2=beta2, tau=tau)
+    hp = strategy_hyperparameters(
+        name,
+        server_learning_rate=server_learning_rate,
+        server_momentum=server_momentum,
+        beta1=beta1,
+        beta2=beta2,
+        tau=tau,
+    )
     if name == "fedavg":
         if hp["server_learning_rate"] == 1.0:
             return FedAvg()
-        strategy = FedAvgM(numel, device, server_learning_rate=hp["server_learning_rate"], server_momentum=0.0,
-                           dtype=dtype)
+        strategy = FedAvgM(
+            numel, device, server_learning_rate=hp["server_learning_rate"], server_momentum=0.0, dtype=dtype
+        )
         strategy.name = "fedavg"
         return strategy
     if name == "fedavgm":

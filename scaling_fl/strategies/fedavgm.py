@@ -19,8 +19,15 @@ from scaling_fl.strategies.base import Strategy
 class FedAvgM(Strategy):
     name = "fedavgm"
 
-    def __init__(self, numel: int, device: torch.device | str = "cpu", *, server_learning_rate: float = 1.0,
-                 server_momentum: float = 0.9, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        numel: int,
+        device: torch.device | str = "cpu",
+        *,
+        server_learning_rate: float = 1.0,
+        server_momentum: float = 0.9,
+        dtype: torch.dtype = torch.float32,
+    ):
         if not server_learning_rate > 0:
             raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate}")
         if not 0.0 <= server_momentum < 1.0:
@@ -44,6 +51,8 @@ class FedAvgM(Strategy):
         if self.momentum is None:
             return super().load_state_dict(state)
         if set(state) != {"momentum"} or state["momentum"].shape != self.momentum.shape:
-            raise ValueError(f"{self.name}: expected {{'momentum': {tuple(self.momentum.shape)}}}, got "
-                             f"{ {k: tuple(v.shape) for k, v in state.items()} }")
+            raise ValueError(
+                f"{self.name}: expected {{'momentum': {tuple(self.momentum.shape)}}}, got "
+                f"{ {k: tuple(v.shape) for k, v in state.items()} }"
+            )
         self.momentum.copy_(state["momentum"])

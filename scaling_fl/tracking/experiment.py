@@ -74,8 +74,11 @@ def interrupted_line(stop: processes.Interrupted) -> str:
     where = f" after round {progress.rounds_logged} of {progress.num_rounds}" if progress.num_rounds else ""
     if not progress.job_name:
         return f"interrupted by {stop}{where}; nothing was started"
-    how = "resume from its last checkpoint" if progress.checkpoints_dir else \
-        "continue its record (without checkpoints_dir, training starts over)"
+    how = (
+        "resume from its last checkpoint"
+        if progress.checkpoints_dir
+        else "continue its record (without checkpoints_dir, training starts over)"
+    )
     return f"interrupted by {stop}{where}; re-run with job_name={progress.job_name} to {how}"
 
 
@@ -85,15 +88,18 @@ def lost_record_line(run) -> str | None:
     if not lost:
         return None
     what = "training finished and its checkpoints are complete" if progress.checkpoints_dir else "training finished"
-    return (f"the run record was lost mid-run ({lost[0]}); {what}; re-run the same command "
-            f"(job_name={progress.job_name}) once the store is back to complete the record")
+    return (
+        f"the run record was lost mid-run ({lost[0]}); {what}; re-run the same command "
+        f"(job_name={progress.job_name}) once the store is back to complete the record"
+    )
 
 
 def make_observer(plan: job.Plan, cfg: Config):
     resume_id = plan.previous.run_id if plan.previous else None
     if plan.tracking == "mongo":
-        return resume.ResumableMongoObserver(client=mongo_client(plan.mongo), db_name=plan.mongo.database,
-                                             resume_id=resume_id, hosts=plan.mongo.hosts)
+        return resume.ResumableMongoObserver(
+            client=mongo_client(plan.mongo), db_name=plan.mongo.database, resume_id=resume_id, hosts=plan.mongo.hosts
+        )
     if plan.tracking == "file":
         return resume.ResumableFileStorageObserver(cfg.runs_dir, resume_id=resume_id)
     return None
@@ -123,11 +129,19 @@ def train_federated(_config, _run):
     progress.job_name, progress.num_rounds, progress.checkpoints_dir = cfg.job_name, cfg.num_rounds, cfg.checkpoints_dir
     progress.rounds_logged = plan.resume_point.round if plan.resume_point else 0
     if plan.previous:
-        log.info("continuing run %s of job %r (was %s, rounds logged: %d)", plan.previous.run_id, cfg.job_name,
-                 plan.previous.status, last_logged)
+        log.info(
+            "continuing run %s of job %r (was %s, rounds logged: %d)",
+            plan.previous.run_id,
+            cfg.job_name,
+            plan.previous.status,
+            last_logged,
+        )
     if plan.resume_point:
-        log.info("checkpoint %s found: the sites continue at round %d", plan.resume_point.directory,
-                 plan.resume_point.round + 1)
+        log.info(
+            "checkpoint %s found: the sites continue at round %d",
+            plan.resume_point.directory,
+            plan.resume_point.round + 1,
+        )
     prepared = plan.prepared
     _run.info["sites"] = {
         "count": plan.topology.num_sites,
@@ -145,8 +159,12 @@ def train_federated(_config, _run):
     def on_event(event: dict) -> None:
         if event["event"] == "start" and event["restart"] > 0:
             _run.info["restarts"] = event["restart"]
-            log.warning("sites restarted (restart %d of at most %d), continuing after round %d",
-                        event["restart"], cfg.max_restarts, event["start_round"])
+            log.warning(
+                "sites restarted (restart %d of at most %d), continuing after round %d",
+                event["restart"],
+                cfg.max_restarts,
+                event["start_round"],
+            )
         elif event["event"] == "round" and event["round"] > logged_up_to[0]:  # never log a round twice
             logged_up_to[0] = progress.rounds_logged = event["round"]
             for name, value in event["metrics"].items():
@@ -165,7 +183,9 @@ def train_federated(_config, _run):
     finally:
         if tensorboard:
             tensorboard.close()
-    return {key: final[key] for key in ("validation.accuracy", "validation.loss", "validation.f1_macro") if key in final}
+    return {
+        key: final[key] for key in ("validation.accuracy", "validation.loss", "validation.f1_macro") if key in final
+    }
 
 
 def _add_json_artifact(run, name: str, payload: dict) -> None:

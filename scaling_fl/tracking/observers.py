@@ -61,8 +61,10 @@ def mongo_target_from_env(env: dict | None = None) -> MongoTarget | None:
     try:
         parsed = parse_uri(url, connect_timeout=MONGO_TIMEOUT_S) if url.startswith("mongodb+srv://") else parse_uri(url)
     except Exception as error:  # the message may echo the URL: report only the kind of problem
-        raise TrackingError(f"the MongoDB address (SACRED_URL / SACRED_HOST) is not valid ({type(error).__name__}); "
-                            "escape special characters in user and password or set SACRED_USER / SACRED_PASSWORD") from None
+        raise TrackingError(
+            f"the MongoDB address (SACRED_URL / SACRED_HOST) is not valid ({type(error).__name__}); "
+            "escape special characters in user and password or set SACRED_USER / SACRED_PASSWORD"
+        ) from None
     hosts = ",".join(f"{host}:{port}" for host, port in parsed["nodelist"]) or "?"
     return MongoTarget(url=url, database=database or parsed.get("database") or "sacred", hosts=hosts)
 
@@ -71,8 +73,13 @@ def mongo_client(target: MongoTarget, timeout_s: float = MONGO_TIMEOUT_S):
     import pymongo
 
     millis = int(timeout_s * 1000)
-    return pymongo.MongoClient(target.url, serverSelectionTimeoutMS=millis, connectTimeoutMS=millis,
-                               socketTimeoutMS=max(millis, 30_000), appname="scaling-fl")
+    return pymongo.MongoClient(
+        target.url,
+        serverSelectionTimeoutMS=millis,
+        connectTimeoutMS=millis,
+        socketTimeoutMS=max(millis, 30_000),
+        appname="scaling-fl",
+    )
 
 
 def check_mongo(target: MongoTarget, timeout_s: float = MONGO_TIMEOUT_S) -> None:
@@ -84,18 +91,24 @@ def check_mongo(target: MongoTarget, timeout_s: float = MONGO_TIMEOUT_S) -> None
         client[target.database].list_collection_names()  # needs a connection and, if enabled, authentication
     except pymongo.errors.OperationFailure as error:
         what = "authentication failed" if error.code in (18, 8000) else f"the server refused access (code {error.code})"
-        raise TrackingError(f"MongoDB at {target.hosts} (database {target.database!r}): {what}; "
-                            "check SACRED_USER / SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE") from None
+        raise TrackingError(
+            f"MongoDB at {target.hosts} (database {target.database!r}): {what}; "
+            "check SACRED_USER / SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE"
+        ) from None
     except Exception as error:  # PyMongoError, or a server that breaks the auth handshake (KeyError)
         cause = _unreachable_cause(error)
         if cause not in _NETWORK_CAUSES and _answers_without_credentials(target, min(timeout_s, PROBE_TIMEOUT_S)):
             # It answers, so it is reachable: what failed is logging in (a server without authentication,
             # such as nx-27017, or one that breaks the handshake, makes pymongo fail with a KeyError).
-            raise TrackingError(f"MongoDB at {target.hosts} (database {target.database!r}): authentication failed "
-                                "(the server did not complete the login handshake); check SACRED_USER / "
-                                "SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE") from None
-        raise TrackingError(f"MongoDB at {target.hosts} is not reachable within {timeout_s:g} s ({cause}); "
-                            "check SACRED_HOST / SACRED_URL and that the server is up, or run with tracking=file") from None
+            raise TrackingError(
+                f"MongoDB at {target.hosts} (database {target.database!r}): authentication failed "
+                "(the server did not complete the login handshake); check SACRED_USER / "
+                "SACRED_PASSWORD (or SACRED_URL) and SACRED_AUTH_SOURCE"
+            ) from None
+        raise TrackingError(
+            f"MongoDB at {target.hosts} is not reachable within {timeout_s:g} s ({cause}); "
+            "check SACRED_HOST / SACRED_URL and that the server is up, or run with tracking=file"
+        ) from None
     finally:
         client.close()
 
@@ -116,16 +129,26 @@ def _answers_without_credentials(target: MongoTarget, timeout_s: float) -> bool:
 
     client = None
     try:
-        parsed = parse_uri(target.url, connect_timeout=timeout_s) if target.url.startswith("mongodb+srv://") \
+        parsed = (
+            parse_uri(target.url, connect_timeout=timeout_s)
+            if target.url.startswith("mongodb+srv://")
             else parse_uri(target.url)
+        )
         if not parsed.get("username") or not parsed["nodelist"]:
             return False
         hosts = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in parsed["nodelist"]]
-        options = {name: value for name, value in parsed["options"].items()
-                   if name.lower() not in _AUTH_OPTIONS + _OWN_OPTIONS}
+        options = {
+            name: value for name, value in parsed["options"].items() if name.lower() not in _AUTH_OPTIONS + _OWN_OPTIONS
+        }
         millis = int(timeout_s * 1000)
-        client = pymongo.MongoClient(hosts, serverSelectionTimeoutMS=millis, connectTimeoutMS=millis,
-                                     socketTimeoutMS=millis, appname="scaling-fl-probe", **options)
+        client = pymongo.MongoClient(
+            hosts,
+            serverSelectionTimeoutMS=millis,
+            connectTimeoutMS=millis,
+            socketTimeoutMS=millis,
+            appname="scaling-fl-probe",
+            **options,
+        )
         return bool(client.admin.command("ping").get("ok"))
     except Exception:  # unreachable after all, or an address the probe cannot use: not an authentication problem
         return False
@@ -139,8 +162,16 @@ def _unreachable_cause(error: Exception) -> str:
     text = str(error).lower()
     if "refused" in text:
         return "connection refused"
-    if any(sign in text for sign in ("name or service not known", "nodename nor servname", "name resolution",
-                                     "getaddrinfo", "no address associated")):
+    if any(
+        sign in text
+        for sign in (
+            "name or service not known",
+            "nodename nor servname",
+            "name resolution",
+            "getaddrinfo",
+            "no address associated",
+        )
+    ):
         return "host name not found"
     if "timed out" in text or "no servers found yet" in text:
         return "no answer, timed out"
@@ -153,6 +184,8 @@ def choose_tracking(mode: str, env: dict | None = None) -> tuple[str, MongoTarge
     if mode == "auto":
         return ("mongo", target) if target else ("file", None)
     if mode == "mongo" and target is None:
-        raise TrackingError("tracking=mongo needs SACRED_URL or SACRED_HOST (+ SACRED_USER, SACRED_PASSWORD, "
-                            "SACRED_DATABASE) in the environment or .env")
+        raise TrackingError(
+            "tracking=mongo needs SACRED_URL or SACRED_HOST (+ SACRED_USER, SACRED_PASSWORD, "
+            "SACRED_DATABASE) in the environment or .env"
+        )
     return mode, target if mode == "mongo" else None

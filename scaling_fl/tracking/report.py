@@ -124,8 +124,9 @@ def _select(selectors: Sequence[str], ids: Sequence, job_names: dict, where: str
             matching = [run_id for run_id in ids if job_names.get(run_id) == selector]
             if not matching:
                 known = sorted({name for name in job_names.values() if name})
-                hint = f" (job names there: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known \
-                    else ""
+                hint = (
+                    f" (job names there: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else ""
+                )
                 what = "run id or job_name" if selector.isdigit() else "job_name"
                 raise ReportError(f"no run with {what} '{selector}' in {where}{hint}")
             run_id = max(matching, key=_id_key)  # the latest run of that job
@@ -155,8 +156,9 @@ def _read_json(path: Path, default=None):
     except FileNotFoundError:
         return default
     except (OSError, ValueError) as error:
-        raise ReportError(f"{path}: unreadable ({type(error).__name__}: {error}); "
-                          "the run folder is damaged or still being written") from None
+        raise ReportError(
+            f"{path}: unreadable ({type(error).__name__}: {error}); the run folder is damaged or still being written"
+        ) from None
 
 
 def load_file_runs(runs_dir, selectors: Sequence[str] = ()) -> list[RunRecord]:
@@ -164,8 +166,9 @@ def load_file_runs(runs_dir, selectors: Sequence[str] = ()) -> list[RunRecord]:
     root = Path(runs_dir)
     if not root.is_dir():
         raise ReportError(f"runs directory {root} does not exist; pass --runs-dir DIR or --mongo-url URL")
-    folders = {int(entry.name): entry for entry in root.iterdir()
-               if entry.name.isdigit() and (entry / "run.json").exists()}
+    folders = {
+        int(entry.name): entry for entry in root.iterdir() if entry.name.isdigit() and (entry / "run.json").exists()
+    }
     job_names = {}
     for run_id, folder in folders.items():
         config = _read_json(folder / "config.json", {}) or {}
@@ -179,10 +182,20 @@ def _file_record(run_id: int, folder: Path) -> RunRecord:
     config = _read_json(folder / "config.json", {}) or {}
     info = _read_json(folder / "info.json", {}) or {}
     raw = _read_json(folder / "metrics.json", {}) or {}
-    metrics = {name: Series.merged([(entry.get("steps"), entry.get("values"))])
-               for name, entry in raw.items() if isinstance(entry, dict)}
-    return RunRecord(run_id=run_id, job_name=_job_name(config, run_id), status=str(run.get("status", "?")),
-                     config=config, info=info, metrics=metrics, start_time=run.get("start_time"))
+    metrics = {
+        name: Series.merged([(entry.get("steps"), entry.get("values"))])
+        for name, entry in raw.items()
+        if isinstance(entry, dict)
+    }
+    return RunRecord(
+        run_id=run_id,
+        job_name=_job_name(config, run_id),
+        status=str(run.get("status", "?")),
+        config=config,
+        info=info,
+        metrics=metrics,
+        start_time=run.get("start_time"),
+    )
 
 
 # ---------------------------------------------------------------- MongoDB
@@ -195,8 +208,10 @@ def load_mongo_runs(database, selectors: Sequence[str] = (), where: str = "Mongo
     entries = list(database["runs"].find({}, projection))
     ids = [entry["_id"] for entry in entries]
     # nx-27017 answers a nested projection with a flat "config.job_name" key; MongoDB nests it.
-    job_names = {entry["_id"]: _job_name(entry.get("config") or {"job_name": entry.get("config.job_name")},
-                                         entry["_id"]) for entry in entries}
+    job_names = {
+        entry["_id"]: _job_name(entry.get("config") or {"job_name": entry.get("config.job_name")}, entry["_id"])
+        for entry in entries
+    }
     chosen = _select(selectors, ids, job_names, where)
     records = []
     for run_id in chosen:
@@ -207,10 +222,17 @@ def load_mongo_runs(database, selectors: Sequence[str] = (), where: str = "Mongo
         metrics = {name: Series.merged(chunks) for name, chunks in parts.items() if name}
         config = run.get("config") or {}
         start = run.get("start_time")
-        records.append(RunRecord(run_id=run_id, job_name=_job_name(config, run_id),
-                                 status=str(run.get("status", "?")), config=config, info=run.get("info") or {},
-                                 metrics=metrics, start_time=start.isoformat() if hasattr(start, "isoformat")
-                                 else start))
+        records.append(
+            RunRecord(
+                run_id=run_id,
+                job_name=_job_name(config, run_id),
+                status=str(run.get("status", "?")),
+                config=config,
+                info=run.get("info") or {},
+                metrics=metrics,
+                start_time=start.isoformat() if hasattr(start, "isoformat") else start,
+            )
+        )
     return records
 
 
@@ -247,17 +269,22 @@ def load_mongo_runs_from(url: str | None, database: str | None, selectors: Seque
     except TrackingError as error:
         raise ReportError(str(error)) from None
     except Exception as error:  # noqa: BLE001 - e.g. a server without authentication given credentials
-        raise ReportError(f"MongoDB at {target.hosts}: cannot connect ({type(error).__name__}); check the URL, "
-                          "the credentials and whether the server expects them") from None
+        raise ReportError(
+            f"MongoDB at {target.hosts}: cannot connect ({type(error).__name__}); check the URL, "
+            "the credentials and whether the server expects them"
+        ) from None
     client = mongo_client(target)
     try:
-        return load_mongo_runs(client[target.database], selectors,
-                               where=f"MongoDB {target.hosts} database {target.database!r}")
+        return load_mongo_runs(
+            client[target.database], selectors, where=f"MongoDB {target.hosts} database {target.database!r}"
+        )
     except pymongo.errors.PyMongoError as error:  # its message may quote the URL: report the kind only
         code = getattr(error, "code", None)
-        raise ReportError(f"MongoDB at {target.hosts}: reading runs failed ({type(error).__name__}"
-                          f"{f', code {code}' if code else ''}); check that the user may read database "
-                          f"{target.database!r}") from None
+        raise ReportError(
+            f"MongoDB at {target.hosts}: reading runs failed ({type(error).__name__}"
+            f"{f', code {code}' if code else ''}); check that the user may read database "
+            f"{target.database!r}"
+        ) from None
     finally:
         client.close()
 
@@ -283,16 +310,33 @@ def _finish(figure, axes, plotted: int, missing: list[str], metric: str):
     if plotted:
         axes.legend(fontsize="small" if plotted <= 8 else "x-small", loc="best")
     if missing:
-        axes.text(0.01, 0.01, f"no {metric} for: {', '.join(missing)}", transform=axes.transAxes,
-                  fontsize="x-small", color="gray", va="bottom")
+        axes.text(
+            0.01,
+            0.01,
+            f"no {metric} for: {', '.join(missing)}",
+            transform=axes.transAxes,
+            fontsize="x-small",
+            color="gray",
+            va="bottom",
+        )
     figure.tight_layout()
     return figure
 
 
 # Runs that end up on the same values (dense and int8 exchanges, say) draw the same line: each run
 # gets its own colour, line style and marker, so the one drawn last does not hide the others.
-_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
-           "tab:gray", "tab:olive", "tab:cyan")
+_COLORS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 _LINESTYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "D", "v", "x", "P", "*", "<", ">", "h")
 
@@ -304,16 +348,23 @@ def _style(index: int, n_points: int) -> dict:
     # Solid lines are wider and drawn below the broken ones, so where two runs coincide the broken
     # line shows through with the solid one's colour in its gaps.
     solid = linestyle == "-"
-    style = {"color": _COLORS[index % len(_COLORS)], "linestyle": linestyle, "linewidth": 2.4 if solid else 1.5,
-             "zorder": 2.0 if solid else 2.5}
+    style = {
+        "color": _COLORS[index % len(_COLORS)],
+        "linestyle": linestyle,
+        "linewidth": 2.4 if solid else 1.5,
+        "zorder": 2.0 if solid else 2.5,
+    }
     if n_points <= 40:
-        style.update(marker=_MARKERS[index % len(_MARKERS)], markersize=7 if solid else 5,
-                     markerfacecolor="none", markeredgewidth=1.2)
+        style.update(
+            marker=_MARKERS[index % len(_MARKERS)],
+            markersize=7 if solid else 5,
+            markerfacecolor="none",
+            markeredgewidth=1.2,
+        )
     return style
 
 
-def plot_metric_vs_round(runs: Sequence[RunRecord], metric: str, ylabel: str | None = None,
-                         title: str | None = None):
+def plot_metric_vs_round(runs: Sequence[RunRecord], metric: str, ylabel: str | None = None, title: str | None = None):
     """A matplotlib Figure with one line per run that logged `metric`."""
     figure, axes = _new_figure(title or f"{metric} by round", "round", ylabel or metric)
     plotted, missing = 0, []
@@ -348,11 +399,15 @@ def cumulative_bytes(run: RunRecord, metric: str = ACCURACY) -> tuple[list[float
 
 def plot_accuracy_vs_bytes(runs: Sequence[RunRecord], metric: str = ACCURACY, title: str | None = None):
     """Validation accuracy against the cumulative bytes each site sent (sum of comm.bytes_per_site)."""
-    largest = max((cumulative_bytes(run, metric)[0][-1] for run in runs if cumulative_bytes(run, metric)[0]),
-                  default=0.0)
+    largest = max(
+        (cumulative_bytes(run, metric)[0][-1] for run in runs if cumulative_bytes(run, metric)[0]), default=0.0
+    )
     unit, scale = _byte_unit(largest)
-    figure, axes = _new_figure(title or f"{metric} by data sent", f"cumulative bytes sent per site ({unit})",
-                               "validation accuracy" if metric == ACCURACY else metric)
+    figure, axes = _new_figure(
+        title or f"{metric} by data sent",
+        f"cumulative bytes sent per site ({unit})",
+        "validation accuracy" if metric == ACCURACY else metric,
+    )
     plotted, missing = 0, []
     for index, run in enumerate(runs):
         xs, ys = cumulative_bytes(run, metric)
@@ -374,7 +429,9 @@ def _byte_unit(largest: float) -> tuple[str, float]:
 def make_figures(runs: Sequence[RunRecord]) -> dict:
     """{name: Figure} for the three standard figures."""
     return {
-        "accuracy_vs_round": plot_metric_vs_round(runs, ACCURACY, "validation accuracy", "Validation accuracy by round"),
+        "accuracy_vs_round": plot_metric_vs_round(
+            runs, ACCURACY, "validation accuracy", "Validation accuracy by round"
+        ),
         "loss_vs_round": plot_metric_vs_round(runs, LOSS, "validation loss", "Validation loss by round"),
         "accuracy_vs_bytes": plot_accuracy_vs_bytes(runs, ACCURACY, "Validation accuracy by data sent"),
     }
@@ -420,8 +477,10 @@ def _markdown_cell(key: str, value) -> str:
 
 def to_markdown(rows: Sequence[dict]) -> str:
     headers = [header for _, header in TABLE_COLUMNS]
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if key not in ("job_name", "status") else "---" for key, _ in TABLE_COLUMNS) + "|"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if key not in ("job_name", "status") else "---" for key, _ in TABLE_COLUMNS) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(_markdown_cell(key, row.get(key)) for key, _ in TABLE_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
@@ -458,8 +517,9 @@ def write_report(runs: Sequence[RunRecord], out_dir) -> dict[str, Path]:
     return written
 
 
-def load_runs(selectors: Sequence[str], runs_dir: str | None = None, mongo_url: str | None = None,
-              database: str | None = None) -> list[RunRecord]:
+def load_runs(
+    selectors: Sequence[str], runs_dir: str | None = None, mongo_url: str | None = None, database: str | None = None
+) -> list[RunRecord]:
     """From Mongo (explicit URL, or SACRED_* when no runs_dir is given) or from the file store."""
     if mongo_url or (runs_dir is None and _mongo_in_env()):
         return load_mongo_runs_from(mongo_url, database, selectors)
@@ -472,9 +532,11 @@ def _mongo_in_env() -> bool:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Plot and tabulate tracked runs (Sacred file store or MongoDB).")
-    parser.add_argument("runs", nargs="*", metavar="JOB_OR_ID",
-                        help="a run id, or a job_name (its latest run); none: every run")
+        prog=prog, description="Plot and tabulate tracked runs (Sacred file store or MongoDB)."
+    )
+    parser.add_argument(
+        "runs", nargs="*", metavar="JOB_OR_ID", help="a run id, or a job_name (its latest run); none: every run"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--runs-dir", help="Sacred file-store folder (default: runs/, unless SACRED_* is set)")
     source.add_argument("--mongo-url", help="mongodb:// URL (default: SACRED_URL or SACRED_HOST/USER/PASSWORD)")

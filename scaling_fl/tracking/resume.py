@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
-
-import logging
 
 from sacred.observers import FileStorageObserver, MongoObserver
 
@@ -42,6 +41,7 @@ def _parse_time(value) -> dt.datetime | None:
 
 # --- a record that can be lost --------------------------------------------------------
 
+
 class LossAwareObserver:
     """Mixed into our observers: a store that fails mid-run (MongoDB gone, runs_dir unwritable)
     marks the record as lost instead of raising into Sacred (which would print a traceback and
@@ -62,8 +62,10 @@ class LossAwareObserver:
             from scaling_fl.storage import first_line
 
             self.lost = f"{self._describe_store()}: {type(error).__name__}: {first_line(error)}"
-            log.warning("the run record can no longer be written (%s); training goes on, its checkpoints are "
-                        "unaffected", self.lost)
+            log.warning(
+                "the run record can no longer be written (%s); training goes on, its checkpoints are unaffected",
+                self.lost,
+            )
             return None
 
     def heartbeat_event(self, *args, **kwargs):
@@ -89,6 +91,7 @@ class LossAwareObserver:
 
 
 # --- file store ----------------------------------------------------------------------
+
 
 def find_file_run(runs_dir: str, job_name: str) -> PreviousRun | None:
     if not os.path.isdir(runs_dir):
@@ -155,8 +158,14 @@ class ResumableFileStorageObserver(LossAwareObserver, FileStorageObserver):
 
 def _resumed_entry(previous: dict, ex_info, command, host_info, meta_info, start_time) -> dict:
     entry = {key: value for key, value in previous.items() if key not in ("stop_time", "fail_trace", "result")}
-    entry.update(experiment=dict(ex_info), command=command, host=dict(host_info), meta=meta_info,
-                 status="RUNNING", heartbeat=None)
+    entry.update(
+        experiment=dict(ex_info),
+        command=command,
+        host=dict(host_info),
+        meta=meta_info,
+        status="RUNNING",
+        heartbeat=None,
+    )
     entry["resumed_at"] = list(previous.get("resumed_at", [])) + [start_time]
     entry["previous_statuses"] = list(previous.get("previous_statuses", [])) + [previous.get("status")]
     return entry
@@ -164,9 +173,11 @@ def _resumed_entry(previous: dict, ex_info, command, host_info, meta_info, start
 
 # --- MongoDB ---------------------------------------------------------------------------
 
+
 def find_mongo_run(database, job_name: str) -> PreviousRun | None:
-    entry = database.runs.find_one({"config.job_name": job_name}, sort=[("_id", -1)],
-                                    projection={"status": 1, "heartbeat": 1})
+    entry = database.runs.find_one(
+        {"config.job_name": job_name}, sort=[("_id", -1)], projection={"status": 1, "heartbeat": 1}
+    )
     if entry is None:
         return None
     series = database.metrics.find_one({"run_id": entry["_id"], "name": ROUND_METRIC}, projection={"steps": 1})

@@ -15,8 +15,16 @@ from scaling_fl.train.local import autocast_for
 
 
 @torch.inference_mode()
-def evaluation_sums(model: torch.nn.Module, dataset: TokenizedDataset, collate, *, batch_size: int,
-                    num_labels: int, precision: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluation_sums(
+    model: torch.nn.Module,
+    dataset: TokenizedDataset,
+    collate,
+    *,
+    batch_size: int,
+    num_labels: int,
+    precision: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss_sum [1] float64, confusion [num_labels, num_labels] int64, rows=truth, cols=prediction)."""
     model.eval()
     loss_sum = torch.zeros(1, dtype=torch.float64)

@@ -27,6 +27,7 @@ from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.events import EventWriter
 from scaling_fl.exchange import (
+    average_and_apply_,
     broadcast_flat_,
     broadcast_int,
     gather_from_sites,
@@ -34,7 +35,6 @@ from scaling_fl.exchange import (
     make_sync_policy,
     segments_from_model,
     sum_across_sites,
-    average_and_apply_,
     wait_for_all_sites,
 )
 from scaling_fl.exchange.dense import ring_wire_bytes
@@ -59,8 +59,13 @@ def run_site(config: dict, workdir: str) -> dict:
     processes.adopt_launcher_output()
     processes.watch_launcher()
     processes.stop_if_permanent_error(workdir)
-    cfg = Config(**{**config, "site_ids": tuple(config["site_ids"]),
-                    "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None})
+    cfg = Config(
+        **{
+            **config,
+            "site_ids": tuple(config["site_ids"]),
+            "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None,
+        }
+    )
     layout = read_layout(workdir)
     site = start_site(layout.devices, cfg.backend, cfg.collective_timeout_s)
     _quiet_unless_leader(site.is_leader)
@@ -86,20 +91,30 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         log.info("%d sites, backend %s, device of site 0: %s", site.world_size, site.backend, site.device)
 
     # --- data: this site's rows and its shard of the test set -----------------------
-    data = load_worker_data(os.path.join(workdir, "data"), (site.rank,), site.rank, site.world_size,
-                            full_test=cfg.per_site_metrics)
+    data = load_worker_data(
+        os.path.join(workdir, "data"), (site.rank,), site.rank, site.world_size, full_test=cfg.per_site_metrics
+    )
     tokenizer = models.load_tokenizer(cfg.model)
     train_set = tokenize(data.train[site.rank].texts, data.train[site.rank].labels, tokenizer, cfg.max_seq_len)
     test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
-    test_full = tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
+    test_full = (
+        tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
+    )
     collate = padding_collator(tokenizer)
     num_labels = len(data.test_shard.label_names)
     site_weights = [size / sum(data.site_sizes) for size in data.site_sizes]  # every site's share of the mean
     weight = site_weights[site.rank]
 
     def evaluate(dataset):
-        return evaluation_sums(model, dataset, collate, batch_size=cfg.val_batch_size, num_labels=num_labels,
-                               precision=cfg.precision, device=site.device)
+        return evaluation_sums(
+            model,
+            dataset,
+            collate,
+            batch_size=cfg.val_batch_size,
+            num_labels=num_labels,
+            precision=cfg.precision,
+            device=site.device,
+        )
 
     # --- model: identical start everywhere, float state in one flat vector ----------
     model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(site.device)
@@ -108,25 +123,48 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     broadcast_flat_(local_weights, max(1, bucket_bytes // local_weights.element_size()), src=0)
 
     # --- strategy (what is done with the mean update) and exchange (how it is computed)
-    strategy = make_strategy(cfg.strategy, local_weights.numel(), site.device, dtype=local_weights.dtype,
-                             server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum,
-                             beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    strategy = make_strategy(
+        cfg.strategy,
+        local_weights.numel(),
+        site.device,
+        dtype=local_weights.dtype,
+        server_learning_rate=cfg.server_learning_rate,
+        server_momentum=cfg.server_momentum,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        tau=cfg.tau,
+    )
     per_tensor = cfg.sparsity_scope == "tensor" or cfg.sparse_average == "fl4health"
     exchange = make_exchange(
-        cfg.exchange, local_weights.numel(), bucket_bytes=bucket_bytes, device=site.device, dtype=local_weights.dtype,
-        sparsity_level=cfg.sparsity_level, sparsity_scope=cfg.sparsity_scope,
+        cfg.exchange,
+        local_weights.numel(),
+        bucket_bytes=bucket_bytes,
+        device=site.device,
+        dtype=local_weights.dtype,
+        sparsity_level=cfg.sparsity_level,
+        sparsity_scope=cfg.sparsity_scope,
         segments=segments_from_model(model, local_weights) if per_tensor else None,
-        selection_criterion=cfg.selection_criterion, sparse_average=cfg.sparse_average,
-        error_feedback=cfg.error_feedback, block_size=cfg.quantization_block_size, world_size=site.world_size,
-        site_weights=site_weights)
+        selection_criterion=cfg.selection_criterion,
+        sparse_average=cfg.sparse_average,
+        error_feedback=cfg.error_feedback,
+        block_size=cfg.quantization_block_size,
+        world_size=site.world_size,
+        site_weights=site_weights,
+    )
     # Dense FedAvg synchronized every round never reads the previous global model: it keeps no copy.
     keeps_reference = not (cfg.exchange == "dense" and isinstance(strategy, FedAvg) and cfg.sync == "round")
     global_weights = local_weights.clone() if keeps_reference else local_weights
 
-    steps = local.steps_per_round(len(train_set), cfg.batch_size, cfg.grad_accum_steps,
-                                  cfg.num_local_epochs, cfg.local_steps)
-    sync_policy = make_sync_policy(cfg.sync, steps_per_round=steps, comm_period=cfg.comm_period,
-                                   check_every=cfg.check_every or steps, delta_threshold=cfg.delta_threshold)
+    steps = local.steps_per_round(
+        len(train_set), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
+    )
+    sync_policy = make_sync_policy(
+        cfg.sync,
+        steps_per_round=steps,
+        comm_period=cfg.comm_period,
+        check_every=cfg.check_every or steps,
+        delta_threshold=cfg.delta_threshold,
+    )
     total_steps = steps * cfg.num_rounds
     warmup_steps = int(cfg.warmup_ratio * total_steps)
 
@@ -159,15 +197,31 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
 
         # --- 1. local training (sync=periodic / dynamic may synchronize between steps) ----
         torch.manual_seed(local.round_seed(cfg.seed, site.rank, round_index, stream=1))  # dropout
-        plan = local.batch_plan(len(train_set), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
-                                cfg.local_steps, local.round_seed(cfg.seed, site.rank, round_index))
+        plan = local.batch_plan(
+            len(train_set),
+            cfg.batch_size,
+            cfg.grad_accum_steps,
+            cfg.num_local_epochs,
+            cfg.local_steps,
+            local.round_seed(cfg.seed, site.rank, round_index),
+        )
         optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: local.lr_factor(offset + step, total_steps, warmup_steps, cfg.lr_scheduler))
+            optimizer, lambda step: local.lr_factor(offset + step, total_steps, warmup_steps, cfg.lr_scheduler)
+        )
         train_sums = local.train_round(
-            model, train_set, collate, plan, optimizer=optimizer, scheduler=scheduler, precision=cfg.precision,
-            max_grad_norm=cfg.max_grad_norm, device=site.device, progress=progress,
-            after_step=lambda step: step < steps and maybe_synchronize(offset + step))
+            model,
+            train_set,
+            collate,
+            plan,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            precision=cfg.precision,
+            max_grad_norm=cfg.max_grad_norm,
+            device=site.device,
+            progress=progress,
+            after_step=lambda step: step < steps and maybe_synchronize(offset + step),
+        )
         del optimizer, scheduler
         local_eval = local_eval_summary(*evaluate(test_full)) if test_full is not None else None
         train_done = time.perf_counter()
@@ -189,24 +243,38 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         round_communication = communication.pop(getattr(exchange, "density", 1.0))
         sync_stats = sync_policy.pop_stats()
         if site.is_leader:
-            metrics = round_metrics(validation_sums, num_labels, per_site, with_per_site=cfg.per_site_metrics,
-                                    cuda=site.device.type == "cuda")
-            metrics.update({
-                "time.round_s": eval_done - round_start,
-                "time.train_s": train_done - round_start - synchronizing_while_training_s,
-                "time.aggregate_s": round_communication.pop("seconds"),  # every sync check and exchange
-                "time.eval_s": eval_done - aggregate_done,
-                **round_communication,
-                "comm.bytes_per_site": round_communication["comm.bytes_per_site"] + sync_stats["sync.check_bytes"],
-                **sync_stats,
-            })
+            metrics = round_metrics(
+                validation_sums,
+                num_labels,
+                per_site,
+                with_per_site=cfg.per_site_metrics,
+                cuda=site.device.type == "cuda",
+            )
+            metrics.update(
+                {
+                    "time.round_s": eval_done - round_start,
+                    "time.train_s": train_done - round_start - synchronizing_while_training_s,
+                    "time.aggregate_s": round_communication.pop("seconds"),  # every sync check and exchange
+                    "time.eval_s": eval_done - aggregate_done,
+                    **round_communication,
+                    "comm.bytes_per_site": round_communication["comm.bytes_per_site"] + sync_stats["sync.check_bytes"],
+                    **sync_stats,
+                }
+            )
             events.write("round", round=round_number, metrics=metrics)
             history.append({"round": round_number, "metrics": metrics})
             progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
-            log.info("round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
-                     round_number, cfg.num_rounds, metrics["validation.accuracy"], metrics["validation.loss"],
-                     metrics["validation.f1_macro"], metrics["train.loss"], metrics["comm.bytes_per_site"] / 1e3,
-                     metrics["time.round_s"])
+            log.info(
+                "round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
+                round_number,
+                cfg.num_rounds,
+                metrics["validation.accuracy"],
+                metrics["validation.loss"],
+                metrics["validation.f1_macro"],
+                metrics["train.loss"],
+                metrics["comm.bytes_per_site"] / 1e3,
+                metrics["time.round_s"],
+            )
 
         # --- 5. checkpoint: everything a restart needs to replay the next round exactly
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
@@ -229,25 +297,37 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     sites one after another, every one from the round's global model with a fresh optimizer and
     its own seeds (seed, site, round), and adds its local model, weighted by its share of the
     participants' rows, into one sum -> the workers all_reduce their sums into the participants'
-    average -> the strategy applies it (mean update = average - global) -> evaluate -> report -> checkpoint. A site trains exactly as it
+    average -> the strategy applies it (mean update = average - global) -> evaluate -> report -> checkpoint. A
+    site trains exactly as it
     would in a process of its own, so packing changes only the order of fp32 sums. (Dense
     exchange and sync=round only, for now: see launch.check_layout.)
     """
     events = EventWriter(os.path.join(workdir, "events.jsonl")) if worker.is_leader else None
     hosted = layout.sites[worker.rank]
     if worker.is_leader:
-        log.info("%d sites in %d processes, backend %s, device of process 0: %s", layout.num_sites,
-                 worker.world_size, worker.backend, worker.device)
+        log.info(
+            "%d sites in %d processes, backend %s, device of process 0: %s",
+            layout.num_sites,
+            worker.world_size,
+            worker.backend,
+            worker.device,
+        )
 
     # --- data: the rows of every hosted site, this worker's shard of the test set -------
     data = load_worker_data(os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size)
     tokenizer = models.load_tokenizer(cfg.model)
-    train_sets = {site: tokenize(rows.texts, rows.labels, tokenizer, cfg.max_seq_len) for site, rows in data.train.items()}
+    train_sets = {
+        site: tokenize(rows.texts, rows.labels, tokenizer, cfg.max_seq_len) for site, rows in data.train.items()
+    }
     test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
     collate = padding_collator(tokenizer)
     num_labels = len(data.test_shard.label_names)
-    steps = {site: local.steps_per_round(len(rows), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
-                                         cfg.local_steps) for site, rows in train_sets.items()}
+    steps = {
+        site: local.steps_per_round(
+            len(rows), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
+        )
+        for site, rows in train_sets.items()
+    }
 
     # --- model: one working copy per worker, the global model, the round's sum of updates
     model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(worker.device)
@@ -255,9 +335,17 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     bucket_numel = max(1, int(cfg.bucket_size_mb * 2**20) // local_weights.element_size())
     broadcast_flat_(local_weights, bucket_numel, src=0)
     global_weights, weighted_sum = local_weights.clone(), torch.zeros_like(local_weights)
-    strategy = make_strategy(cfg.strategy, local_weights.numel(), worker.device, dtype=local_weights.dtype,
-                             server_learning_rate=cfg.server_learning_rate, server_momentum=cfg.server_momentum,
-                             beta1=cfg.beta1, beta2=cfg.beta2, tau=cfg.tau)
+    strategy = make_strategy(
+        cfg.strategy,
+        local_weights.numel(),
+        worker.device,
+        dtype=local_weights.dtype,
+        server_learning_rate=cfg.server_learning_rate,
+        server_momentum=cfg.server_momentum,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        tau=cfg.tau,
+    )
     start_round, history = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
     if worker.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
@@ -278,18 +366,38 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for site in sorted(set(hosted) & set(chosen)):
             local_weights.copy_(global_weights)
             torch.manual_seed(local.round_seed(cfg.seed, site, round_index, stream=1))  # dropout
-            plan = local.batch_plan(len(train_sets[site]), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs,
-                                    cfg.local_steps, local.round_seed(cfg.seed, site, round_index))
+            plan = local.batch_plan(
+                len(train_sets[site]),
+                cfg.batch_size,
+                cfg.grad_accum_steps,
+                cfg.num_local_epochs,
+                cfg.local_steps,
+                local.round_seed(cfg.seed, site, round_index),
+            )
             optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
             total_steps, offset = steps[site] * cfg.num_rounds, round_index * steps[site]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, offset=offset, total=total_steps: (
-                local.lr_factor(offset + step, total, int(cfg.warmup_ratio * total), cfg.lr_scheduler)))
-            sums = local.train_round(model, train_sets[site], collate, plan, optimizer=optimizer, scheduler=scheduler,
-                                     precision=cfg.precision, max_grad_norm=cfg.max_grad_norm, device=worker.device)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda step, offset=offset, total=total_steps: local.lr_factor(
+                    offset + step, total, int(cfg.warmup_ratio * total), cfg.lr_scheduler
+                ),
+            )
+            sums = local.train_round(
+                model,
+                train_sets[site],
+                collate,
+                plan,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                precision=cfg.precision,
+                max_grad_norm=cfg.max_grad_norm,
+                device=worker.device,
+            )
             del optimizer, scheduler
             weighted_sum.add_(local_weights, alpha=data.site_sizes[site] / rows_this_round)
-            train_sums = local.TrainSums(train_sums.loss_sum + sums.loss_sum, train_sums.correct + sums.correct,
-                                         train_sums.count + sums.count)
+            train_sums = local.TrainSums(
+                train_sums.loss_sum + sums.loss_sum, train_sums.correct + sums.correct, train_sums.count + sums.count
+            )
         train_done = time.perf_counter()
 
         # --- 2. the workers' sums -> the mean update, applied by the strategy --------------
@@ -298,8 +406,15 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         aggregate_done = time.perf_counter()
 
         # --- 3. evaluate the global model on the full test set ------------------------
-        loss_sum, confusion = evaluation_sums(model, test_shard, collate, batch_size=cfg.val_batch_size,
-                                              num_labels=num_labels, precision=cfg.precision, device=worker.device)
+        loss_sum, confusion = evaluation_sums(
+            model,
+            test_shard,
+            collate,
+            batch_size=cfg.val_batch_size,
+            num_labels=num_labels,
+            precision=cfg.precision,
+            device=worker.device,
+        )
         validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(worker.device)).cpu()
         per_worker = gather_from_sites(site_vector(train_sums, worker.device, None).to(worker.device)).cpu()
         eval_done = time.perf_counter()
@@ -307,22 +422,36 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         # --- 4. report (worker 0 only) --------------------------------------------------
         if worker.is_leader:
             payload = local_weights.numel() * local_weights.element_size()  # what one site puts on the wire
-            metrics = round_metrics(validation_sums, num_labels, per_worker, with_per_site=False,
-                                    cuda=worker.device.type == "cuda")
-            metrics.update({
-                "time.round_s": eval_done - round_start, "time.train_s": train_done - round_start,
-                "time.aggregate_s": aggregate_done - train_done, "time.eval_s": eval_done - aggregate_done,
-                "comm.bytes_per_site": payload, "comm.density": 1.0,
-                "comm.wire_bytes_per_site": ring_wire_bytes(payload, worker.world_size, "all_reduce"),
-                "memory.exchange_peak_mb": weighted_sum.nbytes / 2**20, "sites.participants": len(chosen),
-            })
+            metrics = round_metrics(
+                validation_sums, num_labels, per_worker, with_per_site=False, cuda=worker.device.type == "cuda"
+            )
+            metrics.update(
+                {
+                    "time.round_s": eval_done - round_start,
+                    "time.train_s": train_done - round_start,
+                    "time.aggregate_s": aggregate_done - train_done,
+                    "time.eval_s": eval_done - aggregate_done,
+                    "comm.bytes_per_site": payload,
+                    "comm.density": 1.0,
+                    "comm.wire_bytes_per_site": ring_wire_bytes(payload, worker.world_size, "all_reduce"),
+                    "memory.exchange_peak_mb": weighted_sum.nbytes / 2**20,
+                    "sites.participants": len(chosen),
+                }
+            )
             events.write("round", round=round_number, metrics=metrics, participants=chosen)
             history.append({"round": round_number, "metrics": metrics})
             progress.update(1)
-            log.info("round %d/%d  %d sites  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
-                     round_number, cfg.num_rounds, len(chosen), metrics["validation.accuracy"],
-                     metrics["validation.loss"], metrics["validation.f1_macro"], metrics["train.loss"],
-                     metrics["time.round_s"])
+            log.info(
+                "round %d/%d  %d sites  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
+                round_number,
+                cfg.num_rounds,
+                len(chosen),
+                metrics["validation.accuracy"],
+                metrics["validation.loss"],
+                metrics["validation.f1_macro"],
+                metrics["train.loss"],
+                metrics["time.round_s"],
+            )
 
         # --- 5. checkpoint: the global model and the strategy; sites keep no state here ---
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
@@ -348,9 +477,13 @@ class CommunicationLog:
 
     def pop(self, configured_density: float) -> dict:
         """The round's figures (density: of the last exchange, or the configured one); resets the log."""
-        figures = {"comm.bytes_per_site": self.bytes, "comm.wire_bytes_per_site": self.wire_bytes,
-                   "comm.density": self.density if self.density is not None else float(configured_density),
-                   "memory.exchange_peak_mb": self.peak_mb, "seconds": self.seconds}
+        figures = {
+            "comm.bytes_per_site": self.bytes,
+            "comm.wire_bytes_per_site": self.wire_bytes,
+            "comm.density": self.density if self.density is not None else float(configured_density),
+            "memory.exchange_peak_mb": self.peak_mb,
+            "seconds": self.seconds,
+        }
         self.__init__()
         return figures
 
@@ -368,8 +501,9 @@ def _global_model_loaded(local_weights: torch.Tensor, global_weights: torch.Tens
             swap_(local_weights, global_weights)
 
 
-def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy,
-             exchange) -> tuple[int, list]:
+def _restore(
+    cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy, exchange
+) -> tuple[int, list]:
     """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done, history).
 
     Site 0 chooses and broadcasts (source, round), so every site loads the very same files.
@@ -388,19 +522,26 @@ def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: tor
     if source < 0:
         return 0, []
     path = sources[source]
-    found = checkpoint.verify(checkpoint.round_dir(path, chosen_round)) if path == cfg.checkpoints_dir \
+    found = (
+        checkpoint.verify(checkpoint.round_dir(path, chosen_round))
+        if path == cfg.checkpoints_dir
         else checkpoint.open_checkpoint(path)
+    )
     weights = found.tensors("global.safetensors")["global"]
     if weights.numel() != global_weights.numel():
-        raise checkpoint.CheckpointError(f"{found.directory} holds {weights.numel()} weights, the model has "
-                                         f"{global_weights.numel()}: a different model")
+        raise checkpoint.CheckpointError(
+            f"{found.directory} holds {weights.numel()} weights, the model has "
+            f"{global_weights.numel()}: a different model"
+        )
     global_weights.copy_(weights.to(global_weights.device))
     local_weights.copy_(global_weights)
     strategy.load_state_dict(found.tensors("strategy.safetensors") if found.has("strategy.safetensors") else {})
     own = found.tensors(checkpoint.site_file(site.rank)) if found.has(checkpoint.site_file(site.rank)) else {}
     if "local" in own:
         local_weights.copy_(own["local"].to(local_weights.device))
-    if exchange is not None and exchange.residual is not None:  # (a residual without an exchange that keeps one: only after resume=force)
+    if (
+        exchange is not None and exchange.residual is not None
+    ):  # (a residual without an exchange that keeps one: only after resume=force)
         if "residual" in own:
             exchange.load_state_dict({"residual": own["residual"].to(local_weights.device)})
         else:
@@ -410,25 +551,43 @@ def _restore(cfg: Config, site, local_weights: torch.Tensor, global_weights: tor
     return found.round, list(found.state.get("history", []))
 
 
-def _save_checkpoint(cfg: Config, site, num_sites: int, round_number: int, global_weights: torch.Tensor, strategy,
-                     site_state: dict[str, torch.Tensor], history) -> None:
+def _save_checkpoint(
+    cfg: Config,
+    site,
+    num_sites: int,
+    round_number: int,
+    global_weights: torch.Tensor,
+    strategy,
+    site_state: dict[str, torch.Tensor],
+    history,
+) -> None:
     directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
     if site_state:  # every site writes its own state first; the leader seals the folder after all of them
         checkpoint.write_tensors(directory, checkpoint.site_file(site.rank), site_state)
     wait_for_all_sites()
     if site.is_leader:
-        checkpoint.write_tensors(directory, "global.safetensors", {"global": global_weights},
-                                 metadata={"numel": global_weights.numel(), "sha256": flat_sha256(global_weights)})
+        checkpoint.write_tensors(
+            directory,
+            "global.safetensors",
+            {"global": global_weights},
+            metadata={"numel": global_weights.numel(), "sha256": flat_sha256(global_weights)},
+        )
         if strategy.state_dict():
             checkpoint.write_tensors(directory, "strategy.safetensors", strategy.state_dict())
         defining = checkpoint.defining_config(cfg.as_dict(), num_sites)
-        checkpoint.write_state(directory, {
-            "format": checkpoint.FORMAT_VERSION, "round": round_number, "job_name": cfg.job_name,
-            "defining_config": defining, "config_hash": checkpoint.config_hash(defining),
-            # Batch order and dropout are seeded from (seed, site, round): the round number is the RNG state.
-            "rng": {"seed": cfg.seed, "data_seed": cfg.data_seed, "derived_from": "seed, site, round"},
-            "history": history,
-        })
+        checkpoint.write_state(
+            directory,
+            {
+                "format": checkpoint.FORMAT_VERSION,
+                "round": round_number,
+                "job_name": cfg.job_name,
+                "defining_config": defining,
+                "config_hash": checkpoint.config_hash(defining),
+                # Batch order and dropout are seeded from (seed, site, round): the round number is the RNG state.
+                "rng": {"seed": cfg.seed, "data_seed": cfg.data_seed, "derived_from": "seed, site, round"},
+                "history": history,
+            },
+        )
         checkpoint.commit(directory)
         checkpoint.prune(cfg.checkpoints_dir, cfg.keep_last_checkpoints)
 
@@ -439,8 +598,11 @@ def _save_final_model(model: torch.nn.Module, directory: str) -> str:
 
     os.makedirs(directory, exist_ok=True)
     # Parameters are views of one flat vector; safetensors wants separate storage.
-    save_file({name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()},
-              os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()},
+        os.path.join(directory, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     model.config.to_json_file(os.path.join(directory, "config.json"))
     return directory
 
@@ -451,5 +613,8 @@ def _quiet_unless_leader(is_leader: bool) -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO if is_leader else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if is_leader else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )

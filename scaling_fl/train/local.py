@@ -33,15 +33,18 @@ def round_seed(seed: int, site: int, round_index: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, site, round_index, stream]).generate_state(1)[0])
 
 
-def steps_per_round(num_rows: int, batch_size: int, grad_accum_steps: int, num_local_epochs: int, local_steps: int) -> int:
+def steps_per_round(
+    num_rows: int, batch_size: int, grad_accum_steps: int, num_local_epochs: int, local_steps: int
+) -> int:
     if local_steps > 0:
         return local_steps
     micro_batches = math.ceil(num_rows / batch_size)
     return math.ceil(micro_batches / grad_accum_steps) * num_local_epochs
 
 
-def batch_plan(num_rows: int, batch_size: int, grad_accum_steps: int, num_local_epochs: int, local_steps: int,
-               seed: int) -> list[list[np.ndarray]]:
+def batch_plan(
+    num_rows: int, batch_size: int, grad_accum_steps: int, num_local_epochs: int, local_steps: int, seed: int
+) -> list[list[np.ndarray]]:
     """Optimizer steps of the round, each a list of micro-batches of row indices.
 
     Epoch mode: a fresh seeded permutation per epoch, the last step of an epoch may be
@@ -92,9 +95,20 @@ def autocast_for(precision: str, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def train_round(model: torch.nn.Module, dataset: TokenizedDataset, collate, plan: list[list[np.ndarray]], *,
-                optimizer, scheduler, precision: str, max_grad_norm: float, device: torch.device,
-                progress=None, after_step=None) -> TrainSums:
+def train_round(
+    model: torch.nn.Module,
+    dataset: TokenizedDataset,
+    collate,
+    plan: list[list[np.ndarray]],
+    *,
+    optimizer,
+    scheduler,
+    precision: str,
+    max_grad_norm: float,
+    device: torch.device,
+    progress=None,
+    after_step=None,
+) -> TrainSums:
     """Runs the plan's optimizer steps; `after_step(k)` is called after the k-th (from 1), e.g. to
     synchronize within the round (sync=periodic / dynamic)."""
     model.train()

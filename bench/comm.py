@@ -1,8 +1,8 @@
 """Exchanges and strategies side by side on real AG News: final accuracy, bytes and time per round.
 
-The 7,600 rows of ../shared/data/agnews/test.csv (the official AG News test split; research-only
-licence, so it is read from there and the split files go to a temporary folder, never into the
-repo) are split, seeded and stratified, into training and evaluation rows. Every configuration
+The 7,600 rows of the official AG News test split (`--data PATH`, the Crepe CSV `test.csv`;
+research-only licence, so it is read where it lies and the split files go to a temporary folder,
+never into the repo) are split, seeded and stratified, into training and evaluation rows. Every configuration
 runs the real command line (scripts/train_federated.py: 4 sites as gloo ranks, Sacred file
 store) from the same pretrained model, data split, seeds and schedule; only the exchange /
 strategy / sync settings differ. Figures come from each run's metrics.json:
@@ -131,17 +131,18 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=1500)
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--data", type=Path, default=AGNEWS, help=f"AG News test.csv (default: {AGNEWS})")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument(
         "--runs-dir", help="keep the Sacred records here (for scripts/plot_runs.py); default: a temporary folder"
     )
     args = parser.parse_args()
-    if not AGNEWS.exists():
-        raise SystemExit(f"{AGNEWS} is missing: the benchmark reads AG News from the shared data folder")
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} is missing: pass the AG News test split with --data PATH")
 
     with tempfile.TemporaryDirectory(prefix="scaling-fl-bench-comm-") as tmp:
         workdir = Path(tmp)
-        train_path, eval_path = split_agnews(AGNEWS, workdir, args.eval_rows, seed=0)
+        train_path, eval_path = split_agnews(args.data, workdir, args.eval_rows, seed=0)
         common = [
             f"model={args.model}",
             "task_name=agnews",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -156,7 +158,12 @@ def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp
         "max_restarts=1",
         env={"SCALING_FL_FAIL_AT": "site=1,round=3,attempts=1"},
     )
-    assert "sites restarted (restart 1 of at most 1), continuing after round 2" in crashed["stderr"]
+    # Worker 1 fails as round 3 starts, while the leader may still be sealing round 2's checkpoint
+    # (a loaded machine): the restart then continues after round 1. Either way the result is exact.
+    restart = re.search(
+        r"sites restarted \(restart 1 of at most 1\), continuing after round ([12])\b", crashed["stderr"]
+    )
+    assert restart, crashed["stderr"][-3000:]
     drawn = {str(r): participants(42, r - 1, 8, 0.5, 2) for r in (1, 2, 3)}
     for record in (packed, single, crashed):
         assert record["info"]["participants"] == drawn

@@ -25,6 +25,7 @@ log = logging.getLogger("scaling_fl")
 
 LAUNCHER_PID_ENV = "SCALING_FL_LAUNCHER_PID"
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+UNIX_SOCKET_DIR_MAX = 60  # + "/pymp-XXXXXXXX/listener-XXXXXXXX" stays within a Unix socket path's 107 bytes
 
 
 # --- is a process alive ------------------------------------------------------------------
@@ -177,7 +178,15 @@ def start_fork_server() -> None:
     # Ctrl-C wait for the cleanup; elastic keeps SIGHUP, which it turns into a SignalException.
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP"
     multiprocessing.set_forkserver_preload(["scaling_fl.train.preload"])
-    multiprocessing.forkserver.ensure_running()
+    # The server listens on a Unix socket in multiprocessing's temp folder (TMPDIR/pymp-*/listener-*),
+    # and such paths are limited to 107 bytes: under a long TMPDIR it would not start at all.
+    saved = tempfile.tempdir
+    if len(tempfile.gettempdir()) > UNIX_SOCKET_DIR_MAX and os.access("/tmp", os.W_OK):
+        tempfile.tempdir = "/tmp"
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        tempfile.tempdir = saved
 
 
 def adopt_launcher_output() -> None:

@@ -202,3 +202,19 @@ def test_the_command_line_skips_the_teardown_but_runs_exit_functions_and_keeps_t
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "unknown config key 'no_such_key'" in result.stderr
     assert result.stdout == "buffered line" and marker.read_text() == "yes"
+
+
+def test_the_fork_server_starts_under_a_tmpdir_too_long_for_a_unix_socket(tmp_path):
+    """multiprocessing puts the server's socket under TMPDIR; a long one (pytest-xdist's, a deep
+    scratch folder) made `bind` fail with 'AF_UNIX path too long' before any site started."""
+    deep = tmp_path / ("d" * 60) / ("e" * 30)
+    deep.mkdir(parents=True)
+    code = "from scaling_fl import processes; processes.start_fork_server(); print('started')"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TMPDIR": str(deep)},
+    )
+    assert result.returncode == 0 and result.stdout == "started\n", result.stderr[-2000:]

@@ -48,6 +48,7 @@ SYNC_MODES = ("round", "periodic", "dynamic")
 BACKENDS = ("auto", "nccl", "gloo")
 TRACKING = ("auto", "mongo", "file", "none")
 RESUME = ("auto", "force")
+SITE_STATE_OFFLOADS = ("cpu", "disk", "device")
 
 
 class ConfigError(UserError, ValueError):
@@ -340,6 +341,12 @@ class Config:
         "share of the sites that train each round (at least `min_fit_sites`), drawn from (seed, round)",
     )
     min_fit_sites: int = key(1, Int(1), "at least this many sites train each round")
+    site_state_offload: str = key(
+        "cpu",
+        Choice(SITE_STATE_OFFLOADS),
+        "where a process keeps the state of the sites it hosts between rounds (error-feedback residuals): "
+        "`cpu` host memory, `disk` one file per site in the job's temporary folder, `device` the GPU",
+    )
     num_rounds: int = key(10, Int(1), "federated rounds")
     num_local_epochs: int = key(1, Int(1), "local epochs per round (ignored when `local_steps` > 0)")
     local_steps: int = key(0, Int(0), "local optimizer steps per round instead of epochs (0: use epochs)")

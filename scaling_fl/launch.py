@@ -119,9 +119,7 @@ def check_devices(cfg: Config) -> None:
 
 
 def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
-    """Sites packed into fewer processes, or sampled, train through the dense exchange only (for now):
-    the sparse and int8 codecs and the step-level sync modes still exchange between processes, one
-    site each. Refused before any worker starts."""
+    """What sites packed into fewer processes, or sampled, cannot do (yet). Refused before any worker starts."""
     if layout.one_site_per_worker and cfg.fraction_fit == 1.0:
         return
     how = (
@@ -135,8 +133,6 @@ def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
             f"{how} runs on one node for now; on {topology.num_nodes} nodes use site_ids=[...] "
             "with one process per site and fraction_fit=1"
         )
-    if cfg.exchange != "dense":
-        raise ConfigError(f"exchange={cfg.exchange} with {how} is not supported yet: use exchange=dense, {fix}")
     if cfg.sync != "round":
         raise ConfigError(
             f"sync={cfg.sync} with {how} is not supported yet: a process trains its sites one after "

@@ -110,6 +110,7 @@ def test_declared_choices_are_the_ones_the_package_implements():
     from scaling_fl.exchange.dynamic import SYNC_MODES
     from scaling_fl.exchange.factory import EXCHANGES
     from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES
+    from scaling_fl.site_state import OFFLOADS
     from scaling_fl.strategies.factory import STRATEGIES
 
     assert config.TASK_NAMES == TASK_NAMES
@@ -117,6 +118,7 @@ def test_declared_choices_are_the_ones_the_package_implements():
     assert config.EXCHANGES == EXCHANGES
     assert (config.CRITERIA, config.SCOPES, config.SPARSE_AVERAGES) == (CRITERIA, SCOPES, SPARSE_AVERAGES)
     assert config.STRATEGIES == STRATEGIES
+    assert config.SITE_STATE_OFFLOADS == OFFLOADS
 
 
 @pytest.mark.parametrize("module, allowed", [("config", {"scaling_fl.errors"}), ("errors", set())])

@@ -77,10 +77,6 @@ def test_bad_site_counts_are_one_line_naming_the_key(raw, needle):
 @pytest.mark.parametrize(
     "raw, needle",
     [
-        (
-            {"num_sites": 8, "processes_per_device": 2, "exchange": "sparse"},
-            "exchange=sparse with 8 sites in 2 process",
-        ),
         ({"fraction_fit": 0.5, "sync": "periodic", "comm_period": 2}, "sync=periodic with fraction_fit=0.5"),
         ({"num_sites": 8, "processes_per_device": 2, "per_site_metrics": True}, "per_site_metrics=True with 8 sites"),
     ],
@@ -195,3 +191,36 @@ def test_a_thousand_sites_sampling_one_percent_run_three_rounds_in_two_processes
     assert record["info"]["sites"]["count"] == 1000 and len(record["info"]["sites"]["sizes"]) == 1000
     assert record["metrics"]["sites.participants"]["values"] == [10, 10, 10]
     assert [len(ids) for ids in record["info"]["participants"].values()] == [10, 10, 10]
+
+
+@pytest.mark.slow
+def test_sparse_with_error_feedback_packs_resumes_bitwise_and_repacks_from_a_checkpoint(tmp_path):
+    sparse = ["exchange=sparse", "sparsity_level=0.1"]
+    ck = tmp_path / "ck"
+    single = _run(tmp_path, "sparse-1x8", *PACKINGS["1x8"], *sparse, f"checkpoints_dir={ck}")
+    apart = _run(tmp_path, "sparse-8x1", *PACKINGS["8x1"], *sparse)
+    _assert_same_model(single, apart)  # every site's own top-k and residual, in one process or eight
+    assert single["metrics"]["comm.bytes_per_site"]["values"] == apart["metrics"]["comm.bytes_per_site"]["values"]
+    assert single["metrics"]["comm.density"]["values"][0] < 0.11
+    round_two = ck / "round-000002"
+    assert sorted(p.name for p in round_two.glob("site-*.safetensors")) == [
+        f"site-{s:05d}.safetensors" for s in range(8)
+    ]
+
+    crashed = _run(
+        tmp_path,
+        "sparse-1x8-crash",
+        *PACKINGS["1x8"],
+        *sparse,
+        f"checkpoints_dir={tmp_path / 'ck-crash'}",
+        "max_restarts=1",
+        env={"SCALING_FL_FAIL_AT": "site=0,round=3,attempts=1"},
+    )
+    assert "sites restarted (restart 1 of at most 1)" in crashed["stderr"]
+    assert crashed["info"]["final_weights_sha256"] == single["info"]["final_weights_sha256"]  # residuals resumed
+
+    # The same checkpoint continued by 2 processes of 4 sites: each site takes its own residual back.
+    repacked = _run(tmp_path, "sparse-2x4-resumed", *PACKINGS["2x4"], *sparse, f"resume_from={round_two}")
+    assert "continuing at round 3" in repacked["stderr"]
+    _assert_same_model(single, repacked)
+

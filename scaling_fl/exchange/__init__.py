@@ -3,6 +3,7 @@
 dense.py     the sample-weighted mean through bounded flat buckets (the default)
 sparse.py    top-k of each site's update (+ int8 values), per-position averaging, error feedback
 quantize.py  blockwise absmax int8 of the update, decoded before summing
+packed.py    a process hosting many sites: each site encoded as if alone, the processes' sums all_reduced
 dynamic.py   when to synchronize: every round, every comm_period steps, or dynamically
 factory.py   exchange= name -> exchange object
 collectives.py  the small ones: start-up broadcast, metric sums
@@ -15,15 +16,17 @@ from scaling_fl.exchange.collectives import (
     sum_across_sites,
     wait_for_all_sites,
 )
-from scaling_fl.exchange.dense import DenseExchange, average_and_apply_, bucket_ranges
+from scaling_fl.exchange.dense import DenseExchange, bucket_ranges
 from scaling_fl.exchange.dynamic import SYNC_MODES, SyncPolicy, make_sync_policy
 from scaling_fl.exchange.factory import EXCHANGES, make_exchange
+from scaling_fl.exchange.packed import PackedExchange
 from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES, segments_from_model
 
 __all__ = [
     "CRITERIA",
     "DenseExchange",
     "EXCHANGES",
+    "PackedExchange",
     "SCOPES",
     "SPARSE_AVERAGES",
     "SYNC_MODES",
@@ -36,6 +39,5 @@ __all__ = [
     "make_sync_policy",
     "segments_from_model",
     "sum_across_sites",
-    "average_and_apply_",
     "wait_for_all_sites",
 ]

@@ -97,19 +97,3 @@ class DenseExchange:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_residual(None, state, "dense")
-
-
-@torch.no_grad()
-def average_and_apply_(weighted_sum: torch.Tensor, global_: torch.Tensor, strategy, bucket_numel: int) -> None:
-    """Workers that host several sites each hold the weighted sum of their sites' local models
-    (weights n_i / rows of the round's participants): one all_reduce per bucket makes it the
-    participants' average, which the strategy applies to the global model, as DenseExchange does
-    with one site per process (same arithmetic, so packing changes only the order of sums).
-    `weighted_sum` is scratch."""
-    pending = [
-        (start, end, dist.all_reduce(weighted_sum[start:end], op=dist.ReduceOp.SUM, async_op=True))
-        for start, end in bucket_ranges(weighted_sum.numel(), bucket_numel)
-    ]
-    for start, end, work in pending:
-        work.wait()
-        strategy.apply_average_(global_[start:end], weighted_sum[start:end], slice(start, end))

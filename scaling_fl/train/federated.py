@@ -27,7 +27,6 @@ from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.events import EventWriter
 from scaling_fl.exchange import (
-    average_and_apply_,
     broadcast_flat_,
     broadcast_int,
     gather_from_sites,
@@ -37,8 +36,9 @@ from scaling_fl.exchange import (
     sum_across_sites,
     wait_for_all_sites,
 )
-from scaling_fl.exchange.dense import ring_wire_bytes
+from scaling_fl.exchange.packed import PackedExchange
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
+from scaling_fl.site_state import SiteStates
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site
 from scaling_fl.strategies import FedAvg, make_strategy
 from scaling_fl.train import local
@@ -169,7 +169,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     warmup_steps = int(cfg.warmup_ratio * total_steps)
 
     # --- resume: the newest complete checkpoint, the same one on every site ------------
-    start_round, history = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
+    start_round, history, _ = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
     if site.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
         for past in history:  # rounds a crashed launcher may not have logged yet; it skips the logged ones
@@ -281,7 +281,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             site_state = dict(exchange.state_dict())
             if not in_sync:
                 site_state["local"] = local_weights  # this site's model since the last synchronization
-            _save_checkpoint(cfg, site, site.world_size, round_number, global_weights, strategy, site_state, history)
+            states = {site.rank: site_state} if site_state else {}
+            _save_checkpoint(cfg, site, site.world_size, round_number, global_weights, strategy, states, history)
 
     progress.close()
     if site.is_leader and cfg.save_final_model:
@@ -334,7 +335,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     local_weights = flatten_model_(model)
     bucket_numel = max(1, int(cfg.bucket_size_mb * 2**20) // local_weights.element_size())
     broadcast_flat_(local_weights, bucket_numel, src=0)
-    global_weights, weighted_sum = local_weights.clone(), torch.zeros_like(local_weights)
+    global_weights = local_weights.clone()
     strategy = make_strategy(
         cfg.strategy,
         local_weights.numel(),
@@ -346,7 +347,27 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         beta2=cfg.beta2,
         tau=cfg.tau,
     )
-    start_round, history = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
+    per_tensor = cfg.sparsity_scope == "tensor" or cfg.sparse_average == "fl4health"
+    exchange = PackedExchange(
+        cfg.exchange,
+        local_weights.numel(),
+        bucket_bytes=int(cfg.bucket_size_mb * 2**20),
+        device=worker.device,
+        dtype=local_weights.dtype,
+        sparsity_level=cfg.sparsity_level,
+        sparsity_scope=cfg.sparsity_scope,
+        segments=segments_from_model(model, local_weights) if per_tensor else None,
+        selection_criterion=cfg.selection_criterion,
+        sparse_average=cfg.sparse_average,
+        error_feedback=cfg.error_feedback,
+        block_size=cfg.quantization_block_size,
+    )
+    site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
+    state_shapes = {"residual": exchange.residual_numel} if exchange.residual_numel else {}
+    start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
+    for site in hosted if found is not None else ():  # sites that never trained have no state
+        if found.has(checkpoint.site_file(site)):
+            site_states.load(site, _packable_site_state(found, site))
     if worker.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
         for past in history:
@@ -360,8 +381,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
         rows_this_round = sum(data.site_sizes[site] for site in chosen)
 
-        # --- 1. local training of this worker's participating sites, one after another -------
-        weighted_sum.zero_()
+        # --- 1. local training of this worker's participating sites, one after another; each
+        #        one's update is encoded as if it sent alone and added into the worker's sums ----
         train_sums = local.TrainSums()
         for site in sorted(set(hosted) & set(chosen)):
             local_weights.copy_(global_weights)
@@ -394,14 +415,16 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 device=worker.device,
             )
             del optimizer, scheduler
-            weighted_sum.add_(local_weights, alpha=data.site_sizes[site] / rows_this_round)
+            state = site_states.checkout(site, state_shapes)
+            exchange.add_site_(local_weights, global_weights, data.site_sizes[site] / rows_this_round, **state)
+            site_states.checkin(site, state)
             train_sums = local.TrainSums(
                 train_sums.loss_sum + sums.loss_sum, train_sums.correct + sums.correct, train_sums.count + sums.count
             )
         train_done = time.perf_counter()
 
         # --- 2. the workers' sums -> the mean update, applied by the strategy --------------
-        average_and_apply_(weighted_sum, global_weights, strategy, bucket_numel)
+        communication = exchange.finish_(global_weights, strategy)
         local_weights.copy_(global_weights)
         aggregate_done = time.perf_counter()
 
@@ -421,7 +444,6 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
 
         # --- 4. report (worker 0 only) --------------------------------------------------
         if worker.is_leader:
-            payload = local_weights.numel() * local_weights.element_size()  # what one site puts on the wire
             metrics = round_metrics(
                 validation_sums, num_labels, per_worker, with_per_site=False, cuda=worker.device.type == "cuda"
             )
@@ -431,10 +453,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                     "time.train_s": train_done - round_start,
                     "time.aggregate_s": aggregate_done - train_done,
                     "time.eval_s": eval_done - aggregate_done,
-                    "comm.bytes_per_site": payload,
-                    "comm.density": 1.0,
-                    "comm.wire_bytes_per_site": ring_wire_bytes(payload, worker.world_size, "all_reduce"),
-                    "memory.exchange_peak_mb": weighted_sum.nbytes / 2**20,
+                    **communication,
+                    "memory.site_state_mb": site_states.nbytes() / 2**20,
                     "sites.participants": len(chosen),
                 }
             )
@@ -453,9 +473,10 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 metrics["time.round_s"],
             )
 
-        # --- 5. checkpoint: the global model and the strategy; sites keep no state here ---
+        # --- 5. checkpoint: the global model, the strategy and every hosted site's state ------
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
-            _save_checkpoint(cfg, worker, layout.num_sites, round_number, global_weights, strategy, {}, history)
+            states = {site: site_states.state_of(site) for site in site_states.sites()}
+            _save_checkpoint(cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history)
 
     progress.close()
     if worker.is_leader and cfg.save_final_model:
@@ -503,8 +524,9 @@ def _global_model_loaded(local_weights: torch.Tensor, global_weights: torch.Tens
 
 def _restore(
     cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy, exchange
-) -> tuple[int, list]:
-    """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done, history).
+) -> tuple[int, list, checkpoint.Checkpoint | None]:
+    """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done,
+    history, the checkpoint).
 
     Site 0 chooses and broadcasts (source, round), so every site loads the very same files.
     Each site also takes back its own state: its error-feedback residual, and its local model
@@ -520,7 +542,7 @@ def _restore(
     source = broadcast_int(source, site.device)
     chosen_round = broadcast_int(chosen_round, site.device)
     if source < 0:
-        return 0, []
+        return 0, [], None
     path = sources[source]
     found = (
         checkpoint.verify(checkpoint.round_dir(path, chosen_round))
@@ -548,7 +570,18 @@ def _restore(
             log.warning("site %d: %s holds no error-feedback residual; starting from zero", site.rank, found.directory)
     if site.is_leader:
         log.info("resumed from %s: continuing at round %d", found.directory, found.round + 1)
-    return found.round, list(found.state.get("history", []))
+    return found.round, list(found.state.get("history", [])), found
+
+
+def _packable_site_state(found: checkpoint.Checkpoint, site: int) -> dict[str, torch.Tensor]:
+    """A site's saved state, for a process that hosts several sites."""
+    state = found.tensors(checkpoint.site_file(site))
+    if "local" in state:
+        raise checkpoint.CheckpointError(
+            f"{found.directory} was written between synchronizations (sync=periodic or dynamic): "
+            "resume it with one process per site (site_ids=[...], no num_sites / processes_per_device)"
+        )
+    return state
 
 
 def _save_checkpoint(
@@ -558,12 +591,14 @@ def _save_checkpoint(
     round_number: int,
     global_weights: torch.Tensor,
     strategy,
-    site_state: dict[str, torch.Tensor],
+    site_states: dict[int, dict[str, torch.Tensor]],
     history,
 ) -> None:
     directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
-    if site_state:  # every site writes its own state first; the leader seals the folder after all of them
-        checkpoint.write_tensors(directory, checkpoint.site_file(site.rank), site_state)
+    # Every process writes the state of the sites it hosts first (one file per site, so a checkpoint
+    # resumes in any packing); the leader seals the folder after all of them.
+    for number, state in site_states.items():
+        checkpoint.write_tensors(directory, checkpoint.site_file(number), state)
     wait_for_all_sites()
     if site.is_leader:
         checkpoint.write_tensors(

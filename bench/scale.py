@@ -26,8 +26,10 @@ from (seed, site, round) in both (bench/flower_scale/scale_task.py copies scalin
 in `a` both train the same models up to float summation order. Participants in `b` differ: scaling-fl
 draws them from (seed, round), Flower's FedAvg samples its own.
 
-scaling-fl: the real command line, `scripts/train_federated.py with num_sites=N processes_per_device=2
-fraction_fit=F iid_split=True ...` (2 worker processes, one per core, one torch thread each), the Sacred file
+scaling-fl: the committed tree (`--commit`, default HEAD, exported with git archive to a temporary folder
+and put first on PYTHONPATH, so edits in progress in the working tree do not leak in) through the real
+command line, `scripts/train_federated.py with num_sites=N processes_per_device=2 fraction_fit=F
+iid_split=True ...` (2 worker processes, one per core, one torch thread each), the Sacred file
 store in a temporary folder; per-round figures from the run's metrics.json. Flower: flwr[simulation] in
 its own virtual environment, made here on first use (`--flower-venv`, default under ~/.cache, outside the
 repo; never a project dependency), `run_simulation` with FedAvg(fraction_train=F, fraction_evaluate=0),
@@ -42,7 +44,7 @@ RSS counts shared pages (torch's libraries, forked copy-on-write memory, Ray's s
 per process; the proportional set size (PSS, every 1 s) splits them and is reported beside it.
 
     .venv/bin/python bench/scale.py --quick                  # both systems, 4 sites x 20 rows, 1 round: a few minutes
-    nohup .venv/bin/python bench/scale.py --out /tmp/scale.json > /tmp/scale-bench.log 2>&1 &   # a, b x2 + sweep
+    nohup .venv/bin/python bench/scale.py --out /tmp/scale.json > /tmp/scale-bench.log 2>&1 &  # a, b x2 + sweep
     .venv/bin/python bench/scale.py --report /tmp/scale.json # table and figures again from saved results
 
 Figures (memory and wall time vs number of sites) go to docs/figures/scale/. Targets (issue 12):
@@ -306,10 +308,20 @@ def measure(command: list[str], env: dict, log_path: Path) -> dict:
 # ----------------------------------------------------------------------------------------- systems
 
 
-def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path) -> list[str]:
+def export_commit(directory: Path, commit: str) -> Path:
+    """The project's files at `commit` (git archive) in `directory`, first on sys.path: scaling-fl runs from a
+    clean committed tree, not from a working tree that others may be editing meanwhile."""
+    directory.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    sys.path.insert(0, str(directory))
+    return directory
+
+
+def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Path) -> list[str]:
     return [
         str(ROOT / ".venv" / "bin" / "python"),
-        str(ROOT / "scripts" / "train_federated.py"),
+        str(source / "scripts" / "train_federated.py"),
         "with",
         f"num_sites={job.sites}",
         f"processes_per_device={PROCESSES}",
@@ -334,9 +346,10 @@ def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path) -> list[str
     ]
 
 
-def run_scaling_fl(job: Job, paths: dict[str, Path], workdir: Path) -> dict:
+def run_scaling_fl(job: Job, paths: dict[str, Path], workdir: Path, source: Path) -> dict:
     runs = workdir / "runs"
-    result = measure(scaling_fl_command(job, paths, runs), dict(os.environ), workdir / "scaling-fl.log")
+    env = {**os.environ, "PYTHONPATH": str(source)}  # ahead of the .venv's editable install of ROOT
+    result = measure(scaling_fl_command(job, paths, runs, source), env, workdir / "scaling-fl.log")
     (run_dir,) = [p for p in runs.iterdir() if p.name.isdigit()]
     values = {key: series["values"] for key, series in json.loads((run_dir / "metrics.json").read_text()).items()}
     result.update(
@@ -451,12 +464,20 @@ def run_all(args) -> dict:
     rows = read_rows(args.data)
     pool, evaluation = pool_and_eval(rows)
     with tempfile.TemporaryDirectory(prefix="scaling-fl-bench-scale-") as tmp:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", args.commit], capture_output=True, text=True)
+        results["scaling_fl_commit"] = commit.stdout.strip()
+        source = export_commit(Path(tmp) / "scaling-fl", results["scaling_fl_commit"])
+        started = time.monotonic()
         for number, (job, system, repeat) in enumerate(schedule(main, sweep, args.repeats, systems)):
+            if job in sweep and over_budget(results["runs"], system, started, args.budget_min):
+                print(f"skipping {job.name} {system}: past --budget-min {args.budget_min}", file=sys.stderr)
+                results.setdefault("skipped", []).append(f"{job.name} {system}")
+                continue
             workdir = Path(tmp) / f"{number:02d}-{job.name.replace(' ', '-')}-{system}"
             paths = write_job_data(job, pool, evaluation, workdir / "data", data_seed=42)
             print(f"[{time.strftime('%H:%M:%S')}] {job.name} {system} #{repeat}", file=sys.stderr, flush=True)
             if system == "scaling-fl":
-                outcome = run_scaling_fl(job, paths, workdir)
+                outcome = run_scaling_fl(job, paths, workdir, source)
             else:
                 outcome = run_flower(job, paths, workdir, args.flower_venv)
             results["runs"].append({"job": job.name, "system": system, "repeat": repeat, **outcome})
@@ -464,6 +485,14 @@ def run_all(args) -> dict:
             results["load_after"] = load_average()
             args.out.write_text(json.dumps(results, indent=2))
     return results
+
+
+def over_budget(runs: list[dict], system: str, started: float, budget_min: float | None) -> bool:
+    """Would another run of `system` (as long as its longest so far) end past the budget?"""
+    if budget_min is None:
+        return False
+    expected = max((r["wall_s"] for r in runs if r["system"] == system), default=0.0)
+    return time.monotonic() - started + expected > budget_min * 60
 
 
 def summary_line(outcome: dict) -> str:
@@ -593,7 +622,11 @@ def parse_args():
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 sites x 20 rows, 1 round, 64 eval rows")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each compared job per system")
     parser.add_argument("--sweep", type=int, nargs="*", default=[4, 16, 64, 256], help="sites of the sweep points")
+    parser.add_argument(
+        "--budget-min", type=float, help="skip sweep runs that would end later than this many minutes after the start"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS, help="leave a system out")
+    parser.add_argument("--commit", default="HEAD", help="the scaling-fl commit to run (exported with git archive)")
     parser.add_argument("--flower-venv", type=Path, default=CACHE / "flower-venv")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures" / "scale")
     parser.add_argument("--report", type=Path, help="only print the table and draw the figures of saved results")

@@ -89,7 +89,7 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
     resume_point = checkpoint.preflight(cfg, topology.num_sites)
     prepared = prepare_data(cfg, topology.num_sites)
     check_site_sizes(prepared)
-    check_sync_steps(cfg, prepared.site_sizes())
+    check_sync_steps(cfg, prepared.site_sizes(), packed=not (layout.one_site_per_worker and cfg.fraction_fit == 1.0))
     if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
         claim_job(cfg, tracking, mongo)
     return Plan(prepared, topology, layout, tracking, mongo, previous, resume_point)
@@ -101,8 +101,9 @@ def check_extras(cfg: Config) -> None:
         raise ConfigError("tensorboard_dir needs the tensorboard extra: pip install 'scaling-fl[tensorboard]'")
 
 
-def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:
-    """sync=periodic / dynamic synchronize between local steps, so every site must take as many."""
+def check_sync_steps(cfg: Config, site_sizes: list[int], packed: bool = False) -> None:
+    """sync=periodic / dynamic synchronize between local steps, so every site must take as many; a
+    process hosting several sites (packed) trains them one after another, so only at round ends."""
     from scaling_fl.train.local import steps_per_round
 
     if cfg.sync == "round":
@@ -115,6 +116,14 @@ def check_sync_steps(cfg: Config, site_sizes: list[int]) -> None:
         raise ConfigError(
             f"sync={cfg.sync} needs the same number of local steps on every site, but the split gives "
             f"{min(steps)}..{max(steps)} steps a round; set local_steps=N (or use sync=round)"
+        )
+    step, key = steps.pop(), "comm_period" if cfg.sync == "periodic" else "check_every"
+    period = cfg.comm_period if cfg.sync == "periodic" else (cfg.check_every or step)
+    if packed and period % step:
+        raise ConfigError(
+            f"{key}={period} with sites packed into fewer processes (or sampled) is not supported: a process "
+            f"trains its sites one after another, so they synchronize at round ends only; use a multiple of the "
+            f"{step} local steps of a round (e.g. {key}={2 * step}), or one process per site"
         )
 
 

@@ -127,19 +127,16 @@ def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
         if not layout.one_site_per_worker
         else f"fraction_fit={cfg.fraction_fit}"
     )
-    fix = "or one process per site with every site training (no processes_per_device / num_sites, fraction_fit=1)"
+    if cfg.sync != "round" and cfg.fraction_fit < 1.0:
+        raise ConfigError(
+            f"sync={cfg.sync} with fraction_fit={cfg.fraction_fit} is not supported: a site that sits a round out "
+            "would keep a model no synchronization reaches; use sync=round with sampling, or fraction_fit=1"
+        )
     if topology.num_nodes > 1:
         raise ConfigError(
             f"{how} runs on one node for now; on {topology.num_nodes} nodes use site_ids=[...] "
             "with one process per site and fraction_fit=1"
         )
-    if cfg.sync != "round":
-        raise ConfigError(
-            f"sync={cfg.sync} with {how} is not supported yet: a process trains its sites one after "
-            f"another, so they can only synchronize at the end of a round; use sync=round, {fix}"
-        )
-    if cfg.per_site_metrics:
-        raise ConfigError(f"per_site_metrics=True with {how} is not supported yet; drop it, {fix}")
 
 
 def check_site_sizes(prepared: PreparedData) -> None:

@@ -74,19 +74,30 @@ def test_bad_site_counts_are_one_line_naming_the_key(raw, needle):
     assert needle in str(error.value) and "\n" not in str(error.value)
 
 
+def test_step_level_sync_with_sampled_sites_is_refused_before_any_worker():
+    cfg = resolve({"fraction_fit": 0.5, "sync": "periodic", "comm_period": 2})
+    layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=False)
+    with pytest.raises(ConfigError, match="sync=periodic with fraction_fit=0.5 is not supported") as error:
+        check_layout(cfg, layout, node_topology(layout.num_sites, env={}, workers_per_node=layout.num_workers))
+    assert "use sync=round with sampling, or fraction_fit=1" in str(error.value)
+
+
 @pytest.mark.parametrize(
     "raw, needle",
     [
-        ({"fraction_fit": 0.5, "sync": "periodic", "comm_period": 2}, "sync=periodic with fraction_fit=0.5"),
-        ({"num_sites": 8, "processes_per_device": 2, "per_site_metrics": True}, "per_site_metrics=True with 8 sites"),
+        ({"sync": "periodic", "comm_period": 3}, "comm_period=3 with sites packed"),
+        ({"sync": "dynamic", "delta_threshold": 0.1, "check_every": 5}, "check_every=5 with sites packed"),
     ],
 )
-def test_combinations_not_supported_with_packed_or_sampled_sites_are_refused(raw, needle):
-    cfg = resolve(raw)
-    layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=False)
-    with pytest.raises(ConfigError, match="not supported yet") as error:
-        check_layout(cfg, layout, node_topology(layout.num_sites, env={}, workers_per_node=layout.num_workers))
-    assert needle in str(error.value)
+def test_a_sync_period_inside_a_round_is_refused_when_a_process_hosts_several_sites(raw, needle):
+    from scaling_fl.job import check_sync_steps
+
+    cfg = resolve({"num_sites": 4, "processes_per_device": 1, "batch_size": 4, **raw})
+    with pytest.raises(ConfigError, match=needle) as error:
+        check_sync_steps(cfg, [8, 8, 8, 8], packed=True)  # 2 local steps a round
+    assert "use a multiple of the 2 local steps of a round" in str(error.value)
+    check_sync_steps(cfg, [8, 8, 8, 8], packed=False)  # one process per site: between steps is fine
+    check_sync_steps(resolve({**raw, "num_sites": 4, "batch_size": 4, "local_steps": 1}), [8] * 4, packed=True)
 
 
 def test_more_sites_than_training_rows_is_refused():
@@ -224,3 +235,25 @@ def test_sparse_with_error_feedback_packs_resumes_bitwise_and_repacks_from_a_che
     assert "continuing at round 3" in repacked["stderr"]
     _assert_same_model(single, repacked)
 
+
+@pytest.mark.parametrize(
+    "sync",
+    [
+        ["sync=periodic", "comm_period=6"],  # 3 local steps a round: every second round (and the last)
+        ["sync=dynamic", "check_every=3", "delta_threshold=0.5"],
+    ],
+    ids=["periodic", "dynamic"],
+)
+@pytest.mark.slow
+def test_round_level_sync_packs_like_one_site_per_process(tmp_path, sync):
+    name = sync[0].split("=")[1]
+    apart = _run(tmp_path, f"{name}-8x1", *PACKINGS["8x1"], *sync)
+    packed = _run(tmp_path, f"{name}-2x4", *PACKINGS["2x4"], *sync)
+    _assert_same_model(apart, packed)
+    for metric in ("sync.done", "sync.skipped", "comm.bytes_per_site"):
+        assert apart["metrics"][metric]["values"] == packed["metrics"][metric]["values"], metric
+    if name == "periodic":
+        assert packed["metrics"]["sync.done"]["values"] == [0, 1, 1]
+        assert packed["metrics"]["comm.bytes_per_site"]["values"][0] == 0
+    else:  # round 1 stays below the threshold (divergence ~0.28), round 2 exceeds it
+        assert packed["metrics"]["sync.skipped"]["values"][0] == 1 and packed["metrics"]["sync.done"]["values"][1] == 1

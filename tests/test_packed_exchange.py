@@ -81,7 +81,7 @@ def _packed(rank: int, hosted: list[list[int]], chosen_by_round: list[list[int]]
             options = {key: value for key, value in options.items()}
             exchange = PackedExchange(name, NUMEL, bucket_bytes=8192, device=torch.device("cpu"), **options)
             states = SiteStates(offload, torch.device("cpu"), f"{tmp}/{label}-{strategy_name}-{rank}")
-            shapes = {"residual": exchange.residual_numel} if exchange.residual_numel else {}
+            shapes = exchange.state_shapes
             strategy, global_ = _strategy(strategy_name), _start()
             sent, figures = [], []
             for round_index, chosen in enumerate(chosen_by_round):

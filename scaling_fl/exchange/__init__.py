@@ -13,6 +13,7 @@ from scaling_fl.exchange.collectives import (
     broadcast_flat_,
     broadcast_int,
     gather_from_sites,
+    max_across_sites,
     sum_across_sites,
     wait_for_all_sites,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "broadcast_int",
     "bucket_ranges",
     "gather_from_sites",
+    "max_across_sites",
     "make_exchange",
     "make_sync_policy",
     "segments_from_model",

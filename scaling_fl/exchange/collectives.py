@@ -18,6 +18,12 @@ def sum_across_sites(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def max_across_sites(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise largest value over all sites (in place, returned for chaining)."""
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def gather_from_sites(values: torch.Tensor) -> torch.Tensor:
     """Every site's small vector of values, stacked by rank ([world_size, n]) on every site."""
     parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]

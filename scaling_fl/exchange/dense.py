@@ -55,6 +55,7 @@ class DenseExchange:
     """
 
     residual = None
+    density = 1.0  # share of the values a site sends
 
     def __init__(self, numel: int, bucket_bytes: int, dtype: torch.dtype, world_size: int | None = None):
         element_size = torch.empty((), dtype=dtype).element_size()

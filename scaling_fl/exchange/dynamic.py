@@ -68,20 +68,32 @@ class SyncPolicy:
         self._checked_since_pop = False
 
     def should_sync(self, local: torch.Tensor, reference: torch.Tensor, step: int, *, force: bool = False) -> bool:
+        divergence = squared_distance(local, reference, self.chunk_numel) if self.needs_divergence(step) else None
+        return self.decide(step, divergence=divergence, force=force, device=local.device)
+
+    def needs_divergence(self, step: int) -> bool:
+        """Whether `decide` at this step needs this process's divergence (sync=dynamic's check steps)."""
+        return self.mode == "dynamic" and step % self.check_every == 0
+
+    def decide(
+        self, step: int, *, divergence: float | None = None, force: bool = False, device: torch.device | None = None
+    ) -> bool:
+        """The decision at `step`; at a dynamic check, `divergence` is this process's largest ||w - r||²
+        (of its one site, or of all the sites it hosts) and one all_reduce(MAX) on `device` makes it everyone's."""
         if force:
             return self._count(True)
         if self.mode != "dynamic":
             return self._count(True) if step % self.period == 0 else False
         if step % self.check_every:
             return False
-        divergence = torch.tensor(
-            [squared_distance(local, reference, self.chunk_numel)], dtype=torch.float64, device=local.device
-        )
-        dist.all_reduce(divergence, op=dist.ReduceOp.MAX)
-        self.last_divergence = float(divergence)
+        if divergence is None:
+            raise ValueError(f"sync=dynamic checks at step {step}: give this process's divergence")
+        largest = torch.tensor([divergence], dtype=torch.float64, device=device)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        self.last_divergence = float(largest)
         self._checked_since_pop = True
         self._add("sync.checks", 1)
-        self._add("sync.check_bytes", divergence.element_size())
+        self._add("sync.check_bytes", largest.element_size())
         return self._count(self.last_divergence > self.delta_threshold)
 
     def _count(self, sync: bool) -> bool:

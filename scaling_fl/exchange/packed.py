@@ -40,7 +40,7 @@ class PackedExchange:
     """add_site_(local, global_, weight, residual) per participating site, then finish_(global_, strategy).
 
     `weight` is the site's share of the rows of the round's participants (they sum to 1 over all
-    workers). Construct once per worker; `residual_numel` is how big a site's residual is (0 when the
+    workers). Construct once per worker; `state_shapes` is the per-site state a site needs (none when the
     configuration keeps none).
     """
 
@@ -100,8 +100,20 @@ class PackedExchange:
         self.stats: dict[str, float] = {}
 
     @property
-    def residual_numel(self) -> int:
-        return self.numel if self.error_feedback else 0
+    def state_shapes(self) -> dict[str, int]:
+        """The per-site state a site needs checked out while it is encoded: {name: numel}."""
+        return {"residual": self.numel} if self.error_feedback else {}
+
+    def idle_stats(self) -> dict[str, float]:
+        """The figures of a round without synchronization (sync=periodic / dynamic): nothing sent."""
+        return {
+            "comm.bytes_per_site": 0,
+            "comm.density": self.density,
+            "comm.wire_bytes_per_site": 0,
+            "comm.worker_bytes": 0,
+            "comm.worker_wire_bytes": 0,
+            "memory.exchange_peak_mb": 0.0,
+        }
 
     # --- one site -------------------------------------------------------------------------
 

@@ -133,6 +133,8 @@ class SiteWeights:
 class Int8Exchange:
     """Dense int8 exchange: every value of every site's update, quantized blockwise."""
 
+    density = 1.0  # share of the values a site sends
+
     def __init__(
         self,
         numel: int,

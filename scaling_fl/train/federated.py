@@ -26,25 +26,22 @@ from scaling_fl.config import Config
 from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.events import EventWriter
-from scaling_fl.exchange import (
-    broadcast_flat_,
-    broadcast_int,
-    gather_from_sites,
-    make_exchange,
-    make_sync_policy,
-    segments_from_model,
-    sum_across_sites,
-    wait_for_all_sites,
-)
-from scaling_fl.exchange.packed import PackedExchange
+from scaling_fl.exchange import broadcast_flat_, broadcast_int, gather_from_sites, sum_across_sites, wait_for_all_sites
+from scaling_fl.exchange.dynamic import squared_distance
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
 from scaling_fl.site_state import SiteStates
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site
-from scaling_fl.strategies import FedAvg, make_strategy
+from scaling_fl.strategies import FedAvg
 from scaling_fl.train import local
+from scaling_fl.train.components import (
+    exchange_from_config,
+    packed_exchange_from_config,
+    strategy_from_config,
+    sync_policy_from_config,
+)
 from scaling_fl.train.evaluate import evaluation_sums
 from scaling_fl.train.faults import maybe_fail
-from scaling_fl.train.metrics import local_eval_summary, round_metrics, site_vector
+from scaling_fl.train.metrics import RoundClock, SiteTable, local_eval_summary, round_metrics, site_vector
 from scaling_fl.train.progress import progress_bar
 
 log = logging.getLogger("scaling_fl")
@@ -123,34 +120,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     broadcast_flat_(local_weights, max(1, bucket_bytes // local_weights.element_size()), src=0)
 
     # --- strategy (what is done with the mean update) and exchange (how it is computed)
-    strategy = make_strategy(
-        cfg.strategy,
-        local_weights.numel(),
-        site.device,
-        dtype=local_weights.dtype,
-        server_learning_rate=cfg.server_learning_rate,
-        server_momentum=cfg.server_momentum,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        tau=cfg.tau,
-    )
-    per_tensor = cfg.sparsity_scope == "tensor" or cfg.sparse_average == "fl4health"
-    exchange = make_exchange(
-        cfg.exchange,
-        local_weights.numel(),
-        bucket_bytes=bucket_bytes,
-        device=site.device,
-        dtype=local_weights.dtype,
-        sparsity_level=cfg.sparsity_level,
-        sparsity_scope=cfg.sparsity_scope,
-        segments=segments_from_model(model, local_weights) if per_tensor else None,
-        selection_criterion=cfg.selection_criterion,
-        sparse_average=cfg.sparse_average,
-        error_feedback=cfg.error_feedback,
-        block_size=cfg.quantization_block_size,
-        world_size=site.world_size,
-        site_weights=site_weights,
-    )
+    strategy = strategy_from_config(cfg, local_weights)
+    exchange = exchange_from_config(cfg, model, local_weights, site.world_size, site_weights)
     # Dense FedAvg synchronized every round never reads the previous global model: it keeps no copy.
     keeps_reference = not (cfg.exchange == "dense" and isinstance(strategy, FedAvg) and cfg.sync == "round")
     global_weights = local_weights.clone() if keeps_reference else local_weights
@@ -158,13 +129,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     steps = local.steps_per_round(
         len(train_set), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
     )
-    sync_policy = make_sync_policy(
-        cfg.sync,
-        steps_per_round=steps,
-        comm_period=cfg.comm_period,
-        check_every=cfg.check_every or steps,
-        delta_threshold=cfg.delta_threshold,
-    )
+    sync_policy = sync_policy_from_config(cfg, steps)
     total_steps = steps * cfg.num_rounds
     warmup_steps = int(cfg.warmup_ratio * total_steps)
 
@@ -240,7 +205,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         eval_done = time.perf_counter()
 
         # --- 4. report (rank 0 only) -------------------------------------------------
-        round_communication = communication.pop(getattr(exchange, "density", 1.0))
+        round_communication = communication.pop(exchange.density)
         sync_stats = sync_policy.pop_stats()
         if site.is_leader:
             metrics = round_metrics(
@@ -295,13 +260,13 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     trains each round (num_sites / processes_per_device / fraction_fit).
 
     Each round: draw the participants from (seed, round) -> each worker trains its participating
-    sites one after another, every one from the round's global model with a fresh optimizer and
-    its own seeds (seed, site, round), and adds its local model, weighted by its share of the
-    participants' rows, into one sum -> the workers all_reduce their sums into the participants'
-    average -> the strategy applies it (mean update = average - global) -> evaluate -> report -> checkpoint. A
-    site trains exactly as it
-    would in a process of its own, so packing changes only the order of fp32 sums. (Dense
-    exchange and sync=round only, for now: see launch.check_layout.)
+    sites one after another, every one from the round's global model (or, between synchronizations,
+    from its own model of the last round) with a fresh optimizer and its own seeds (seed, site,
+    round); a synchronizing round encodes each site's update as if it sent alone and adds it into the
+    worker's sums -> the workers all_reduce their sums into the participants' mean update -> the
+    strategy applies it -> evaluate -> report -> checkpoint. A site trains exactly as it would in a
+    process of its own, so packing changes only the order of fp32 sums. Synchronization happens at
+    round ends only (launch.check_sync_steps refuses a sync period inside a round).
     """
     events = EventWriter(os.path.join(workdir, "events.jsonl")) if worker.is_leader else None
     hosted = layout.sites[worker.rank]
@@ -315,154 +280,157 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         )
 
     # --- data: the rows of every hosted site, this worker's shard of the test set -------
-    data = load_worker_data(os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size)
+    data = load_worker_data(
+        os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size, full_test=cfg.per_site_metrics
+    )
     tokenizer = models.load_tokenizer(cfg.model)
     train_sets = {
         site: tokenize(rows.texts, rows.labels, tokenizer, cfg.max_seq_len) for site, rows in data.train.items()
     }
     test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
+    test_full = (
+        tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
+    )
     collate = padding_collator(tokenizer)
     num_labels = len(data.test_shard.label_names)
-    steps = {
-        site: local.steps_per_round(
-            len(rows), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
-        )
-        for site, rows in train_sets.items()
-    }
 
-    # --- model: one working copy per worker, the global model, the round's sum of updates
+    # --- model: one working copy per worker, the global model; exchange, strategy, sync policy
     model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(worker.device)
     local_weights = flatten_model_(model)
     bucket_numel = max(1, int(cfg.bucket_size_mb * 2**20) // local_weights.element_size())
     broadcast_flat_(local_weights, bucket_numel, src=0)
     global_weights = local_weights.clone()
-    strategy = make_strategy(
-        cfg.strategy,
-        local_weights.numel(),
-        worker.device,
-        dtype=local_weights.dtype,
-        server_learning_rate=cfg.server_learning_rate,
-        server_momentum=cfg.server_momentum,
-        beta1=cfg.beta1,
-        beta2=cfg.beta2,
-        tau=cfg.tau,
-    )
-    per_tensor = cfg.sparsity_scope == "tensor" or cfg.sparse_average == "fl4health"
-    exchange = PackedExchange(
-        cfg.exchange,
-        local_weights.numel(),
-        bucket_bytes=int(cfg.bucket_size_mb * 2**20),
-        device=worker.device,
-        dtype=local_weights.dtype,
-        sparsity_level=cfg.sparsity_level,
-        sparsity_scope=cfg.sparsity_scope,
-        segments=segments_from_model(model, local_weights) if per_tensor else None,
-        selection_criterion=cfg.selection_criterion,
-        sparse_average=cfg.sparse_average,
-        error_feedback=cfg.error_feedback,
-        block_size=cfg.quantization_block_size,
-    )
+    strategy = strategy_from_config(cfg, local_weights)
+    exchange = packed_exchange_from_config(cfg, model, local_weights)
+    steps = local.steps_per_round(
+        min(data.site_sizes), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
+    )  # every site's, when sync is not per round (launch.check_sync_steps)
+    sync_policy = sync_policy_from_config(cfg, steps)
     site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
-    state_shapes = {"residual": exchange.residual_numel} if exchange.residual_numel else {}
     start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
     for site in hosted if found is not None else ():  # sites that never trained have no state
         if found.has(checkpoint.site_file(site)):
-            site_states.load(site, _packable_site_state(found, site))
+            site_states.load(site, found.tensors(checkpoint.site_file(site)))
     if worker.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
         for past in history:
             events.write("round", round=past["round"], metrics=past["metrics"])
 
-    progress = progress_bar(total=cfg.num_rounds, initial=start_round, disable=not worker.is_leader, unit="round")
-    for round_index in range(start_round, cfg.num_rounds):
-        round_number = round_index + 1
-        round_start = time.perf_counter()
-        maybe_fail(worker.rank, round_number)
-        chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
-        rows_this_round = sum(data.site_sizes[site] for site in chosen)
-
-        # --- 1. local training of this worker's participating sites, one after another; each
-        #        one's update is encoded as if it sent alone and added into the worker's sums ----
-        train_sums = local.TrainSums()
-        for site in sorted(set(hosted) & set(chosen)):
-            local_weights.copy_(global_weights)
-            torch.manual_seed(local.round_seed(cfg.seed, site, round_index, stream=1))  # dropout
-            plan = local.batch_plan(
-                len(train_sets[site]),
-                cfg.batch_size,
-                cfg.grad_accum_steps,
-                cfg.num_local_epochs,
-                cfg.local_steps,
-                local.round_seed(cfg.seed, site, round_index),
+    def train_site(site: int, round_index: int) -> local.TrainSums:
+        """One site's local training of this round, in `model` (seeds, plan and schedule of its own)."""
+        total = (
+            local.steps_per_round(
+                len(train_sets[site]), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
             )
-            optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
-            total_steps, offset = steps[site] * cfg.num_rounds, round_index * steps[site]
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                lambda step, offset=offset, total=total_steps: local.lr_factor(
-                    offset + step, total, int(cfg.warmup_ratio * total), cfg.lr_scheduler
-                ),
-            )
-            sums = local.train_round(
-                model,
-                train_sets[site],
-                collate,
-                plan,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                precision=cfg.precision,
-                max_grad_norm=cfg.max_grad_norm,
-                device=worker.device,
-            )
-            del optimizer, scheduler
-            state = site_states.checkout(site, state_shapes)
-            exchange.add_site_(local_weights, global_weights, data.site_sizes[site] / rows_this_round, **state)
-            site_states.checkin(site, state)
-            train_sums = local.TrainSums(
-                train_sums.loss_sum + sums.loss_sum, train_sums.correct + sums.correct, train_sums.count + sums.count
-            )
-        train_done = time.perf_counter()
-
-        # --- 2. the workers' sums -> the mean update, applied by the strategy --------------
-        communication = exchange.finish_(global_weights, strategy)
-        local_weights.copy_(global_weights)
-        aggregate_done = time.perf_counter()
-
-        # --- 3. evaluate the global model on the full test set ------------------------
-        loss_sum, confusion = evaluation_sums(
+            * cfg.num_rounds
+        )
+        offset = round_index * total // cfg.num_rounds
+        torch.manual_seed(local.round_seed(cfg.seed, site, round_index, stream=1))  # dropout
+        plan = local.batch_plan(
+            len(train_sets[site]),
+            cfg.batch_size,
+            cfg.grad_accum_steps,
+            cfg.num_local_epochs,
+            cfg.local_steps,
+            local.round_seed(cfg.seed, site, round_index),
+        )
+        optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: local.lr_factor(offset + step, total, int(cfg.warmup_ratio * total), cfg.lr_scheduler),
+        )
+        return local.train_round(
             model,
-            test_shard,
+            train_sets[site],
+            collate,
+            plan,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            precision=cfg.precision,
+            max_grad_norm=cfg.max_grad_norm,
+            device=worker.device,
+        )
+
+    def evaluate(dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        return evaluation_sums(
+            model,
+            dataset,
             collate,
             batch_size=cfg.val_batch_size,
             num_labels=num_labels,
             precision=cfg.precision,
             device=worker.device,
         )
-        validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(worker.device)).cpu()
-        per_worker = gather_from_sites(site_vector(train_sums, worker.device, None).to(worker.device)).cpu()
-        eval_done = time.perf_counter()
 
-        # --- 4. report (worker 0 only) --------------------------------------------------
+    def send(site: int, share: float) -> None:
+        """Encodes the site's update (local_weights) as if it sent alone, into the worker's sums."""
+        state = site_states.checkout(site, exchange.state_shapes)
+        exchange.add_site_(local_weights, global_weights, share, **state)
+        site_states.checkin(site, state)
+
+    progress = progress_bar(total=cfg.num_rounds, initial=start_round, disable=not worker.is_leader, unit="round")
+    for round_index in range(start_round, cfg.num_rounds):
+        round_number, clock = round_index + 1, RoundClock()
+        maybe_fail(worker.rank, round_number)
+        chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
+        mine = sorted(set(hosted) & set(chosen))
+        share = {site: data.site_sizes[site] / sum(data.site_sizes[s] for s in chosen) for site in chosen}
+        last_step, last_round = round_number * steps, round_number == cfg.num_rounds
+        deciding_later = sync_policy.needs_divergence(last_step) and not last_round  # sync=dynamic's checks
+        synchronize = None if deciding_later else sync_policy.decide(last_step, force=last_round)
+
+        # --- 1. local training of this worker's participating sites, one after another ------------
+        site_table, divergence = SiteTable(layout.num_sites, worker.device), 0.0
+        for site in mine:
+            unsynced = site_states.take(site, "local")  # its own model since the last synchronization
+            local_weights.copy_(unsynced if unsynced is not None else global_weights)
+            sums = train_site(site, round_index)
+            site_table.add(site, sums, local_eval_summary(*evaluate(test_full)) if test_full is not None else None)
+            if synchronize:
+                send(site, share[site])
+            else:
+                site_states.keep(site, "local", local_weights)
+                if deciding_later:
+                    divergence = max(divergence, squared_distance(local_weights, global_weights))
+        clock.mark("train")
+
+        # --- 2. synchronize: the workers' sums -> the mean update, applied by the strategy ----------
+        if deciding_later:  # one scalar all_reduce(MAX) of the sites' divergence decides for everyone
+            synchronize = sync_policy.decide(last_step, divergence=divergence, device=worker.device)
+            for site in mine if synchronize else ():
+                local_weights.copy_(site_states.take(site, "local"))
+                send(site, share[site])
+        communication = exchange.finish_(global_weights, strategy) if synchronize else exchange.idle_stats()
+        local_weights.copy_(global_weights)  # evaluate the model every site agrees on
+        clock.mark("aggregate")
+
+        # --- 3. evaluate the global model on the full test set --------------------------------------
+        loss_sum, confusion = evaluate(test_shard)
+        validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(worker.device)).cpu()
+        per_site, peak_memory = site_table.gathered()
+        clock.mark("eval")
+
+        # --- 4. report (worker 0 only) --------------------------------------------------------------
         if worker.is_leader:
             metrics = round_metrics(
-                validation_sums, num_labels, per_worker, with_per_site=False, cuda=worker.device.type == "cuda"
+                validation_sums,
+                num_labels,
+                per_site[chosen],
+                with_per_site=cfg.per_site_metrics,
+                cuda=worker.device.type == "cuda",
+                site_ids=chosen,
             )
-            metrics.update(
-                {
-                    "time.round_s": eval_done - round_start,
-                    "time.train_s": train_done - round_start,
-                    "time.aggregate_s": aggregate_done - train_done,
-                    "time.eval_s": eval_done - aggregate_done,
-                    **communication,
-                    "memory.site_state_mb": site_states.nbytes() / 2**20,
-                    "sites.participants": len(chosen),
-                }
-            )
+            metrics.update(peak_memory)
+            metrics.update(clock.figures())
+            metrics.update(communication)
+            metrics.update(sync_policy.pop_stats())
+            metrics["comm.bytes_per_site"] += metrics["sync.check_bytes"]  # sync=dynamic's divergence
+            metrics.update({"memory.site_state_mb": site_states.nbytes() / 2**20, "sites.participants": len(chosen)})
             events.write("round", round=round_number, metrics=metrics, participants=chosen)
             history.append({"round": round_number, "metrics": metrics})
             progress.update(1)
             log.info(
-                "round %d/%d  %d sites  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.1fs",
+                "round %d/%d  %d sites  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
                 round_number,
                 cfg.num_rounds,
                 len(chosen),
@@ -470,11 +438,12 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 metrics["validation.loss"],
                 metrics["validation.f1_macro"],
                 metrics["train.loss"],
+                metrics["comm.bytes_per_site"] / 1e3,
                 metrics["time.round_s"],
             )
 
-        # --- 5. checkpoint: the global model, the strategy and every hosted site's state ------
-        if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
+        # --- 5. checkpoint: the global model, the strategy and every hosted site's state ------------
+        if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or last_round):
             states = {site: site_states.state_of(site) for site in site_states.sites()}
             _save_checkpoint(cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history)
 
@@ -571,17 +540,6 @@ def _restore(
     if site.is_leader:
         log.info("resumed from %s: continuing at round %d", found.directory, found.round + 1)
     return found.round, list(found.state.get("history", [])), found
-
-
-def _packable_site_state(found: checkpoint.Checkpoint, site: int) -> dict[str, torch.Tensor]:
-    """A site's saved state, for a process that hosts several sites."""
-    state = found.tensors(checkpoint.site_file(site))
-    if "local" in state:
-        raise checkpoint.CheckpointError(
-            f"{found.directory} was written between synchronizations (sync=periodic or dynamic): "
-            "resume it with one process per site (site_ids=[...], no num_sites / processes_per_device)"
-        )
-    return state
 
 
 def _save_checkpoint(

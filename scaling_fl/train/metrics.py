@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import time
 
 import numpy as np
 import torch
@@ -48,9 +49,16 @@ def site_vector(train: TrainSums, device: torch.device, local_eval: dict | None)
 
 
 def round_metrics(
-    validation_sums: torch.Tensor, num_labels: int, per_site: torch.Tensor, *, with_per_site: bool, cuda: bool
+    validation_sums: torch.Tensor,
+    num_labels: int,
+    per_site: torch.Tensor,
+    *,
+    with_per_site: bool,
+    cuda: bool,
+    site_ids: list[int] | None = None,
 ) -> dict[str, float]:
-    """validation_sums = [loss_sum, confusion...] summed over sites; per_site = [sites, SITE_COLUMNS]."""
+    """validation_sums = [loss_sum, confusion...] summed over sites; per_site = [sites, SITE_COLUMNS],
+    row k for site site_ids[k] (default: row k is site k)."""
     validation = classification_metrics(
         validation_sums[0].item(), validation_sums[1 : 1 + num_labels**2].view(num_labels, -1).numpy()
     )
@@ -66,19 +74,20 @@ def round_metrics(
     if cuda:
         metrics["memory.peak_cuda_mb"] = float(col["peak_cuda_mb"].max())
     if with_per_site:
-        for site in range(per_site.shape[0]):
-            count = max(col["train_count"][site], 1)
-            metrics[f"site.{site}.train.loss"] = float(col["train_loss_sum"][site] / count)
-            metrics[f"site.{site}.train.accuracy"] = float(col["train_correct"][site] / count)
-            metrics[f"site.{site}.memory.peak_rss_mb"] = float(col["peak_rss_mb"][site])
+        for row in range(per_site.shape[0]):
+            site = site_ids[row] if site_ids is not None else row
+            count = max(col["train_count"][row], 1)
+            metrics[f"site.{site}.train.loss"] = float(col["train_loss_sum"][row] / count)
+            metrics[f"site.{site}.train.accuracy"] = float(col["train_correct"][row] / count)
+            metrics[f"site.{site}.memory.peak_rss_mb"] = float(col["peak_rss_mb"][row])
             if cuda:
-                metrics[f"site.{site}.memory.peak_cuda_mb"] = float(col["peak_cuda_mb"][site])
-            if col["local_val_count"][site] > 0:
+                metrics[f"site.{site}.memory.peak_cuda_mb"] = float(col["peak_cuda_mb"][row])
+            if col["local_val_count"][row] > 0:
                 metrics[f"site.{site}.validation.accuracy"] = float(
-                    col["local_val_correct"][site] / col["local_val_count"][site]
+                    col["local_val_correct"][row] / col["local_val_count"][row]
                 )
                 metrics[f"site.{site}.validation.loss"] = float(
-                    col["local_val_loss_sum"][site] / col["local_val_count"][site]
+                    col["local_val_loss_sum"][row] / col["local_val_count"][row]
                 )
     return metrics
 
@@ -89,3 +98,44 @@ def local_eval_summary(loss_sum: torch.Tensor, confusion: torch.Tensor) -> dict:
         "correct": int(np.trace(confusion.numpy())),
         "count": int(confusion.sum().item()),
     }
+
+
+class SiteTable:
+    """The SITE_COLUMNS of every site of a round, filled by the processes that host them and summed
+    over processes: a [num_sites, columns] table (a few kB even for 1,000 sites)."""
+
+    def __init__(self, num_sites: int, device: torch.device):
+        self.device = device
+        self.rows = torch.zeros(num_sites, len(SITE_COLUMNS), dtype=torch.float64)
+
+    def add(self, site: int, train: TrainSums, local_eval: dict | None) -> None:
+        self.rows[site] = site_vector(train, self.device, local_eval)
+
+    def gathered(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Every process's rows, summed, and the peak memory of the busiest process (collectives: every
+        process calls it). A site's memory columns are those of the process that trained it."""
+        from scaling_fl.exchange import max_across_sites, sum_across_sites
+
+        table = sum_across_sites(self.rows.to(self.device)).cpu()
+        rss, cuda = peak_memory_mb(self.device)
+        peaks = max_across_sites(torch.tensor([rss, cuda], dtype=torch.float64, device=self.device)).cpu()
+        figures = {"memory.peak_rss_mb": float(peaks[0])}
+        if self.device.type == "cuda":
+            figures["memory.peak_cuda_mb"] = float(peaks[1])
+        return table, figures
+
+
+class RoundClock:
+    """The round's time split: mark("train"), mark("aggregate"), mark("eval") as each part ends."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + now - self.last
+        self.last = now
+
+    def figures(self) -> dict[str, float]:
+        return {"time.round_s": self.last - self.start, **{f"time.{part}_s": s for part, s in self.parts.items()}}

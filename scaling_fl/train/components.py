@@ -1,0 +1,71 @@
+"""The round loop's parts, built from the config: the strategy, the exchange, the sync policy.
+
+One place that reads the config for them, so the strategies/ and exchange/ packages stay plain
+tensor code that knows nothing about Config, and both round loops build the very same parts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaling_fl.config import Config
+from scaling_fl.exchange import PackedExchange, SyncPolicy, make_exchange, make_sync_policy, segments_from_model
+from scaling_fl.strategies import Strategy, make_strategy
+
+
+def strategy_from_config(cfg: Config, weights: torch.Tensor) -> Strategy:
+    return make_strategy(
+        cfg.strategy,
+        weights.numel(),
+        weights.device,
+        dtype=weights.dtype,
+        server_learning_rate=cfg.server_learning_rate,
+        server_momentum=cfg.server_momentum,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        tau=cfg.tau,
+    )
+
+
+def _codec_options(cfg: Config, model: torch.nn.Module, weights: torch.Tensor) -> dict:
+    per_tensor = cfg.sparsity_scope == "tensor" or cfg.sparse_average == "fl4health"
+    return {
+        "bucket_bytes": int(cfg.bucket_size_mb * 2**20),
+        "device": weights.device,
+        "dtype": weights.dtype,
+        "sparsity_level": cfg.sparsity_level,
+        "sparsity_scope": cfg.sparsity_scope,
+        "segments": segments_from_model(model, weights) if per_tensor else None,
+        "selection_criterion": cfg.selection_criterion,
+        "sparse_average": cfg.sparse_average,
+        "error_feedback": cfg.error_feedback,
+        "block_size": cfg.quantization_block_size,
+    }
+
+
+def exchange_from_config(
+    cfg: Config, model: torch.nn.Module, weights: torch.Tensor, world_size: int, site_weights: list[float]
+):
+    """The exchange of one site per process: each site's encoded update crosses the wire."""
+    return make_exchange(
+        cfg.exchange,
+        weights.numel(),
+        world_size=world_size,
+        site_weights=site_weights,
+        **_codec_options(cfg, model, weights),
+    )
+
+
+def packed_exchange_from_config(cfg: Config, model: torch.nn.Module, weights: torch.Tensor) -> PackedExchange:
+    """The exchange of a process hosting several sites: each encoded as if alone, the sums cross the wire."""
+    return PackedExchange(cfg.exchange, weights.numel(), **_codec_options(cfg, model, weights))
+
+
+def sync_policy_from_config(cfg: Config, steps_per_round: int) -> SyncPolicy:
+    return make_sync_policy(
+        cfg.sync,
+        steps_per_round=steps_per_round,
+        comm_period=cfg.comm_period,
+        check_every=cfg.check_every or steps_per_round,
+        delta_threshold=cfg.delta_threshold,
+    )

@@ -154,7 +154,7 @@ def test_eight_sites_as_8_processes_2x4_and_1x8_end_with_the_same_model(tmp_path
 @pytest.mark.slow
 def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp_path):
     sampled = ["fraction_fit=0.5", "min_fit_sites=2"]
-    packed = _run(tmp_path, "sampled-2x4", *PACKINGS["2x4"], *sampled)
+    packed = _run(tmp_path, "sampled-2x4", *PACKINGS["2x4"], *sampled, "per_site_metrics=True")
     single = _run(tmp_path, "sampled-1x8", *PACKINGS["1x8"], *sampled)
     crashed = _run(
         tmp_path,
@@ -176,6 +176,10 @@ def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp
         assert record["info"]["participants"] == drawn
         assert record["metrics"]["sites.participants"]["values"] == [4, 4, 4]
     assert crashed["info"]["final_weights_sha256"] == packed["info"]["final_weights_sha256"]  # resume is exact
+    for site in range(8):  # per-site metrics of the rounds each site took part in, and only those
+        rounds = [r for r in (1, 2, 3) if site in drawn[str(r)]]
+        for metric in ("train.loss", "validation.accuracy", "memory.peak_rss_mb"):
+            assert packed["metrics"].get(f"site.{site}.{metric}", {}).get("steps", []) == rounds, (site, metric)
     _assert_same_model(packed, single)
 
 

@@ -91,7 +91,9 @@ def _packed(rank: int, hosted: list[list[int]], chosen_by_round: list[list[int]]
                     local = global_ + _update(site, round_index)
                     sent.append(exchange.add_site_(local, global_, SIZES[site] / rows, **state))
                     states.checkin(site, state)
-                figures.append(dict(exchange.finish_(global_, strategy)))
+                for part in exchange.means(global_):
+                    strategy.apply_(global_, part)
+                figures.append(dict(exchange.stats))
             out[f"{label}/{strategy_name}"] = {
                 "global": global_,
                 "sent": sent,
@@ -194,3 +196,19 @@ def test_site_states_live_where_offload_says_and_start_at_zero(tmp_path):
         states.checkout(7, {"residual": 6})
     with pytest.raises(ValueError, match="site_state_offload must be one of"):
         SiteStates("gpu", torch.device("cpu"))
+
+
+def test_every_exchange_keeps_the_contract_and_the_round_loop_names_none():
+    """The round loop calls exchanges, strategies and sync policies through their contracts only."""
+    from pathlib import Path
+
+    from scaling_fl.exchange.base import Exchange
+    from scaling_fl.exchange.factory import EXCHANGES
+    from scaling_fl.strategies.factory import STRATEGIES
+
+    for name in EXCHANGES:
+        assert isinstance(make_exchange(name, 4096, world_size=2, site_weights=[0.5, 0.5]), Exchange), name
+    source = (Path(__file__).parents[1] / "scaling_fl" / "train" / "federated.py").read_text()
+    for name in (*EXCHANGES, *STRATEGIES, "periodic", "dynamic"):
+        assert f'"{name}"' not in source and f"'{name}'" not in source, name
+    assert "getattr(" not in source and "isinstance(" not in source

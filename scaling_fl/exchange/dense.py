@@ -15,8 +15,12 @@ one collective per tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
+
+from scaling_fl.exchange.base import ExchangeBase, MeanPart
 
 
 def bucket_ranges(numel: int, bucket_numel: int) -> list[tuple[int, int]]:
@@ -48,14 +52,13 @@ def load_residual(residual: torch.Tensor | None, state: dict[str, torch.Tensor],
         residual.copy_(state["residual"])
 
 
-class DenseExchange:
-    """exchange_(local, global_, weight, strategy) -> payload bytes; `stats` after each call.
+class DenseExchange(ExchangeBase):
+    """means(local, global_, weight) -> the weighted average, bucket by bucket (see exchange/base.py).
 
-    Stateless: state_dict() is empty. Every exchange has this interface (see exchange/factory.py).
+    Stateless: state_dict() is empty.
     """
 
-    residual = None
-    density = 1.0  # share of the values a site sends
+    needs_reference = False  # it sums weights: the average alone is the mean
 
     def __init__(self, numel: int, bucket_bytes: int, dtype: torch.dtype, world_size: int | None = None):
         element_size = torch.empty((), dtype=dtype).element_size()
@@ -65,8 +68,8 @@ class DenseExchange:
         self.stats: dict[str, float] = {}
 
     @torch.no_grad()
-    def exchange_(self, local: torch.Tensor, global_: torch.Tensor, weight: float, strategy) -> int:
-        """Aggregates and applies the round's mean; leaves local == global on every site. Returns bytes sent.
+    def means(self, local: torch.Tensor, global_: torch.Tensor, weight: float) -> Iterator[MeanPart]:
+        """Yields the average of every bucket, in `local` itself; the strategy leaves local == global.
 
         The collectives run asynchronously in bucket order: while bucket b is being reduced,
         bucket b + 1 is scaled and bucket b - 1 is handed to the strategy, so the elementwise
@@ -80,9 +83,8 @@ class DenseExchange:
         sent = 0
         for start, end, work in pending:
             work.wait()
-            bucket = local[start:end]
-            sent += bucket.numel() * bucket.element_size()
-            strategy.apply_average_(global_[start:end], bucket, slice(start, end))
+            sent += (end - start) * local.element_size()
+            yield MeanPart(slice(start, end), local[start:end], is_average=True)
         world = self.world_size or dist.get_world_size()
         self.stats = {
             "comm.bytes_per_site": sent,
@@ -91,7 +93,6 @@ class DenseExchange:
             "memory.exchange_peak_mb": 0.0,
             "memory.exchange_state_mb": 0.0,
         }  # in place: no buffer
-        return sent
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

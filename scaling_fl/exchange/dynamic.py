@@ -12,7 +12,8 @@ violation triggers a full synchronization.)
     for step in ...:                                   # step: local steps done so far, from 1
         train_one_step()
         if policy.should_sync(local_weights, global_weights, step):
-            exchange.exchange_(local_weights, global_weights, weight, strategy)
+            for part in exchange.means(local_weights, global_weights, weight):
+                strategy.apply_(global_weights, part)
     metrics.update(policy.pop_stats())                 # sync.done, sync.skipped, sync.checks, ...
 """
 
@@ -70,6 +71,11 @@ class SyncPolicy:
     def should_sync(self, local: torch.Tensor, reference: torch.Tensor, step: int, *, force: bool = False) -> bool:
         divergence = squared_distance(local, reference, self.chunk_numel) if self.needs_divergence(step) else None
         return self.decide(step, divergence=divergence, force=force, device=local.device)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the round loop must keep the last synchronized model (sites drift from it between syncs)."""
+        return self.mode != "round"
 
     def needs_divergence(self, step: int) -> bool:
         """Whether `decide` at this step needs this process's divergence (sync=dynamic's check steps)."""

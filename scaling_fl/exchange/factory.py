@@ -1,4 +1,4 @@
-"""exchange= name -> an exchange object: exchange_(local, global_, weight, strategy), stats, state_dict()."""
+"""exchange= name -> an exchange object (the contract of exchange/base.py: means(), stats, state_dict())."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ Each participating site's update is encoded exactly as if that site sent it alon
 selection over its own update plus its own error-feedback residual, its own int8 scales, the same
 buckets and the same byte count as the one-site-per-process exchanges (dense.py, quantize.py,
 sparse.py), whose selection and quantization functions it calls. The worker decodes each site's
-message at once and adds it, weighted by the site's share of the round's rows, into accumulators
-of the model's size; `finish_` all_reduces the workers' accumulators and hands the mean update to
-the strategy. So `comm.bytes_per_site` keeps meaning what one site would put on the wire, and
-packing changes only the order of fp32 sums.
+message at once and adds it, weighted by the site's share of the round's rows, into sums of the
+model's size; `means` all_reduces the workers' sums and yields the mean, bucket by bucket, to the
+round loop, which applies the strategy (exchange/base.py). So `comm.bytes_per_site` keeps
+meaning what one site would put on the wire, and packing changes only the order of fp32 sums.
 
 What the worker processes actually exchange among themselves: dense fp32 sums, one all_reduce per
 bucket of the numerator (4 bytes a value) and, for sparse per-position averaging, one more of the
@@ -21,9 +21,12 @@ residual out of its SiteStates before `add_site_` and back in after.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
+from scaling_fl.exchange.base import MeanPart
 from scaling_fl.exchange.dense import bucket_ranges, ring_wire_bytes
 from scaling_fl.exchange.quantize import (
     SCALE_DTYPES,
@@ -37,7 +40,8 @@ from scaling_fl.exchange.sparse import SparseExchange, _Keys, find_cut
 
 
 class PackedExchange:
-    """add_site_(local, global_, weight, residual) per participating site, then finish_(global_, strategy).
+    """add_site_(local, global_, weight, residual) per participating site, then the round loop applies
+    the strategy to every part of means(global_), as with any exchange (exchange/base.py).
 
     `weight` is the site's share of the rows of the round's participants (they sum to 1 over all
     workers). Construct once per worker; `state_shapes` is the per-site state a site needs (none when the
@@ -96,7 +100,7 @@ class PackedExchange:
         self.tensor_weights = (
             torch.zeros(len(self.sparse.segments), dtype=torch.float64, device=self.device) if self.fl4health else None
         )
-        self.sites_added, self.site_bytes = 0, 0
+        self.site_bytes = 0
         self.stats: dict[str, float] = {}
 
     @property
@@ -134,7 +138,6 @@ class PackedExchange:
                 sent = self._add_int8_(update, weight, keep_error=residual is not None)
             else:
                 sent = self._add_sparse_(update, global_, weight, keep_error=residual is not None)
-        self.sites_added += 1
         self.site_bytes = sent
         return sent
 
@@ -191,31 +194,29 @@ class PackedExchange:
     # --- all sites ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def finish_(self, global_: torch.Tensor, strategy) -> dict[str, float]:
-        """All workers: the participants' mean update, applied by the strategy to `global_` (in place).
-        Resets the accumulators; returns the round's communication figures."""
+    def means(self, global_: torch.Tensor) -> Iterator[MeanPart]:
+        """All workers: the participants' mean, bucket by bucket, for the round loop to apply the
+        strategy to (exchange/base.py). Then resets the sums and sets `stats`."""
         world = dist.get_world_size()
-        buffers = [self.numerator] + ([self.denominator] if self.per_position else [])
+        sums = [self.numerator] + ([self.denominator] if self.per_position else [])
         if self.fl4health:
             dist.all_reduce(self.tensor_weights, op=dist.ReduceOp.SUM)
         pending = [  # asynchronous, in bucket order: bucket b is applied while b + 1 is still on the wire
-            (start, end, [dist.all_reduce(b[start:end], op=dist.ReduceOp.SUM, async_op=True) for b in buffers])
+            (start, end, [dist.all_reduce(b[start:end], op=dist.ReduceOp.SUM, async_op=True) for b in sums])
             for start, end in bucket_ranges(self.numel, self.bucket_numel)
         ]
         for start, end, works in pending:
             for work in works:
                 work.wait()
             total = self.numerator[start:end]
-            if self.codec == "dense":
-                strategy.apply_average_(global_[start:end], total, slice(start, end))
-                continue
             if self.per_position:  # each position: the weighted mean over the sites that sent it
                 senders = self.denominator[start:end]
                 total.div_(senders.masked_fill_(senders == 0, 1.0))
             elif self.fl4health:
                 _divide_by_tensor_(total, self.sparse.segments, self.tensor_weights.tolist(), start, end)
-            strategy.apply_update_(global_[start:end], total, slice(start, end))
-        worker_bytes = sum(buffer.nbytes for buffer in buffers)
+            # dense: a sum of weights (sum_i w_i local_i, the average model); others: of updates
+            yield MeanPart(slice(start, end), total, is_average=self.codec == "dense")
+        worker_bytes = sum(buffer.nbytes for buffer in sums)
         self.stats = {
             "comm.bytes_per_site": self.site_bytes,
             "comm.density": self.density,
@@ -226,12 +227,10 @@ class PackedExchange:
             "comm.worker_wire_bytes": ring_wire_bytes(worker_bytes, world, "all_reduce"),
             "memory.exchange_peak_mb": worker_bytes / 2**20,
         }
-        for buffer in buffers:
+        for buffer in sums:
             buffer.zero_()
         if self.tensor_weights is not None:
             self.tensor_weights.zero_()
-        self.sites_added = 0
-        return self.stats
 
 
 def _aligned(bucket_numel: int, block_size: int) -> int:

@@ -26,9 +26,12 @@ wire int8 saves W/2 x less: 0.51x dense at 4 sites, nothing at 8 (`comm.wire_byt
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
+from scaling_fl.exchange.base import ExchangeBase, MeanPart
 from scaling_fl.exchange.dense import bucket_ranges, load_residual, ring_wire_bytes
 
 SCALE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,10 +133,8 @@ class SiteWeights:
         return self.fixed
 
 
-class Int8Exchange:
+class Int8Exchange(ExchangeBase):
     """Dense int8 exchange: every value of every site's update, quantized blockwise."""
-
-    density = 1.0  # share of the values a site sends
 
     def __init__(
         self,
@@ -168,8 +169,8 @@ class Int8Exchange:
         return int8_payload_bytes(self.numel, self.block_size, self.scale_dtype) + self.site_weights.bytes
 
     @torch.no_grad()
-    def exchange_(self, local: torch.Tensor, global_: torch.Tensor, weight: float, strategy) -> int:
-        """Applies the sample-weighted mean of the decoded updates; leaves local == global. Returns bytes sent."""
+    def means(self, local: torch.Tensor, global_: torch.Tensor, weight: float) -> Iterator[MeanPart]:
+        """Yields the sample-weighted mean of the decoded updates, bucket by bucket; leaves local == global."""
         weights = self.site_weights(weight, local.device)
         width = self.ranges[0][1] - self.ranges[0][0]
         blocks = num_blocks(width, self.block_size)
@@ -198,7 +199,7 @@ class Int8Exchange:
             for site in range(world):  # fixed order: every site sums bitwise the same
                 dequantize_into(codes_all[site, :n], scales_all[site, :nb], self.block_size, work[:n])
                 update.add_(work[:n], alpha=weights[site])
-            strategy.apply_update_(global_[start:end], update, slice(start, end))
+            yield MeanPart(slice(start, end), update, is_average=False)
             local[start:end].copy_(global_[start:end])
         workspace = 2 * (codes_all.nbytes + scales_all.nbytes) + own_codes.nbytes + work.nbytes
         state = self.residual.nbytes if self.residual is not None else 0
@@ -209,7 +210,6 @@ class Int8Exchange:
             "memory.exchange_peak_mb": (workspace + state) / 2**20,
             "memory.exchange_state_mb": state / 2**20,
         }
-        return sent
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Per-site state (save one per site): the residual of error feedback."""

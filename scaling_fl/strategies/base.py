@@ -13,6 +13,15 @@ class Strategy:
     """
 
     name = "strategy"
+    needs_reference = True  # whether it reads the previous global model (FedAvg does not)
+
+    def apply_(self, global_: torch.Tensor, part) -> None:
+        """Applies one part of the participants' mean (an exchange.MeanPart) to the global model."""
+        global_part = global_[part.where]
+        if part.is_average:
+            self.apply_average_(global_part, part.values, part.where)
+        else:
+            self.apply_update_(global_part, part.values, part.where)
 
     def apply_update_(self, global_part: torch.Tensor, mean_update: torch.Tensor, where: slice) -> None:
         """global_part <- next global model, given the mean update (may be overwritten)."""

@@ -9,6 +9,7 @@ from scaling_fl.strategies.base import Strategy
 
 class FedAvg(Strategy):
     name = "fedavg"
+    needs_reference = False  # with a dense exchange the average is the next global model
 
     def apply_update_(self, global_part: torch.Tensor, mean_update: torch.Tensor, where: slice) -> None:
         global_part.add_(mean_update)

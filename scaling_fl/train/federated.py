@@ -31,7 +31,6 @@ from scaling_fl.exchange.dynamic import squared_distance
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
 from scaling_fl.site_state import SiteStates
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site
-from scaling_fl.strategies import FedAvg
 from scaling_fl.train import local
 from scaling_fl.train.components import (
     exchange_from_config,
@@ -119,19 +118,17 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     bucket_bytes = int(cfg.bucket_size_mb * 2**20)
     broadcast_flat_(local_weights, max(1, bucket_bytes // local_weights.element_size()), src=0)
 
-    # --- strategy (what is done with the mean update) and exchange (how it is computed)
-    strategy = strategy_from_config(cfg, local_weights)
-    exchange = exchange_from_config(cfg, model, local_weights, site.world_size, site_weights)
-    # Dense FedAvg synchronized every round never reads the previous global model: it keeps no copy.
-    keeps_reference = not (cfg.exchange == "dense" and isinstance(strategy, FedAvg) and cfg.sync == "round")
-    global_weights = local_weights.clone() if keeps_reference else local_weights
-
+    # --- strategy (what is done with the mean), exchange (how it is computed), sync policy (when)
     steps = local.steps_per_round(
         len(train_set), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
     )
+    strategy = strategy_from_config(cfg, local_weights)
+    exchange = exchange_from_config(cfg, model, local_weights, site.world_size, site_weights)
     sync_policy = sync_policy_from_config(cfg, steps)
+    # Dense FedAvg synchronized every round never reads the previous global model: it keeps no copy.
+    keeps_reference = exchange.needs_reference or strategy.needs_reference or sync_policy.needs_reference
+    global_weights = local_weights.clone() if keeps_reference else local_weights
     total_steps = steps * cfg.num_rounds
-    warmup_steps = int(cfg.warmup_ratio * total_steps)
 
     # --- resume: the newest complete checkpoint, the same one on every site ------------
     start_round, history, _ = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
@@ -147,62 +144,47 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         started = time.perf_counter()
         synchronized = sync_policy.should_sync(local_weights, global_weights, run_step, force=force)
         if synchronized:
-            communication.add(exchange.exchange_(local_weights, global_weights, weight, strategy), exchange.stats)
+            for part in exchange.means(local_weights, global_weights, weight):  # the mean, bucket by bucket
+                strategy.apply_(global_weights, part)
+            communication.add(exchange.stats)
         communication.seconds += time.perf_counter() - started
         return synchronized
 
     # One bar over all local steps of all rounds (rank 0 only); a line every few % when no terminal sees it.
     progress = progress_bar(total=total_steps, initial=start_round * steps, disable=not site.is_leader, unit="step")
     for round_index in range(start_round, cfg.num_rounds):
-        round_number = round_index + 1
-        round_start = time.perf_counter()
+        round_number, clock = round_index + 1, RoundClock()
         progress.set_description(f"round {round_number}/{cfg.num_rounds}")
         maybe_fail(site.rank, round_number)
         offset = round_index * steps  # local steps of the run before this round
 
         # --- 1. local training (sync=periodic / dynamic may synchronize between steps) ----
-        torch.manual_seed(local.round_seed(cfg.seed, site.rank, round_index, stream=1))  # dropout
-        plan = local.batch_plan(
-            len(train_set),
-            cfg.batch_size,
-            cfg.grad_accum_steps,
-            cfg.num_local_epochs,
-            cfg.local_steps,
-            local.round_seed(cfg.seed, site.rank, round_index),
-        )
-        optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: local.lr_factor(offset + step, total_steps, warmup_steps, cfg.lr_scheduler)
-        )
-        train_sums = local.train_round(
+        train_sums = local.train_site_round(
             model,
             train_set,
             collate,
-            plan,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            precision=cfg.precision,
-            max_grad_norm=cfg.max_grad_norm,
-            device=site.device,
+            cfg,
+            site.rank,
+            round_index,
+            site.device,
             progress=progress,
             after_step=lambda step: step < steps and maybe_synchronize(offset + step),
         )
-        del optimizer, scheduler
         local_eval = local_eval_summary(*evaluate(test_full)) if test_full is not None else None
-        train_done = time.perf_counter()
-        synchronizing_while_training_s = communication.seconds
+        clock.mark("train")
+        clock.move(communication.seconds, "train", "aggregate")  # syncs between local steps
 
         # --- 2. exchange: mean update over sites, applied by the strategy ----------
         # (sync=round: every round; the last round always ends synchronized)
         in_sync = maybe_synchronize(offset + steps, force=round_number == cfg.num_rounds)
-        aggregate_done = time.perf_counter()
+        clock.mark("aggregate")
 
         # --- 3. evaluate the global model on the full test set ----------------------
         with _global_model_loaded(local_weights, global_weights, needed=not in_sync):
             loss_sum, confusion = evaluate(test_shard)
         validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(site.device)).cpu()
         per_site = gather_from_sites(site_vector(train_sums, site.device, local_eval).to(site.device)).cpu()
-        eval_done = time.perf_counter()
+        clock.mark("eval")
 
         # --- 4. report (rank 0 only) -------------------------------------------------
         round_communication = communication.pop(exchange.density)
@@ -215,31 +197,12 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
                 with_per_site=cfg.per_site_metrics,
                 cuda=site.device.type == "cuda",
             )
-            metrics.update(
-                {
-                    "time.round_s": eval_done - round_start,
-                    "time.train_s": train_done - round_start - synchronizing_while_training_s,
-                    "time.aggregate_s": round_communication.pop("seconds"),  # every sync check and exchange
-                    "time.eval_s": eval_done - aggregate_done,
-                    **round_communication,
-                    "comm.bytes_per_site": round_communication["comm.bytes_per_site"] + sync_stats["sync.check_bytes"],
-                    **sync_stats,
-                }
-            )
-            events.write("round", round=round_number, metrics=metrics)
-            history.append({"round": round_number, "metrics": metrics})
+            metrics.update(clock.figures())  # time.aggregate_s: every sync check and exchange
+            metrics.update(round_communication)
+            metrics.update(sync_stats)
+            metrics["comm.bytes_per_site"] += sync_stats["sync.check_bytes"]  # sync=dynamic's divergence
+            _report(events, history, round_number, cfg.num_rounds, metrics)
             progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
-            log.info(
-                "round %d/%d  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
-                round_number,
-                cfg.num_rounds,
-                metrics["validation.accuracy"],
-                metrics["validation.loss"],
-                metrics["validation.f1_macro"],
-                metrics["train.loss"],
-                metrics["comm.bytes_per_site"] / 1e3,
-                metrics["time.round_s"],
-            )
 
         # --- 5. checkpoint: everything a restart needs to replay the next round exactly
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
@@ -316,41 +279,6 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for past in history:
             events.write("round", round=past["round"], metrics=past["metrics"])
 
-    def train_site(site: int, round_index: int) -> local.TrainSums:
-        """One site's local training of this round, in `model` (seeds, plan and schedule of its own)."""
-        total = (
-            local.steps_per_round(
-                len(train_sets[site]), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
-            )
-            * cfg.num_rounds
-        )
-        offset = round_index * total // cfg.num_rounds
-        torch.manual_seed(local.round_seed(cfg.seed, site, round_index, stream=1))  # dropout
-        plan = local.batch_plan(
-            len(train_sets[site]),
-            cfg.batch_size,
-            cfg.grad_accum_steps,
-            cfg.num_local_epochs,
-            cfg.local_steps,
-            local.round_seed(cfg.seed, site, round_index),
-        )
-        optimizer = local.make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: local.lr_factor(offset + step, total, int(cfg.warmup_ratio * total), cfg.lr_scheduler),
-        )
-        return local.train_round(
-            model,
-            train_sets[site],
-            collate,
-            plan,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            precision=cfg.precision,
-            max_grad_norm=cfg.max_grad_norm,
-            device=worker.device,
-        )
-
     def evaluate(dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return evaluation_sums(
             model,
@@ -384,7 +312,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for site in mine:
             unsynced = site_states.take(site, "local")  # its own model since the last synchronization
             local_weights.copy_(unsynced if unsynced is not None else global_weights)
-            sums = train_site(site, round_index)
+            sums = local.train_site_round(model, train_sets[site], collate, cfg, site, round_index, worker.device)
             site_table.add(site, sums, local_eval_summary(*evaluate(test_full)) if test_full is not None else None)
             if synchronize:
                 send(site, share[site])
@@ -400,7 +328,9 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
             for site in mine if synchronize else ():
                 local_weights.copy_(site_states.take(site, "local"))
                 send(site, share[site])
-        communication = exchange.finish_(global_weights, strategy) if synchronize else exchange.idle_stats()
+        for part in exchange.means(global_weights) if synchronize else ():
+            strategy.apply_(global_weights, part)
+        communication = exchange.stats if synchronize else exchange.idle_stats()
         local_weights.copy_(global_weights)  # evaluate the model every site agrees on
         clock.mark("aggregate")
 
@@ -426,21 +356,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
             metrics.update(sync_policy.pop_stats())
             metrics["comm.bytes_per_site"] += metrics["sync.check_bytes"]  # sync=dynamic's divergence
             metrics.update({"memory.site_state_mb": site_states.nbytes() / 2**20, "sites.participants": len(chosen)})
-            events.write("round", round=round_number, metrics=metrics, participants=chosen)
-            history.append({"round": round_number, "metrics": metrics})
+            _report(events, history, round_number, cfg.num_rounds, metrics, participants=chosen)
             progress.update(1)
-            log.info(
-                "round %d/%d  %d sites  val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
-                round_number,
-                cfg.num_rounds,
-                len(chosen),
-                metrics["validation.accuracy"],
-                metrics["validation.loss"],
-                metrics["validation.f1_macro"],
-                metrics["train.loss"],
-                metrics["comm.bytes_per_site"] / 1e3,
-                metrics["time.round_s"],
-            )
 
         # --- 5. checkpoint: the global model, the strategy and every hosted site's state ------------
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or last_round):
@@ -453,14 +370,33 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights)}
 
 
+def _report(events: EventWriter, history: list, round_number: int, num_rounds: int, metrics: dict, **extra) -> None:
+    """The leader's round: an event for the launcher (Sacred records it), the history a checkpoint
+    keeps, and one log line."""
+    events.write("round", round=round_number, metrics=metrics, **extra)
+    history.append({"round": round_number, "metrics": metrics})
+    log.info(
+        "round %d/%d  %s val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
+        round_number,
+        num_rounds,
+        f"{len(extra['participants'])} sites " if "participants" in extra else "",
+        metrics["validation.accuracy"],
+        metrics["validation.loss"],
+        metrics["validation.f1_macro"],
+        metrics["train.loss"],
+        metrics["comm.bytes_per_site"] / 1e3,
+        metrics["time.round_s"],
+    )
+
+
 class CommunicationLog:
     """What the exchanges of one round sent, how long they (and the sync checks) took, their peak memory."""
 
     def __init__(self):
         self.seconds, self.bytes, self.wire_bytes, self.peak_mb, self.density = 0.0, 0, 0, 0.0, None
 
-    def add(self, sent: int, stats: dict) -> None:
-        self.bytes += sent
+    def add(self, stats: dict) -> None:
+        self.bytes += int(stats["comm.bytes_per_site"])
         self.wire_bytes += int(stats.get("comm.wire_bytes_per_site", 0))
         self.peak_mb = max(self.peak_mb, float(stats.get("memory.exchange_peak_mb", 0.0)))
         self.density = float(stats.get("comm.density", 1.0))
@@ -472,7 +408,6 @@ class CommunicationLog:
             "comm.wire_bytes_per_site": self.wire_bytes,
             "comm.density": self.density if self.density is not None else float(configured_density),
             "memory.exchange_peak_mb": self.peak_mb,
-            "seconds": self.seconds,
         }
         self.__init__()
         return figures

@@ -144,3 +144,47 @@ def train_round(
         if after_step is not None:
             after_step(step_number)
     return sums
+
+
+def train_site_round(
+    model: torch.nn.Module,
+    dataset: TokenizedDataset,
+    collate,
+    cfg,
+    site: int,
+    round_index: int,
+    device: torch.device,
+    progress=None,
+    after_step=None,
+) -> TrainSums:
+    """Site `site`'s local training in round `round_index`: its seeds, batch plan, a fresh optimizer
+    and its place in the learning-rate schedule over all rounds (`cfg`: the run's Config)."""
+    steps = steps_per_round(len(dataset), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps)
+    total, offset = steps * cfg.num_rounds, steps * round_index
+    warmup = int(cfg.warmup_ratio * total)
+    torch.manual_seed(round_seed(cfg.seed, site, round_index, stream=1))  # dropout
+    plan = batch_plan(
+        len(dataset),
+        cfg.batch_size,
+        cfg.grad_accum_steps,
+        cfg.num_local_epochs,
+        cfg.local_steps,
+        round_seed(cfg.seed, site, round_index),
+    )
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.momentum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(offset + step, total, warmup, cfg.lr_scheduler)
+    )
+    return train_round(
+        model,
+        dataset,
+        collate,
+        plan,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=cfg.precision,
+        max_grad_norm=cfg.max_grad_norm,
+        device=device,
+        progress=progress,
+        after_step=after_step,
+    )

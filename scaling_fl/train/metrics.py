@@ -137,5 +137,10 @@ class RoundClock:
         self.parts[part] = self.parts.get(part, 0.0) + now - self.last
         self.last = now
 
+    def move(self, seconds: float, from_part: str, to_part: str) -> None:
+        """Books `seconds` spent inside one part to another (a sync between local steps is not training)."""
+        self.parts[from_part] -= seconds
+        self.parts[to_part] = self.parts.get(to_part, 0.0) + seconds
+
     def figures(self) -> dict[str, float]:
         return {"time.round_s": self.last - self.start, **{f"time.{part}_s": s for part, s in self.parts.items()}}

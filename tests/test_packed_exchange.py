@@ -35,7 +35,7 @@ CONFIGS = {
     "sparse_int8": ("sparse_int8", {"sparsity_level": 0.1, "block_size": 64}),
     "sparse_fallback": ("sparse", {"sparsity_level": 0.6}),
 }
-STRATEGY_NAMES = ("fedavg", "fedadam")
+STRATEGY_NAMES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 ROUNDS = 2
 
 

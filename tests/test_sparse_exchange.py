@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from scaling_fl.exchange import sparse
 from scaling_fl.exchange.factory import make_exchange
 from scaling_fl.exchange.quantize import dequantize, quantize
 from scaling_fl.exchange.sparse import (
@@ -18,6 +19,7 @@ from scaling_fl.exchange.sparse import (
     _Keys,
     find_cut,
     iter_selected,
+    order_keys_,
     scores_into,
     segments_from_model,
     topk_regions,
@@ -107,6 +109,200 @@ def test_segments_from_a_flattened_model_tile_it():
         SparseExchange(34, sparsity_level=0.1, segments=[(0, 12), (13, 21)], world_size=4)
     with pytest.raises(ValueError, match="segments"):
         SparseExchange(34, sparsity_level=0.1, sparsity_scope="tensor", world_size=4)
+
+
+# --- exact top-k against a plain sort (issue 12: sampled bracket, one pass, histogram fallback) -----
+
+
+def _reference(keys: torch.Tensor, regions) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """Per region, the k positions with the largest keys, ties by lowest index, by a plain sort:
+    ([(k-th key, ties sent)], the sorted indices)."""
+    cuts, chosen = [], []
+    for s, e, k in regions:
+        region = keys[s:e].long()
+        order = np.lexsort((np.arange(e - s), -region.numpy()))[:k]  # by key descending, then index
+        key = int(region[order[-1]])
+        assert key == int(torch.topk(region, k).values[-1])
+        cuts.append((key, k - int((region > key).sum())))
+        chosen.append(torch.from_numpy(np.sort(order)) + s)
+    return cuts, torch.cat(chosen)
+
+
+def _full_keys(update, global_, criterion) -> torch.Tensor:
+    return order_keys_(scores_into(update, global_, criterion, torch.empty_like(update)))
+
+
+SELECTION_N = 60_000
+
+
+def _selection_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(12)
+    n = SELECTION_N
+    mostly_zeros = torch.randn(n, generator=g).bfloat16().float()
+    mostly_zeros[: n // 2] = 0.0
+    mostly_zeros[torch.rand(n, generator=g) < 0.4] = 0.0
+    heavy = 0.1 * torch.randn(n, generator=g)
+    heavy[torch.rand(n, generator=g) < 0.3] = 1.0  # 30 % share one value, above all others
+    return {
+        "normal": torch.randn(n, generator=g),
+        "ties": torch.randn(n, generator=g).round(decimals=1),
+        "zeros": torch.zeros(n),
+        "constant": torch.full((n,), -0.25),
+        "mostly_zeros": mostly_zeros,
+        "heavy_value": heavy,
+    }
+
+
+@pytest.fixture
+def small_sample(monkeypatch):
+    """A sample much smaller than the region (a real model samples 65,536 of 22.7M)."""
+    monkeypatch.setattr(sparse, "_SAMPLE", 4096)
+
+
+@pytest.mark.parametrize(
+    "name, criterion",
+    [(name, "largest_magnitude_change") for name in _selection_inputs()]
+    + [(name, "largest_increase_in_magnitude") for name in ("normal", "ties", "mostly_zeros")]  # keys < 0 too
+    + [("ties", "largest_final_magnitude")],
+)
+def test_cut_and_indices_equal_a_plain_sort(small_sample, name, criterion):
+    update = _selection_inputs()[name]
+    n = update.numel()
+    global_ = torch.randn(n, generator=torch.Generator().manual_seed(3)).round(decimals=2)
+    keys = _full_keys(update, global_, criterion)
+    chunk = 4096  # 15 chunks: sampled bracket, one pass
+    for k in (1, 7, n // 100, n // 10, n // 2, n - 1, n):
+        (want_cut,), want = _reference(keys, [(0, n, k)])
+        keys_of = _Keys(update, global_, criterion, chunk)
+        cut = find_cut(keys_of, 0, n, k, chunk)
+        assert (cut.key, cut.ties) == want_cut, (name, criterion, k)
+        assert torch.equal(torch.cat(list(iter_selected([cut], keys_of, chunk))), want), (name, criterion, k)
+        small = find_cut(_Keys(update[:3000], global_[:3000], criterion, chunk), 0, 3000, min(k, 3000), chunk)
+        assert (small.key, small.ties) == _reference(keys[:3000], [(0, 3000, min(k, 3000))])[0][0]  # one chunk
+
+
+def test_keys_of_the_magnitudes_are_their_float_bits():
+    update = torch.tensor([-0.0, 0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), -1.5, 2.0, 1e-45])
+    global_ = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.0, 1.0, 1.5, -2.0, -1e-45])
+    for criterion in CRITERIA:
+        keys = _Keys(update, global_, criterion, 16)(0, update.numel())
+        assert torch.equal(keys, _full_keys(update, global_, criterion)), criterion
+
+
+@pytest.mark.parametrize("scope", ["model", "tensor"])
+@pytest.mark.parametrize("average", ["per_position", "fl4health"])
+def test_exchange_counts_and_selects_exactly_the_sorted_top_k(small_sample, scope, average):
+    inputs = _selection_inputs()
+    update = torch.cat([inputs["mostly_zeros"], inputs["normal"][:20_000], inputs["ties"][:7_000]])
+    n = update.numel()
+    global_ = torch.zeros(n)
+    segments = [(0, 50_000), (50_000, 3), (50_003, 30_000), (80_003, 6_997)]  # tensors across buckets
+    ex = SparseExchange(
+        n,
+        sparsity_level=0.1,
+        sparsity_scope=scope,
+        segments=segments,
+        sparse_average=average,
+        world_size=4,
+        bucket_bytes=5_000 * SparseExchange.BYTES_PER_POSITION,
+    )
+    keys_of = _Keys(update, global_, ex.criterion, ex.bucket_numel)
+    cuts = [find_cut(keys_of, s, e, k, ex.bucket_numel) for s, e, k in ex.regions]
+    want_cuts, want = _reference(_full_keys(update, global_, ex.criterion), ex.regions)
+    assert [(c.key, c.ties) for c in cuts] == want_cuts
+    counts, flags = ex._count_(keys_of, cuts, update)
+    ties = [cut.ties for cut in cuts]
+    chosen = [ex._select(keys_of, cuts, ties, s, e) for s, e in ex.buckets]
+    assert torch.equal(torch.cat(chosen), want) and not any(ties)
+    assert counts.tolist() == [c.numel() for c in chosen] and int(counts.sum()) == ex.k
+    plain = [sparse.Cut(*cut) for cut in cuts]  # without find_cut's per-chunk counts: counted again
+    assert torch.equal(ex._count_(keys_of, plain, update)[0], counts)
+    if flags is not None:
+        sent_nonzero = want[update[want] != 0]
+        expected = [int(((sent_nonzero >= o) & (sent_nonzero < o + size)).any()) for o, size in segments]
+        assert flags.tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "above",  # the k-th lies above the bracket
+        "below",  # below it
+        "wide",  # more keys inside it than a chunk holds
+    ],
+)
+def test_a_missed_bracket_falls_back_to_the_histograms(monkeypatch, bad):
+    update = _selection_inputs()["ties"]
+    n, k, chunk = update.numel(), 6_000, 4096
+    global_ = torch.zeros(n)
+    keys = _full_keys(update, global_, "largest_magnitude_change")
+    (want_cut,), want = _reference(keys, [(0, n, k)])
+    key = want_cut[0]
+    bracket = {
+        "above": sparse._Bracket(hi=key - 1, lo=key - 2, split_hi=False, split_lo=False),
+        "below": sparse._Bracket(hi=key + 2, lo=key + 1, split_hi=False, split_lo=False),
+        "wide": sparse._Bracket(hi=None, lo=None, split_hi=False, split_lo=False),
+    }[bad]
+    keys_of = _Keys(update, global_, "largest_magnitude_change", chunk)
+    assert sparse._cut_in_bracket(keys_of, 0, n, k, chunk, bracket) is None
+    used = []
+    histograms = sparse._cut_by_histograms
+    monkeypatch.setattr(sparse, "_bracket", lambda *args: bracket)
+    monkeypatch.setattr(sparse, "_cut_by_histograms", lambda *args: used.append(1) or histograms(*args))
+    cut = find_cut(keys_of, 0, n, k, chunk)
+    assert used == [1] and (cut.key, cut.ties) == want_cut
+    assert torch.equal(torch.cat(list(iter_selected([cut], keys_of, chunk))), want)
+
+
+def test_frequent_boundary_keys_are_counted_not_collected(small_sample, monkeypatch):
+    inputs = _selection_inputs()
+    seen = []
+    bracket = sparse._bracket
+    monkeypatch.setattr(sparse, "_bracket", lambda *args: seen.append(bracket(*args)) or seen[-1])
+    monkeypatch.setattr(sparse, "_cut_by_histograms", lambda *args: pytest.fail("the bracket missed"))
+    cases = {  # (update, level): where the k-th lies
+        ("zeros", 0.1): "at the only key, split",
+        ("mostly_zeros", 0.5): "at 0, split (both ends of the bracket)",
+        ("mostly_zeros", 0.3): "inside, above 0 (the split low end)",
+        ("mostly_zeros", 0.31): "at 0, the split low end",
+        ("heavy_value", 0.29): "at 1.0, the split high end",
+        ("mostly_zeros", 0.05): "inside, no split",
+    }
+    for name, level in cases:
+        update = inputs[name]
+        n = update.numel()
+        k = int(level * n)
+        keys = _full_keys(update, torch.zeros(n), "largest_magnitude_change")
+        keys_of = _Keys(update, torch.zeros(n), "largest_magnitude_change", 4096)
+        cut = find_cut(keys_of, 0, n, k, 4096)
+        assert (cut.key, cut.ties) == _reference(keys, [(0, n, k)])[0][0], cases[name, level]
+        assert torch.equal(torch.cat(list(iter_selected([cut], keys_of, 4096))), _reference(keys, [(0, n, k)])[1])
+    splits = [(b.split_hi, b.split_lo, b.hi == b.lo) for b in seen]  # (high end, low end, one key)
+    assert splits == [
+        (True, False, True),
+        (True, False, True),
+        (False, True, False),
+        (False, True, False),
+        (True, False, False),
+        (False, False, False),
+    ]
+
+
+def test_any_keys_of_callable_works_and_the_sample_is_fixed():
+    update = _selection_inputs()["ties"]
+    n = update.numel()
+    keys = _full_keys(update, torch.zeros(n), "largest_magnitude_change")
+
+    def keys_of(a, b):  # no .at: the sample is read in blocks
+        return keys[a:b].clone()
+
+    for k in (1, 600, 30_000, n):
+        cut = find_cut(keys_of, 0, n, k, 4096)
+        assert (cut.key, cut.ties) == _reference(keys, [(0, n, k)])[0][0]
+    positions = sparse._sample_positions(100, 100 + n, 1024, "cpu")
+    strata = torch.arange(1025) * n // 1024 + 100
+    assert torch.all(positions >= strata[:-1]) and torch.all(positions < strata[1:])
+    assert torch.equal(positions, sparse._sample_positions(100, 100 + n, 1024, "cpu"))
 
 
 # --- bytes and break-even (pure) --------------------------------------------------------------

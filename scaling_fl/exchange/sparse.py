@@ -8,12 +8,23 @@ flat model; `final` is global + u, which is local without error feedback):
     largest_increase_in_magnitude   |final| - |global|
 chosen over the whole model (`sparsity_scope="model"`, global top-k: never more than the
 fraction asked for) or ceil(level * n_t) per tensor (`"tensor"`, every tensor sends at least
-one value; needs the tensors' (offset, numel) segments). The threshold is found without a model-sized score
-buffer: the scores' float bits map to order-preserving
-int32 keys and two passes of 65,536-bin histograms (high, then low 16 bits) give the exact
-k-th largest key; a third pass streams out every position above it plus the first ties
-at it, in index order, so every site sends exactly k values. (FL4Health sends every score
->= the k-th, so ties send more than k, and scores `final` on the weights it sends.)
+one value; needs the tensors' (offset, numel) segments). The exact k-th largest score is found
+without a model-sized score buffer, in one streaming pass: the scores' float bits map to
+order-preserving int32 keys (a magnitude's bits already are), computed chunk by chunk. A region
+that fits in one chunk is read once and its k-th key selected there. A larger one is bracketed
+by a sample of 65,536 of its keys (one per stratum, at an offset fixed by the stratum: every site
+samples the same positions), 5 standard deviations of the sample's rank either side of k; the
+pass counts the keys above the bracket, counts apart a bracket end shared by many keys (exact
+zeros, say), and collects those inside it (at most a chunk's worth), where the k-th is selected.
+Should the k-th fall outside the bracket or more than a chunk's worth inside it, two passes of
+65,536-bin histograms (high, then low 16 bits) find it instead: the sample decides the time,
+never the result. The pass also counts each chunk's keys above and at the cut, so the per-bucket
+counts gathered before sending need no pass of their own where the chunks are the buckets (model
+scope); the second pass, bucket by bucket as they are sent, lists every position above the cut
+plus the first ties at it, in index order, so every site sends exactly k values. Besides one
+chunk, the selection holds the sample while it is drawn (about 2.5 MiB) and the per-chunk
+counts. (FL4Health sends every score >= the k-th, so ties send more than k, and scores `final`
+on the weights it sends.)
 
 Wire format. The model is cut into index buckets (sized from `bucket_bytes`); a bucket's
 positions are selected, sent, averaged and applied together. Per bucket each site sends its
@@ -107,7 +118,7 @@ def scores_into(update: torch.Tensor, global_part: torch.Tensor, criterion: str,
 def order_keys_(scores: torch.Tensor) -> torch.Tensor:
     """Reinterprets fp32 scores in place as int32 keys with the same order (a view of the same memory)."""
     bits = scores.view(torch.int32)
-    return bits.bitwise_xor_((bits >> 31) & 0x7FFFFFFF)  # negatives: reverse the magnitude order
+    return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF))  # negatives: reverse the magnitude order
 
 
 class Cut(NamedTuple):
@@ -119,20 +130,167 @@ class Cut(NamedTuple):
     ties: int
 
 
+class _CountedCut(Cut):
+    """A Cut that also knows, for each chunk (a, b) find_cut read, (keys above the cut, keys at it):
+    `counts`. _count_ and _select use them instead of counting again (valid for the keys it was found on)."""
+
+    counts: dict[tuple[int, int], tuple[int, int]]
+
+    def __repr__(self) -> str:
+        return repr(Cut(*self))
+
+
+def _counted(start: int, end: int, key: int, ties: int, counts: dict) -> Cut:
+    cut = _CountedCut(start, end, key, ties)
+    cut.counts = counts
+    return cut
+
+
 def _chunks(start: int, end: int, size: int) -> Iterator[tuple[int, int]]:
     for a in range(start, end, size):
         yield a, min(a + size, end)
 
 
+_SAMPLE = 1 << 16  # keys sampled to bracket the k-th of a region larger than a chunk
+_SIGMAS = 5.0  # the bracket's half-width, in standard deviations of the sample's count above the k-th
+
+
 def find_cut(keys_of, start: int, end: int, k: int, chunk_numel: int) -> Cut:
-    """The exact k-th largest key of [start, end), in at most two streaming passes."""
+    """The exact k-th largest key of [start, end) and how many of its ties are sent.
+
+    A region of at most one chunk is read once and its k-th selected in place (kthvalue). A larger
+    one is bracketed by a fixed sample of its keys, then settled in one streaming pass that counts
+    the keys above the bracket and collects those inside it (at most `chunk_numel`); should the k-th
+    fall outside the bracket or too many keys inside it, two passes of 65,536-bin histograms find it
+    instead. The result never depends on the sample, only the time does. The cut also carries each
+    chunk's count of keys above and at it, so that _count_ need not read the keys again."""
     n = end - start
     if not 1 <= k <= n:
         raise ValueError(f"k={k} outside [1, {n}]")
-    if n <= min(chunk_numel, _BINS):  # small: sort it
+    if n <= chunk_numel:
         keys = keys_of(start, end)
-        key = int(torch.sort(keys, descending=True).values[k - 1])
-        return Cut(start, end, key, k - int((keys > key).sum()))
+        key = int(torch.kthvalue(keys, n - k + 1).values)
+        greater, equal = int(torch.count_nonzero(keys > key)), int(torch.count_nonzero(keys == key))
+        return _counted(start, end, key, k - greater, {(start, end): (greater, equal)})
+    bracket = _bracket(_sample_keys(keys_of, start, end), n, k, chunk_numel)
+    cut = _cut_in_bracket(keys_of, start, end, k, chunk_numel, bracket) if bracket is not None else None
+    return cut if cut is not None else _cut_by_histograms(keys_of, start, end, k, chunk_numel)
+
+
+class _Bracket(NamedTuple):
+    """Keys above `hi` are counted and keys in [lo, hi] collected (None: no bound on that side); a
+    `split_*` boundary key is too frequent to collect (e.g. exact zeros), so it is counted apart."""
+
+    hi: int | None
+    lo: int | None
+    split_hi: bool
+    split_lo: bool
+
+
+def _sample_positions(start: int, end: int, m: int, device) -> torch.Tensor:
+    """m positions of [start, end), one in each of m equal strata at a fixed pseudo-random offset (a
+    function of the stratum alone: every site samples the same positions; no periodic aliasing)."""
+    n = end - start
+    i = torch.arange(m, dtype=torch.int64, device=device)
+    low = i * n // m
+    width = (i + 1) * n // m - low
+    return ((i * 2654435761 + 40503) % 4294967291 % width).add_(low).add_(start)
+
+
+def _sample_keys(keys_of, start: int, end: int) -> torch.Tensor:
+    """min(_SAMPLE, n) keys of [start, end) (a copy): scattered positions where keys_of can read them
+    (`keys_of.at`), otherwise evenly spaced blocks of 256."""
+    n, device = end - start, _device(keys_of)
+    m = min(_SAMPLE, n)
+    at = getattr(keys_of, "at", None)
+    if at is not None:
+        return at(_sample_positions(start, end, m, device))
+    block = min(256, n)
+    blocks = max(1, m // block)
+    firsts = [start + j * (n - block) // max(1, blocks - 1) for j in range(blocks)]
+    return torch.cat([keys_of(a, a + block).clone() for a in firsts])
+
+
+def _bracket(sample: torch.Tensor, n: int, k: int, capacity: int) -> _Bracket | None:
+    """Where the k-th largest of n keys lies, judged from a sample: _SIGMAS standard deviations of the
+    sample's rank either side of k/n of it. A boundary key holding (by the sample) more than 1/8 of
+    `capacity` keys is split. None if the bracket would hold more than 3/4 of `capacity` keys."""
+    sample = torch.sort(sample, descending=True).values
+    m = sample.numel()
+    p = k / n
+    spread = _SIGMAS * math.sqrt(m * p * (1 - p)) + 2
+    top, bottom = math.floor(p * m - 1 - spread), math.ceil(p * m - 1 + spread)
+    hi = int(sample[top]) if top >= 0 else None
+    lo = int(sample[bottom]) if bottom < m else None
+    at_hi = int(torch.count_nonzero(sample == hi)) if hi is not None else 0
+    at_lo = int(torch.count_nonzero(sample == lo)) if lo is not None and lo != hi else 0
+    heavy = capacity * m / (8 * n)
+    split_hi, split_lo = at_hi > heavy, at_lo > heavy
+    inside = m
+    if hi is not None:
+        inside -= int(torch.count_nonzero(sample > hi)) + (at_hi if split_hi else 0)
+    if lo is not None:
+        inside -= int(torch.count_nonzero(sample < lo)) + (at_lo if split_lo else 0)
+    if inside * n / m > 0.75 * capacity:
+        return None
+    return _Bracket(hi, lo, split_hi, split_lo)
+
+
+def _cut_in_bracket(keys_of, start: int, end: int, k: int, chunk_numel: int, bracket: _Bracket) -> Cut | None:
+    """One streaming pass: count the keys above the bracket and at its split boundaries, collect those
+    inside it, and find the k-th among them. None if the k-th is not in the bracket or more than
+    `chunk_numel` keys are inside it."""
+    hi, lo, split_hi, split_lo = bracket
+    inside = torch.empty(chunk_numel, dtype=torch.int32, device=_device(keys_of))
+    chunks = list(_chunks(start, end, chunk_numel))
+    above, at_hi, at_lo, ends = [], [], [], []  # per chunk; ends: where its keys end in `inside`
+    used = 0
+    for a, b in chunks:
+        keys = keys_of(a, b)
+        # A split boundary is counted over the whole chunk, so that a frequent key is never copied.
+        at_hi.append(int(torch.count_nonzero(keys == hi)) if split_hi else 0)
+        at_lo.append(int(torch.count_nonzero(keys == lo)) if split_lo else 0)
+        if lo is not None:  # a small part unless k is large
+            keys = keys[keys > lo] if split_lo or (split_hi and lo == hi) else keys[keys >= lo]
+        if hi is None:
+            above.append(0)
+        elif split_hi and lo == hi:  # one key, counted apart: nothing inside
+            above.append(keys.numel())
+            keys = keys[:0]
+        else:  # what is not inside the bracket is above it (or at its split high end)
+            from_lo = keys.numel()
+            keys = keys[keys < hi] if split_hi else keys[keys <= hi]
+            above.append(from_lo - keys.numel() - at_hi[-1])
+        if sum(above) >= k:  # the k-th is above the bracket
+            return None
+        if used + keys.numel() > chunk_numel:
+            return None
+        inside[used : used + keys.numel()].copy_(keys)
+        used += keys.numel()
+        ends.append(used)
+
+    inside, total_above, total_hi = inside[:used], sum(above), sum(at_hi)
+    rank = k - total_above  # of the k-th among the keys not above the bracket, from 1
+    if split_hi and rank <= total_hi:
+        key, greater, equal = hi, above, at_hi
+    elif rank - total_hi <= used:
+        key = int(torch.kthvalue(inside, used - (rank - total_hi) + 1).values)
+        starts = [0] + ends[:-1]
+        greater = [
+            x + y + int(torch.count_nonzero(inside[s:e] > key)) for x, y, s, e in zip(above, at_hi, starts, ends)
+        ]
+        equal = [int(torch.count_nonzero(inside[s:e] == key)) for s, e in zip(starts, ends)]
+    elif split_lo and rank - total_hi - used <= sum(at_lo):
+        key, equal = lo, at_lo
+        greater = [x + y + e - s for x, y, s, e in zip(above, at_hi, [0] + ends[:-1], ends)]
+    else:
+        return None
+    return _counted(start, end, key, k - sum(greater), dict(zip(chunks, zip(greater, equal))))
+
+
+def _cut_by_histograms(keys_of, start: int, end: int, k: int, chunk_numel: int) -> Cut:
+    """find_cut's fallback: two streaming passes of 65,536-bin histograms (the high, then the low 16
+    bits of the keys)."""
     high = torch.zeros(_BINS, dtype=torch.int64, device=_device(keys_of))
     for a, b in _chunks(start, end, chunk_numel):
         high += torch.bincount((keys_of(a, b) >> 16) + (_BINS // 2), minlength=_BINS)
@@ -156,31 +314,73 @@ def _device(keys_of) -> torch.device:
     return getattr(keys_of, "device", torch.device("cpu"))
 
 
+def _known(cut: Cut, a: int, b: int) -> tuple[int, int] | None:
+    """(keys above the cut, keys at it) in [a, b), if find_cut counted exactly that chunk."""
+    counts = getattr(cut, "counts", None)
+    return counts.get((a, b)) if counts is not None else None
+
+
+def _chosen(keys: torch.Tensor, key: int, ties: int, known: tuple[int, int] | None = None) -> tuple[torch.Tensor, int]:
+    """Positions in `keys` (int64, increasing) of every key above `key` and of the first `ties` equal
+    to it; and how many ties that took. `known`: (above, at) the key, if counted already."""
+    equal = known[1] if known is not None else None
+    if ties <= 0 or equal == 0:
+        return torch.nonzero(keys > key).squeeze(1), 0
+    if equal is not None and equal <= ties:
+        return torch.nonzero(keys >= key).squeeze(1), equal
+    at = torch.nonzero(keys == key).squeeze(1)
+    if at.numel() <= ties:
+        return torch.nonzero(keys >= key).squeeze(1), at.numel()
+    stop = int(at[ties])  # the first tie not sent
+    del at
+    chosen = keys >= key
+    torch.gt(keys[stop:], key, out=chosen[stop:])
+    return torch.nonzero(chosen).squeeze(1), ties
+
+
+def _how_many_chosen(keys_of, cut: Cut, a: int, b: int, ties: int) -> tuple[int, int]:
+    """(how many positions of [a, b) _chosen picks, how many ties that takes), without listing them."""
+    known = _known(cut, a, b)
+    if known is None:
+        keys = keys_of(a, b)
+        above = int(torch.count_nonzero(keys > cut.key))
+        known = above, int(torch.count_nonzero(keys == cut.key)) if ties > 0 else 0
+    taken = min(ties, known[1]) if ties > 0 else 0
+    return known[0] + taken, taken
+
+
 def iter_selected(cuts: list[Cut], keys_of, chunk_numel: int) -> Iterator[torch.Tensor]:
     """Flat int64 indices of the selected positions, chunk by chunk, in increasing order."""
     for cut in cuts:
         ties = cut.ties
         for a, b in _chunks(cut.start, cut.end, chunk_numel):
-            keys = keys_of(a, b)
-            chosen = keys > cut.key
-            if ties > 0:
-                equal = torch.nonzero(keys == cut.key).squeeze(1)[:ties]
-                chosen[equal] = True
-                ties -= equal.numel()
-            yield torch.nonzero(chosen).squeeze(1).add_(a)
+            chosen, taken = _chosen(keys_of(a, b), cut.key, ties, _known(cut, a, b))
+            ties -= taken
+            yield chosen.add_(a)
 
 
 class _Keys:
-    """keys_of(a, b): the order keys of positions [a, b) of the update, in one reused chunk buffer."""
+    """keys_of(a, b): the order keys of positions [a, b) of the update, in one reused chunk buffer;
+    keys_of.at(positions): those of scattered positions, in a new tensor."""
 
     def __init__(self, update: torch.Tensor, global_: torch.Tensor, criterion: str, chunk_numel: int):
         self.update, self.global_, self.criterion = update, global_, criterion
         self.buffer = torch.empty(chunk_numel, dtype=torch.float32, device=update.device)
         self.device = update.device
+        # Magnitudes are >= 0 with the sign bit clear (abs clears it, NaN's too): their float bits
+        # already are their order keys. Only the increase in magnitude can be negative.
+        self.signed = criterion == "largest_increase_in_magnitude"
 
     def __call__(self, a: int, b: int) -> torch.Tensor:
-        out = self.buffer[: b - a]
-        return order_keys_(scores_into(self.update[a:b], self.global_[a:b], self.criterion, out))
+        return self._keys(scores_into(self.update[a:b], self.global_[a:b], self.criterion, self.buffer[: b - a]))
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        update = self.update[positions]
+        global_ = update if self.criterion == "largest_magnitude_change" else self.global_[positions]
+        return self._keys(scores_into(update, global_, self.criterion, torch.empty_like(update)))
+
+    def _keys(self, scores: torch.Tensor) -> torch.Tensor:
+        return order_keys_(scores) if self.signed else scores.view(torch.int32)
 
 
 def topk_regions(
@@ -406,19 +606,18 @@ class SparseExchange:
             a, b = max(start, cut.start), min(end, cut.end)
             if a >= b:
                 continue
-            keys = keys_of(a, b)
-            chosen = keys > cut.key
-            if ties[index] > 0:
-                equal = torch.nonzero(keys == cut.key).squeeze(1)[: ties[index]]
-                chosen[equal] = True
-                ties[index] -= equal.numel()
-            parts.append(torch.nonzero(chosen).squeeze(1).add_(a))
+            chosen, taken = _chosen(keys_of(a, b), cut.key, ties[index], _known(cut, a, b))
+            ties[index] -= taken
+            parts.append(chosen.add_(a))
+        if len(parts) == 1:
+            return parts[0]
         return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64, device=keys_of.device)
 
     def _count_(self, keys_of, cuts: list[Cut], work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Selected positions per bucket (int32), and for the fl4health rule whether this site sends a
-        non-zero value into each tensor (uint8)."""
-        counts = torch.zeros(len(self.buckets), dtype=torch.int32, device=work.device)
+        non-zero value into each tensor (uint8). The counts come from find_cut's where it read the
+        bucket as one chunk (so no key is read again), from the keys otherwise."""
+        counts = [0] * len(self.buckets)
         flags = (
             torch.zeros(len(self.segments), dtype=torch.uint8, device=work.device)
             if self.average == "fl4health"
@@ -427,14 +626,22 @@ class SparseExchange:
         seg_starts = torch.tensor([o for o, _ in self.segments], dtype=torch.int64, device=work.device)
         ties = [cut.ties for cut in cuts]
         for bucket, (start, end) in enumerate(self.buckets):
-            chosen = self._select(keys_of, cuts, ties, start, end)
-            counts[bucket] = chosen.numel()
-            if flags is not None and chosen.numel():
-                nonzero = chosen[work[chosen] != 0]
-                flags[torch.searchsorted(seg_starts, nonzero, right=True) - 1] = 1
+            if flags is not None:  # which tensors get a non-zero value: the positions are needed
+                chosen = self._select(keys_of, cuts, ties, start, end)
+                counts[bucket] = chosen.numel()
+                if chosen.numel():
+                    nonzero = chosen[work[chosen] != 0]
+                    flags[torch.searchsorted(seg_starts, nonzero, right=True) - 1] = 1
+                continue
+            for index, cut in enumerate(cuts):
+                a, b = max(start, cut.start), min(end, cut.end)
+                if a < b:
+                    here, taken = _how_many_chosen(keys_of, cut, a, b, ties[index])
+                    ties[index] -= taken
+                    counts[bucket] += here
         if any(ties):
             raise RuntimeError(f"sparse selection left ties {ties} unassigned")
-        return counts, flags
+        return torch.tensor(counts, dtype=torch.int32, device=work.device), flags
 
     def _gather_counts(self, counts: torch.Tensor, flags: torch.Tensor | None, device) -> tuple:
         world = self.world_size

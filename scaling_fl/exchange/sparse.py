@@ -79,6 +79,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from scaling_fl.exchange.base import ExchangeBase, MeanPart
 from scaling_fl.exchange.dense import DenseExchange, bucket_ranges, load_residual, ring_wire_bytes
 from scaling_fl.exchange.quantize import (
     DEFAULT_BUCKET_BYTES,
@@ -418,8 +419,8 @@ def _check_segments(segments: list[tuple[int, int]], numel: int) -> list[tuple[i
 # --- the exchange ------------------------------------------------------------------------
 
 
-class SparseExchange:
-    """exchange_(local, global_, weight, strategy) -> payload bytes this site sent (see the module docstring).
+class SparseExchange(ExchangeBase):
+    """means(local, global_, weight): the exchange contract of exchange/base.py (see the module docstring).
 
     sparsity_level      fraction of values each site sends, in (0, 1] (see the module docstring for k)
     sparsity_scope      "model" (global top-k) or "tensor" (ceil(level * n_t) per tensor; needs segments)
@@ -537,12 +538,12 @@ class SparseExchange:
         return self._dense is not None
 
     @torch.no_grad()
-    def exchange_(self, local: torch.Tensor, global_: torch.Tensor, weight: float, strategy) -> int:
-        """Applies the per-position mean of everyone's top-k updates; leaves local == global. Returns bytes sent."""
+    def means(self, local: torch.Tensor, global_: torch.Tensor, weight: float) -> Iterator[MeanPart]:
+        """Yields the per-position mean of everyone's top-k updates, bucket by bucket; leaves local == global."""
         if self._dense is not None:
-            sent = self._dense.exchange_(local, global_, weight, strategy)
+            yield from self._dense.means(local, global_, weight)
             self.stats = dict(self._dense.stats)
-            return sent
+            return
         weights = self.site_weights(weight, local.device)
         sent = self.site_weights.bytes
         error_feedback = self.residual is not None
@@ -581,7 +582,7 @@ class SparseExchange:
                 local[start:end].div_(table[senders.long()])
             else:
                 local[start:end].div_(senders.masked_fill_(senders == 0, 1.0))
-            strategy.apply_update_(global_[start:end], local[start:end], slice(start, end))
+            yield MeanPart(slice(start, end), local[start:end], is_average=False)
             local[start:end].copy_(global_[start:end])
         if sent > self.sparse_payload_bytes:
             raise RuntimeError(f"sparse exchange sent {sent} bytes, planned at most {self.sparse_payload_bytes}")
@@ -596,7 +597,6 @@ class SparseExchange:
             "memory.exchange_peak_mb": (workspace + state) / 2**20,
             "memory.exchange_state_mb": state / 2**20,
         }
-        return sent
 
     def _select(self, keys_of, cuts: list[Cut], ties: list[int], start: int, end: int) -> torch.Tensor:
         """This site's selected positions in [start, end), in increasing order (int64). Every key above

@@ -45,7 +45,7 @@ per process; the proportional set size (PSS, every 1 s) splits them and is repor
 
     .venv/bin/python bench/scale.py --quick                  # both systems, 4 sites x 20 rows, 1 round: a few minutes
     nohup .venv/bin/python bench/scale.py --out /tmp/scale.json > /tmp/scale-bench.log 2>&1 &  # a, b x2 + sweep
-    .venv/bin/python bench/scale.py --report /tmp/scale.json # table and figures again from saved results
+    .venv/bin/python bench/scale.py --report /tmp/scale.json [more.json]  # table and figures from saved results
 
 Figures (memory and wall time vs number of sites) go to docs/figures/scale/. Targets (issue 12):
 4 sites: RSS <= 0.35x Flower, wall <= 0.9x, accuracy >= Flower - 0.5 pt; 64 sites, fraction 0.25: RSS <=
@@ -213,9 +213,10 @@ def _label(pid: int) -> str:
 class TreeSampler(threading.Thread):
     """Peak summed RSS (every `interval` s) and PSS (every `pss_every`-th sample) of a run's processes."""
 
-    def __init__(self, root: int, interval: float = 0.2, pss_every: int = 5):
+    def __init__(self, root: int, limit_bytes: float, interval: float = 0.2, pss_every: int = 5):
         super().__init__(daemon=True)
-        self.root, self.interval, self.pss_every = root, interval, pss_every
+        self.root, self.limit_bytes, self.interval, self.pss_every = root, limit_bytes, interval, pss_every
+        self.over_limit = False
         self.session = os.getsid(root)
         self.start_ticks = (time.time() - _boot_time() - 1.0) * os.sysconf("SC_CLK_TCK")
         self.stop_event = threading.Event()
@@ -258,6 +259,10 @@ class TreeSampler(threading.Thread):
                 {"pid": pid, "why": members[pid], "rss_mb": rss[pid] / 2**20, "cmd": _label(pid)}
                 for pid in sorted(rss, key=rss.get, reverse=True)
             ]
+        if total > self.limit_bytes and not self.over_limit:  # stop the run before the machine runs out
+            self.over_limit = True
+            for pid in members:
+                _signal(pid, 9)
         if self.samples % self.pss_every == 0:
             self.peak_pss = max(self.peak_pss, sum(_pss_bytes(pid) for pid in members))
         self.samples += 1
@@ -274,22 +279,29 @@ class TreeSampler(threading.Thread):
         return sorted(self.members())
 
 
-def measure(command: list[str], env: dict, log_path: Path) -> dict:
-    """Runs `command` in a new session; wall time to its exit and the peaks of its process tree."""
+def _signal(pid: int, number: int) -> None:
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        pass
+
+
+def measure(command: list[str], env: dict, log_path: Path, limit_gb: float) -> dict:
+    """Runs `command` in a new session; wall time to its exit and the peaks of its process tree. A tree whose
+    summed RSS passes `limit_gb` is killed and reported as not fitting."""
     started = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        sampler = TreeSampler(process.pid)
+        sampler = TreeSampler(process.pid, limit_gb * 2**30)
         sampler.start()
         returncode = process.wait()
         wall = time.monotonic() - started
     stragglers = [pid for pid in sampler.finish() if pid != process.pid]
     straggler_labels = [_label(pid) for pid in stragglers]
     for pid in stragglers:  # only processes of this run: its session or Ray processes it started
-        try:
-            os.kill(pid, 15)
-        except ProcessLookupError:
-            pass
+        _signal(pid, 15)
+    if sampler.over_limit:
+        return {"wall_s": wall, "peak_rss_mb": sampler.peak_rss / 2**20, "over_limit_gb": limit_gb}
     if returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
         raise SystemExit(f"{' '.join(command[:3])} ... exited {returncode}; log {log_path}:\n{tail}")
@@ -346,10 +358,12 @@ def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Pat
     ]
 
 
-def run_scaling_fl(job: Job, paths: dict[str, Path], workdir: Path, source: Path) -> dict:
+def run_scaling_fl(job: Job, paths: dict[str, Path], workdir: Path, source: Path, limit_gb: float) -> dict:
     runs = workdir / "runs"
     env = {**os.environ, "PYTHONPATH": str(source)}  # ahead of the .venv's editable install of ROOT
-    result = measure(scaling_fl_command(job, paths, runs, source), env, workdir / "scaling-fl.log")
+    result = measure(scaling_fl_command(job, paths, runs, source), env, workdir / "scaling-fl.log", limit_gb)
+    if "over_limit_gb" in result:
+        return result
     (run_dir,) = [p for p in runs.iterdir() if p.name.isdigit()]
     values = {key: series["values"] for key, series in json.loads((run_dir / "metrics.json").read_text()).items()}
     result.update(
@@ -362,7 +376,7 @@ def run_scaling_fl(job: Job, paths: dict[str, Path], workdir: Path, source: Path
     return result
 
 
-def run_flower(job: Job, paths: dict[str, Path], workdir: Path, venv: Path) -> dict:
+def run_flower(job: Job, paths: dict[str, Path], workdir: Path, venv: Path, limit_gb: float) -> dict:
     from scaling_fl.models import minilm_path
 
     out = workdir / "flower-result.json"
@@ -387,7 +401,9 @@ def run_flower(job: Job, paths: dict[str, Path], workdir: Path, venv: Path) -> d
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     env = {**os.environ, "FLOWER_SCALE_SPEC": str(spec_path), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("PYTHONPATH", None)
-    result = measure([str(venv / "bin" / "python"), str(FLOWER_APP)], env, workdir / "flower.log")
+    result = measure([str(venv / "bin" / "python"), str(FLOWER_APP)], env, workdir / "flower.log", limit_gb)
+    if "over_limit_gb" in result:
+        return result
     record = json.loads(out.read_text())
     result.update(
         accuracy_per_round=[r["accuracy"] for r in record["rounds"]],
@@ -422,15 +438,19 @@ def ensure_flower_venv(venv: Path) -> str:
 # ------------------------------------------------------------------------------------------- runs
 
 
-def schedule(main: list[Job], sweep: list[Job], repeats: int, systems: tuple[str, ...]) -> list[tuple]:
-    """(job, system, repeat): every compared job alternates the systems (AB, BA, AB, ...); sweep points once."""
+def schedule(
+    main: list[Job], sweep: list[Job], repeats: int, systems: tuple[str, ...], flower_sweep: list[int] | None
+) -> list[tuple]:
+    """(job, system, repeat): every compared job alternates the systems (AB, BA, AB, ...); sweep points once
+    (Flower's only at the sites of `flower_sweep`, when given)."""
     plan = []
     for job in main:
         for repeat in range(repeats):
             order = systems if repeat % 2 == 0 else tuple(reversed(systems))
             plan.extend((job, system, repeat) for system in order)
     for job in sweep:
-        plan.extend((job, system, 0) for system in systems)
+        wanted = [s for s in systems if s != "flower" or flower_sweep is None or job.sites in flower_sweep]
+        plan.extend((job, system, 0) for system in wanted)
     return plan
 
 
@@ -468,7 +488,7 @@ def run_all(args) -> dict:
         results["scaling_fl_commit"] = commit.stdout.strip()
         source = export_commit(Path(tmp) / "scaling-fl", results["scaling_fl_commit"])
         started = time.monotonic()
-        for number, (job, system, repeat) in enumerate(schedule(main, sweep, args.repeats, systems)):
+        for number, (job, system, repeat) in enumerate(schedule(main, sweep, args.repeats, systems, args.sweep_flower)):
             if job in sweep and over_budget(results["runs"], system, started, args.budget_min):
                 print(f"skipping {job.name} {system}: past --budget-min {args.budget_min}", file=sys.stderr)
                 results.setdefault("skipped", []).append(f"{job.name} {system}")
@@ -477,9 +497,9 @@ def run_all(args) -> dict:
             paths = write_job_data(job, pool, evaluation, workdir / "data", data_seed=42)
             print(f"[{time.strftime('%H:%M:%S')}] {job.name} {system} #{repeat}", file=sys.stderr, flush=True)
             if system == "scaling-fl":
-                outcome = run_scaling_fl(job, paths, workdir, source)
+                outcome = run_scaling_fl(job, paths, workdir, source, args.memory_limit_gb)
             else:
-                outcome = run_flower(job, paths, workdir, args.flower_venv)
+                outcome = run_flower(job, paths, workdir, args.flower_venv, args.memory_limit_gb)
             results["runs"].append({"job": job.name, "system": system, "repeat": repeat, **outcome})
             print(f"    {summary_line(outcome)}", file=sys.stderr, flush=True)
             results["load_after"] = load_average()
@@ -496,6 +516,8 @@ def over_budget(runs: list[dict], system: str, started: float, budget_min: float
 
 
 def summary_line(outcome: dict) -> str:
+    if "over_limit_gb" in outcome:
+        return f"did not fit: process tree past {outcome['over_limit_gb']} GiB after {outcome['wall_s']:.0f} s, killed"
     accuracy = ", ".join(f"{a:.4f}" for a in outcome["accuracy_per_round"])
     return (
         f"wall {outcome['wall_s']:.0f} s, peak tree RSS {outcome['peak_rss_mb']:.0f} MiB "
@@ -507,7 +529,7 @@ def summary_line(outcome: dict) -> str:
 
 
 def medians(results: dict, job: str, system: str) -> dict | None:
-    runs = [r for r in results["runs"] if r["job"] == job and r["system"] == system]
+    runs = [r for r in results["runs"] if r["job"] == job and r["system"] == system and "over_limit_gb" not in r]
     if not runs:
         return None
     per_round = list(zip(*(r["accuracy_per_round"] for r in runs), strict=True))
@@ -557,6 +579,10 @@ def table(results: dict) -> str:
                     f"| {label} | {system} | {m['n']} | {m['wall_s']:.0f} | {m['peak_rss_mb']:.0f} "
                     f"| {m['peak_pss_mb']:.0f} | {accuracy} |"
                 )
+        for run in results["runs"]:
+            if run["job"] == name and "over_limit_gb" in run:
+                killed = f"did not fit: killed past {run['over_limit_gb']:g} GiB"
+                lines.append(f"| {label} | {run['system']} | {killed} | | | | |")
         ours, theirs = found["scaling-fl"], found["flower"]
         if ours and theirs:
             accuracy = " / ".join(f"{(a - b) * 100:+.1f} pt" for a, b in zip(ours["accuracy"], theirs["accuracy"]))
@@ -602,6 +628,9 @@ def figures(results: dict, directory: Path) -> list[Path]:
             if points:
                 ax.plot([n for n, _ in points], [m[key] for _, m in points], label=system, **styles[system])
         ax.set_xscale("log", base=2)
+        sites = sorted({n for system in SYSTEMS for n, _ in sweep_points(results, system)})
+        ax.set_xticks(sites, [str(n) for n in sites])
+        ax.minorticks_off()
         ax.set_xlabel("sites (6,000 rows shared, fraction_fit 0.25)")
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)
@@ -615,6 +644,20 @@ def figures(results: dict, directory: Path) -> list[Path]:
     return written
 
 
+def merge(parts: list[dict]) -> dict:
+    """Results of several invocations (e.g. the compared jobs, then more sweep points) as one."""
+    results = {**parts[0], "jobs": {}, "runs": [], "main": []}
+    for part in parts:
+        results["jobs"].update(part["jobs"])
+        results["runs"].extend(part["runs"])
+        results["main"].extend(name for name in part["main"] if name not in results["main"])
+        results["flower"] = results["flower"] or part["flower"]
+    if len(parts) > 1:
+        results["load_before"] = ", ".join(part["load_before"] for part in parts)
+        results["load_after"] = ", ".join(str(part.get("load_after")) for part in parts)
+    return results
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=AGNEWS, help=f"AG News test.csv (default: {AGNEWS})")
@@ -625,18 +668,26 @@ def parse_args():
     parser.add_argument(
         "--budget-min", type=float, help="skip sweep runs that would end later than this many minutes after the start"
     )
+    parser.add_argument(
+        "--memory-limit-gb", type=float, default=16.0, help="kill a run whose process tree passes this (summed RSS)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS, help="leave a system out")
     parser.add_argument("--commit", default="HEAD", help="the scaling-fl commit to run (exported with git archive)")
     parser.add_argument("--flower-venv", type=Path, default=CACHE / "flower-venv")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures" / "scale")
-    parser.add_argument("--report", type=Path, help="only print the table and draw the figures of saved results")
+    parser.add_argument(
+        "--sweep-flower", type=int, nargs="*", help="Flower's sweep points, when fewer than --sweep (default: the same)"
+    )
+    parser.add_argument(
+        "--report", type=Path, nargs="+", help="only print the table and draw the figures of saved results (merged)"
+    )
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     if args.report:
-        results = json.loads(args.report.read_text())
+        results = merge([json.loads(path.read_text()) for path in args.report])
     else:
         if not args.data.exists():
             raise SystemExit(f"{args.data} is missing: pass the AG News test split with --data PATH")

@@ -261,7 +261,7 @@ class TreeSampler(threading.Thread):
             ]
         if total > self.limit_bytes and not self.over_limit:  # stop the run before the machine runs out
             self.over_limit = True
-            for pid in members:
+            for pid in owned(members):
                 _signal(pid, 9)
         if self.samples % self.pss_every == 0:
             self.peak_pss = max(self.peak_pss, sum(_pss_bytes(pid) for pid in members))
@@ -273,10 +273,16 @@ class TreeSampler(threading.Thread):
             self.stop_event.wait(self.interval)
 
     def finish(self) -> list[int]:
-        """Stops sampling; returns the members still alive (stragglers the root left behind)."""
+        """Stops sampling; returns the run's own processes still alive (stragglers the root left behind)."""
         self.stop_event.set()
         self.join()
-        return sorted(self.members())
+        return owned(self.members())
+
+
+def owned(members: dict[int, str]) -> list[int]:
+    """The members this script may signal: descendants and the run's session. Processes counted only because
+    their command line names Ray are never signalled: on a shared machine they could be someone else's."""
+    return sorted(pid for pid, why in members.items() if why != "ray")
 
 
 def _signal(pid: int, number: int) -> None:

@@ -207,7 +207,7 @@ def run_sites(
             rdzv_endpoint=f"{topology.master_addr}:{topology.master_port}",
             rdzv_configs={"rank": topology.node_rank, "timeout": 900},
             max_restarts=max_restarts,
-            monitor_interval=0.5,
+            monitor_interval=0.1,  # how soon a failed site is noticed (a cheap poll of the children)
             start_method="forkserver",
             logs_specs=DefaultLogsSpecs(log_dir=os.path.join(workdir, "elastic")),  # every site's error.json
             local_addr=topology.master_addr if topology.num_nodes == 1 else None,

@@ -91,7 +91,7 @@ class StoppedSiteWatch:
     restarts every site with SIGTERM, which a stopped process only takes once continued. Elastic
     would otherwise wait its 30 s grace before SIGKILL, holding the restart back."""
 
-    def __init__(self, poll_s: float = 0.2):
+    def __init__(self, poll_s: float = 0.1):
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scaling-fl-stopped-sites", daemon=True)

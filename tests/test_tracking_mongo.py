@@ -208,35 +208,56 @@ def silent_port():
     listener.close()
 
 
-@pytest.mark.parametrize("problem", ["refused", "silent", "wrong_password", "not_configured"])
-def test_tracking_problems_fail_in_seconds_with_one_line_before_any_worker(tmp_path, server_env, request, problem):
-    accepted = None
+def _problem_env(problem: str, server_env, request) -> tuple[dict, str, list[str], list | None]:
+    """The environment of one tracking problem, the error expected, extra keys, the silent port's connections."""
     if problem == "refused":
         env = server_env(s3=False, gcs=False, SACRED_URL=f"mongodb://127.0.0.1:{free_port()}/")
-        expected, args = "is not reachable", []
-    elif problem == "silent":
+        return env, "is not reachable", [], None
+    if problem == "silent":
         port, accepted = request.getfixturevalue("silent_port")
         env = server_env(s3=False, gcs=False, SACRED_URL=f"mongodb://127.0.0.1:{port}/")
-        expected, args = f"MongoDB at 127.0.0.1:{port} is not reachable within 5 s (no answer", []
-    elif problem == "wrong_password":
+        return env, f"MongoDB at 127.0.0.1:{port} is not reachable within 5 s (no answer", [], accepted
+    if problem == "wrong_password":
         env = server_env(s3=False, gcs=False, mongo="auth", mongo_password="not-the-password")
-        expected, args = "authentication failed", []
-    else:
-        env = server_env(s3=False, gcs=False)
-        expected, args = "tracking=mongo needs SACRED_URL", ["tracking=mongo"]
+        return env, "authentication failed", [], None
+    return server_env(s3=False, gcs=False), "tracking=mongo needs SACRED_URL", ["tracking=mongo"], None
+
+
+@pytest.mark.parametrize("problem", ["refused", "silent", "wrong_password", "not_configured"])
+def test_each_tracking_problem_is_one_line_from_the_checks_in_seconds(server_env, request, problem):
+    """The checks the launcher runs before anything else (job.preflight: choose_tracking, then
+    check_mongo), in-process; the command line's handling of their error is tested once below."""
+    from scaling_fl.tracking.observers import TrackingError, check_mongo, choose_tracking
+
+    env, expected, args, accepted = _problem_env(problem, server_env, request)
     start = time.monotonic()
-    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", *args, env=env)
-    assert time.monotonic() - start < 15  # imports included; the server check itself gives up after 5 s
+    with pytest.raises(TrackingError) as raised:
+        _, target = choose_tracking("mongo" if args else "auto", env)
+        check_mongo(target)
+    assert time.monotonic() - start < 5 + 2  # the server check gives up after 5 s (the probe adds at most 2 s)
+    message = str(raised.value)
+    assert expected in message and "\n" not in message
+    assert "not-the-password" not in message
+    if problem != "not_configured":
+        assert "127.0.0.1:" in message  # names the host
+    if problem == "refused":
+        assert "connection refused" in message
+    if accepted is not None:
+        assert accepted  # the client really got a TCP connection, and waited for an answer in vain
+
+
+def test_a_silent_tracking_server_fails_the_command_in_seconds_with_one_line_before_any_worker(
+    tmp_path, server_env, request
+):
+    env, expected, _, accepted = _problem_env("silent", server_env, request)
+    start = time.monotonic()
+    result = run_cli(tmp_path, "with", *SMALL, "num_rounds=1", env=env)
+    # Interpreter start and imports included (5-11 s on 2 busy cores); pymongo alone would wait 30 s.
+    assert time.monotonic() - start < 25
     assert result.returncode == 2
     (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert expected in line and "Traceback" not in result.stderr
-    assert "not-the-password" not in result.stderr
-    if problem != "not_configured":
-        assert "127.0.0.1:" in line  # names the host
-    if problem == "refused":
-        assert "connection refused" in line
-    if accepted is not None:
-        assert accepted  # the client really got a TCP connection, and waited for an answer in vain
+    assert accepted
     assert "Started run" not in result.stderr
     assert "site 0:" not in result.stderr  # the split is logged just before the sites start
     assert not (tmp_path / "runs").exists()  # no record anywhere

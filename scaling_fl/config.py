@@ -362,6 +362,11 @@ class Config:
     optimizer: str = key("adamw", Choice(OPTIMIZERS), "`adamw`, or `sgd` (with `momentum`)")
     momentum: float = key(0.0, Number(0.0, 1.0, high_open=True), "SGD momentum")
     weight_decay: float = key(0.0, Number(0.0, 1.0), "AdamW/SGD weight decay (not on biases and norm weights)")
+    proximal_mu: float = key(
+        0.0,
+        Number(0.0, 1e6),
+        "FedProx: adds mu/2 ||w - w_global||^2 to each site's local loss (`0`: plain local training, bitwise)",
+    )
     lr_scheduler: str = key(
         "linear",
         Choice(LR_SCHEDULERS),
@@ -563,6 +568,12 @@ def _check_precision(precision: str) -> None:
 
 
 def _check_sync(values: dict) -> None:
+    if values["proximal_mu"] > 0 and values["sync"] != "round":
+        raise _fail(
+            "proximal_mu",
+            values["proximal_mu"],
+            "0 unless sync=round (FedProx pulls each site toward the global model of the round it started from)",
+        )
     if values["sync"] == "periodic" and values["comm_period"] is None:
         raise _fail("comm_period", None, "an integer >= 1 (local steps between synchronizations) with sync=periodic")
     if values["sync"] == "dynamic" and values["delta_threshold"] is None:

@@ -108,11 +108,17 @@ def train_round(
     device: torch.device,
     progress=None,
     after_step=None,
+    proximal_mu: float = 0.0,
 ) -> TrainSums:
     """Runs the plan's optimizer steps; `after_step(k)` is called after the k-th (from 1), e.g. to
-    synchronize within the round (sync=periodic / dynamic)."""
+    synchronize within the round (sync=periodic / dynamic).
+
+    proximal_mu > 0 (FedProx, Li et al. 2020): the loss of every step gets mu/2 ||w - w0||^2, w0 the
+    weights the round started from (the global model: FedProx is allowed with sync=round only). Its
+    gradient, mu (w - w0), is added to the step's gradient before clipping, as autograd would."""
     model.train()
     sums = TrainSums()
+    proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     for step_number, step_batches in enumerate(plan, start=1):
         step_rows = sum(len(rows) for rows in step_batches)
@@ -130,6 +136,8 @@ def train_round(
             sums.count += len(rows)
         if scaler:
             scaler.unscale_(optimizer)
+        if proximal is not None:
+            proximal.add_gradient_()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         if scaler:
@@ -144,6 +152,23 @@ def train_round(
         if after_step is not None:
             after_step(step_number)
     return sums
+
+
+class ProximalTerm:
+    """FedProx's mu/2 ||w - w0||^2 over the trainable parameters, w0 their values when it is made."""
+
+    def __init__(self, model: torch.nn.Module, mu: float):
+        self.mu = mu
+        self.params = [param for param in model.parameters() if param.requires_grad]
+        self.start = [param.detach().clone() for param in self.params]
+
+    def add_gradient_(self) -> None:
+        for param, start in zip(self.params, self.start, strict=True):
+            pull = (param.detach() - start).mul_(self.mu)
+            if param.grad is None:
+                param.grad = pull
+            else:
+                param.grad.add_(pull)
 
 
 def train_site_round(
@@ -187,4 +212,5 @@ def train_site_round(
         device=device,
         progress=progress,
         after_step=after_step,
+        proximal_mu=cfg.proximal_mu,
     )

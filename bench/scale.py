@@ -79,7 +79,7 @@ SYSTEMS = ("scaling-fl", "flower")
 FLOWER_APP = ROOT / "bench" / "flower_scale" / "app.py"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scaling-fl-bench"
 POOL_ROWS, EVAL_ROWS, SEED = 6000, 1600, 0
-PROCESSES = 2  # scaling-fl workers and Flower actors: one per core of the 2-core machine
+PROCESSES = 2  # Flower actors (and scaling-fl workers unless --processes says otherwise): one per core
 RAY_MARKS = ("ray::", "raylet", "gcs_server", "/ray/", "ray/_private", "ray/dashboard")
 
 
@@ -101,7 +101,7 @@ def planned_jobs(args) -> tuple[list[Job], list[Job]]:
     """The compared configurations (run `--repeats` times each) and the extra sweep points (once each)."""
     if args.quick:
         return [Job("quick", 4, 80, 1.0, 1, eval_rows=64)], []
-    main = [Job("a", 4, 1000, 1.0, 3), Job("b", 64, POOL_ROWS, 0.25, 3)]
+    main = [job for job in (Job("a", 4, 1000, 1.0, 3), Job("b", 64, POOL_ROWS, 0.25, 3)) if job.name in args.jobs]
     sweep = [Job(f"sweep {n}", n, POOL_ROWS, 0.25, 3) for n in args.sweep if n != 64]  # 64 is `b`
     return main, sweep
 
@@ -297,7 +297,11 @@ def measure(command: list[str], env: dict, log_path: Path, limit_gb: float) -> d
     summed RSS passes `limit_gb` is killed and reported as not fitting."""
     started = time.monotonic()
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # cwd: the run's folder. A fork server (`python -c`) has the current directory first on sys.path, so
+        # started in the repository its sites would import the working tree instead of the exported commit.
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=log_path.parent
+        )
         sampler = TreeSampler(process.pid, limit_gb * 2**30)
         sampler.start()
         returncode = process.wait()
@@ -336,13 +340,13 @@ def export_commit(directory: Path, commit: str) -> Path:
     return directory
 
 
-def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Path) -> list[str]:
+def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Path, processes: int) -> list[str]:
     return [
         str(ROOT / ".venv" / "bin" / "python"),
         str(source / "scripts" / "train_federated.py"),
         "with",
         f"num_sites={job.sites}",
-        f"processes_per_device={PROCESSES}",
+        f"processes_per_device={processes}",
         f"fraction_fit={job.fraction_fit}",
         "iid_split=True",
         "task_name=agnews",
@@ -364,10 +368,13 @@ def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Pat
     ]
 
 
-def run_scaling_fl(job: Job, paths: dict[str, Path], workdir: Path, source: Path, limit_gb: float) -> dict:
+def run_scaling_fl(
+    job: Job, paths: dict[str, Path], workdir: Path, source: Path, limit_gb: float, processes: int
+) -> dict:
     runs = workdir / "runs"
     env = {**os.environ, "PYTHONPATH": str(source)}  # ahead of the .venv's editable install of ROOT
-    result = measure(scaling_fl_command(job, paths, runs, source), env, workdir / "scaling-fl.log", limit_gb)
+    command = scaling_fl_command(job, paths, runs, source, processes)
+    result = measure(command, env, workdir / "scaling-fl.log", limit_gb)
     if "over_limit_gb" in result:
         return result
     (run_dir,) = [p for p in runs.iterdir() if p.name.isdigit()]
@@ -481,7 +488,7 @@ def run_all(args) -> dict:
         "machine": machine(),
         "flower": flower,
         "flower_resources": {"ray_cpus": PROCESSES, "client_num_cpus": 1, "actors": PROCESSES, "torch_threads": 1},
-        "scaling_fl_processes": PROCESSES,
+        "scaling_fl_processes": args.processes,
         "jobs": {job.name: asdict(job) for job in main + sweep},
         "main": [job.name for job in main],
         "load_before": load_average(),
@@ -503,7 +510,7 @@ def run_all(args) -> dict:
             paths = write_job_data(job, pool, evaluation, workdir / "data", data_seed=42)
             print(f"[{time.strftime('%H:%M:%S')}] {job.name} {system} #{repeat}", file=sys.stderr, flush=True)
             if system == "scaling-fl":
-                outcome = run_scaling_fl(job, paths, workdir, source, args.memory_limit_gb)
+                outcome = run_scaling_fl(job, paths, workdir, source, args.memory_limit_gb, args.processes)
             else:
                 outcome = run_flower(job, paths, workdir, args.flower_venv, args.memory_limit_gb)
             results["runs"].append({"job": job.name, "system": system, "repeat": repeat, **outcome})
@@ -678,6 +685,10 @@ def parse_args():
         "--memory-limit-gb", type=float, default=16.0, help="kill a run whose process tree passes this (summed RSS)"
     )
     parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS, help="leave a system out")
+    parser.add_argument("--jobs", nargs="*", default=["a", "b"], choices=["a", "b"], help="compared jobs to run")
+    parser.add_argument(
+        "--processes", type=int, default=PROCESSES, help="scaling-fl's processes_per_device (Flower: 2 actors)"
+    )
     parser.add_argument("--commit", default="HEAD", help="the scaling-fl commit to run (exported with git archive)")
     parser.add_argument("--flower-venv", type=Path, default=CACHE / "flower-venv")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures" / "scale")

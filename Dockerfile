@@ -55,9 +55,9 @@ RUN if python -c "import torch" 2>/dev/null; then \
     fi
 # The dependencies first (from pyproject.toml, pinned by the constraints), so a code
 # change does not reinstall them. torch is already satisfied and stays as it is. The image
-# is its users' whole environment: the optional features' extras (tensorboard, plots) too.
+# is its users' whole environment: the optional features' extras (tensorboard, plots, privacy) too.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['tensorboard'] + extras['plots']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extras['tensorboard'] + extras['plots'] + extras['privacy']))" \
         > /tmp/dependencies.txt && \
     torch_before="$(python -c 'import torch; print(torch.__version__, torch.__file__)')" && \
     pip install -c requirements/constraints.txt -r /tmp/dependencies.txt && \

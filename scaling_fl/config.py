@@ -49,6 +49,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 TRACKING = ("auto", "mongo", "file", "none")
 RESUME = ("auto", "force")
 SITE_STATE_OFFLOADS = ("cpu", "disk", "device")
+DP_MODES = ("none", "client")
 
 
 class ConfigError(UserError, ValueError):
@@ -468,6 +469,19 @@ class Config:
     delta_threshold: float | None = key(
         None, Number(0.0, 1e12), "`sync=dynamic`: synchronize when max ‖w − r‖² over the sites exceeds it"
     )
+    # Differential privacy.
+    dp: str = key(
+        "none",
+        Choice(DP_MODES),
+        "`client`: DP-FedAvg, each site's update clipped to `dp_clip_norm`, Gaussian noise on the mean",
+    )
+    dp_clip_norm: float | None = key(None, Number(0.0, 1e6, low_open=True), "`dp=client`: L2 bound of a site's update")
+    dp_noise_multiplier: float = key(
+        1.0, Number(0.0, 1e3), "`dp=client`: noise std on the mean = multiplier x clip norm / participants"
+    )
+    dp_delta: float = key(
+        1e-5, Number(0.0, 1.0, low_open=True, high_open=True), "`dp=client`: delta of `privacy.epsilon`"
+    )
 
     # Tracking.
     job_name: str = key(
@@ -567,6 +581,22 @@ def _check_precision(precision: str) -> None:
             raise _fail("precision", precision, "bf16 and fp16 need CUDA; use precision=fp32 on CPU")
 
 
+def _check_privacy(values: dict) -> None:
+    if values["dp"] == "none":
+        return
+    if values["dp_clip_norm"] is None:
+        raise _fail("dp_clip_norm", None, "a number > 0 (the L2 bound of each site's update) with dp=client")
+    if values["exchange"] != "dense":
+        raise _fail(
+            "exchange",
+            values["exchange"],
+            "dense with dp=client (top-k and int8 messages with error feedback or per-position averaging can "
+            "carry more than the clipped norm into the mean)",
+        )
+    if values["sync"] != "round":
+        raise _fail("sync", values["sync"], "round with dp=client (each round's update is clipped and noised once)")
+
+
 def _check_sync(values: dict) -> None:
     if values["proximal_mu"] > 0 and values["sync"] != "round":
         raise _fail(
@@ -623,6 +653,7 @@ def resolve(raw: dict[str, Any]) -> Config:
     values["job_name"] = values["job_name"] or time.strftime("%Y%m%d_%H%M%S")
     values["max_grad_norm"] = 0.0 if values["max_grad_norm"] is None else values["max_grad_norm"]
     _check_sync(values)
+    _check_privacy(values)
     _check_backend(values)
     config = Config(**values)
     _check_sites(config)

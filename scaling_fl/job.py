@@ -99,6 +99,8 @@ def check_extras(cfg: Config) -> None:
     """An optional feature that is switched on needs its extra installed (pyproject's optional-dependencies)."""
     if cfg.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tensorboard_dir needs the tensorboard extra: pip install 'scaling-fl[tensorboard]'")
+    if cfg.dp != "none" and importlib.util.find_spec("opacus") is None:
+        raise ConfigError("dp=client needs the privacy extra (its accountant): pip install 'scaling-fl[privacy]'")
 
 
 def check_sync_steps(cfg: Config, site_sizes: list[int], packed: bool = False) -> None:

@@ -107,3 +107,14 @@ def test_dynamic_sync_skips_below_the_threshold_and_evaluates_the_last_synchroni
     assert _values(always, "sync.done") == [1, 1] and _values(always, "sync.skipped") == [0, 0]
     assert _values(always, "comm.bytes_per_site") == [4 * n + 8, 4 * n]
     assert all(d > 0 for d in _values(always, "sync.divergence_max"))
+
+
+def test_client_dp_clips_every_update_and_records_the_privacy_spent(tmp_path):
+    """dp=client on the one-site-per-process loop: a clip norm so small that no site can move the model,
+    so the global model (and its loss) stays where it started; epsilon per round from opacus' accountant."""
+    from scaling_fl.privacy import epsilon
+
+    metrics = _run(tmp_path, "num_rounds=2", "dp=client", "dp_clip_norm=1e-9", "dp_noise_multiplier=1.0")
+    loss = _values(metrics, "validation.loss")
+    assert loss[0] == pytest.approx(loss[1], abs=1e-6)
+    assert _values(metrics, "privacy.epsilon") == pytest.approx([epsilon(1.0, 1.0, r, 1e-5) for r in (1, 2)])

@@ -18,7 +18,7 @@ from scaling_fl.tracking import report
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 EXTRAS = PROJECT["optional-dependencies"]
-OPTIONAL = {"tensorboard": "tensorboard", "matplotlib": "plots"}  # package: its extra
+OPTIONAL = {"tensorboard": "tensorboard", "matplotlib": "plots", "opacus": "privacy"}  # package: its extra
 
 
 def _names(requirements: list[str]) -> set[str]:
@@ -40,6 +40,15 @@ def test_tensorboard_dir_without_the_extra_is_one_user_error_in_the_preflight(tm
     message = str(error.value)
     assert message == "tensorboard_dir needs the tensorboard extra: pip install 'scaling-fl[tensorboard]'"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "tb").exists()
+
+
+def test_dp_without_the_privacy_extra_is_one_user_error_in_the_preflight(tmp_path, monkeypatch):
+    _missing(monkeypatch, "opacus")
+    cfg = resolve({"model": "tiny-bert", "runs_dir": str(tmp_path / "runs"), "dp": "client", "dp_clip_norm": 1.0})
+    with pytest.raises(UserError) as error:
+        job.preflight(cfg)
+    assert str(error.value) == "dp=client needs the privacy extra (its accountant): pip install 'scaling-fl[privacy]'"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_without_tensorboard_dir_the_extra_is_not_needed(tmp_path, monkeypatch):
@@ -83,7 +92,9 @@ def test_every_extra_an_error_names_exists_and_the_demo_tests_and_image_get_them
     assert named >= set(OPTIONAL.values())
     assert named <= set(EXTRAS), named - set(EXTRAS)
     # dev/setup.sh installs `.[test]`: the test extra brings every optional feature
-    assert any(requirement.replace(" ", "") == "scaling-fl[tensorboard,plots]" for requirement in EXTRAS["test"])
+    assert any(
+        requirement.replace(" ", "") == "scaling-fl[tensorboard,plots,privacy]" for requirement in EXTRAS["test"]
+    )
     assert '-e ".[test]"' in (ROOT / "dev" / "setup.sh").read_text(encoding="utf-8")
     # the Docker image reads the same extras from pyproject.toml
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")

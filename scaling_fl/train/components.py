@@ -1,4 +1,4 @@
-"""The round loop's parts, built from the config: the strategy, the exchange, the sync policy.
+"""The round loop's parts, built from the config: the strategy, the exchange, the sync policy, privacy.
 
 One place that reads the config for them, so the strategies/ and exchange/ packages stay plain
 tensor code that knows nothing about Config, and both round loops build the very same parts.
@@ -10,6 +10,7 @@ import torch
 
 from scaling_fl.config import Config
 from scaling_fl.exchange import PackedExchange, SyncPolicy, make_exchange, make_sync_policy, segments_from_model
+from scaling_fl.privacy import ClientDP, NoPrivacy
 from scaling_fl.strategies import Strategy, make_strategy
 
 
@@ -69,3 +70,10 @@ def sync_policy_from_config(cfg: Config, steps_per_round: int) -> SyncPolicy:
         check_every=cfg.check_every or steps_per_round,
         delta_threshold=cfg.delta_threshold,
     )
+
+
+def privacy_from_config(cfg: Config, num_sites: int, participants: int) -> NoPrivacy:
+    """dp=client: clipping, equal weights and seeded noise (scaling_fl/privacy.py); dp=none: sample-weighted."""
+    if cfg.dp == "none":
+        return NoPrivacy()
+    return ClientDP(cfg.dp_clip_norm, cfg.dp_noise_multiplier, cfg.dp_delta, cfg.seed, participants / num_sites)

@@ -35,6 +35,7 @@ from scaling_fl.train import local
 from scaling_fl.train.components import (
     exchange_from_config,
     packed_exchange_from_config,
+    privacy_from_config,
     strategy_from_config,
     sync_policy_from_config,
 )
@@ -98,7 +99,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     )
     collate = padding_collator(tokenizer)
     num_labels = len(data.test_shard.label_names)
-    site_weights = [size / sum(data.site_sizes) for size in data.site_sizes]  # every site's share of the mean
+    privacy = privacy_from_config(cfg, site.world_size, participants=site.world_size)
+    site_weights = privacy.weights(data.site_sizes)  # every site's share of the mean
     weight = site_weights[site.rank]
 
     def evaluate(dataset):
@@ -126,7 +128,9 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     exchange = exchange_from_config(cfg, model, local_weights, site.world_size, site_weights)
     sync_policy = sync_policy_from_config(cfg, steps)
     # Dense FedAvg synchronized every round never reads the previous global model: it keeps no copy.
-    keeps_reference = exchange.needs_reference or strategy.needs_reference or sync_policy.needs_reference
+    keeps_reference = (
+        exchange.needs_reference or strategy.needs_reference or sync_policy.needs_reference or privacy.needs_reference
+    )
     global_weights = local_weights.clone() if keeps_reference else local_weights
     total_steps = steps * cfg.num_rounds
 
@@ -144,7 +148,9 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         started = time.perf_counter()
         synchronized = sync_policy.should_sync(local_weights, global_weights, run_step, force=force)
         if synchronized:
+            privacy.clip_(local_weights, global_weights)  # dp=client: this site's update, clipped
             for part in exchange.means(local_weights, global_weights, weight):  # the mean, bucket by bucket
+                privacy.noise_(part, (run_step - 1) // steps, site.world_size)  # dp=client: seeded noise
                 strategy.apply_(global_weights, part)
             communication.add(exchange.stats)
         communication.seconds += time.perf_counter() - started
@@ -200,6 +206,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             metrics.update(clock.figures())  # time.aggregate_s: every sync check and exchange
             metrics.update(round_communication)
             metrics.update(sync_stats)
+            metrics.update(privacy.figures(round_number))
             metrics["comm.bytes_per_site"] += sync_stats["sync.check_bytes"]  # sync=dynamic's divergence
             _report(events, history, round_number, cfg.num_rounds, metrics)
             progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
@@ -269,6 +276,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         min(data.site_sizes), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
     )  # every site's, when sync is not per round (launch.check_sync_steps)
     sync_policy = sync_policy_from_config(cfg, steps)
+    drawn = len(participants(cfg.seed, 0, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites))  # every round
+    privacy = privacy_from_config(cfg, layout.num_sites, participants=drawn)
     site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
     start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
     for site in hosted if found is not None else ():  # sites that never trained have no state
@@ -293,6 +302,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     def send(site: int, share: float) -> None:
         """Encodes the site's update (local_weights) as if it sent alone, into the worker's sums."""
         state = site_states.checkout(site, exchange.state_shapes)
+        privacy.clip_(local_weights, global_weights)  # dp=client: the site's update, clipped
         exchange.add_site_(local_weights, global_weights, share, **state)
         site_states.checkin(site, state)
 
@@ -302,7 +312,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         maybe_fail(worker.rank, round_number)
         chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
         mine = sorted(set(hosted) & set(chosen))
-        share = {site: data.site_sizes[site] / sum(data.site_sizes[s] for s in chosen) for site in chosen}
+        share = dict(zip(chosen, privacy.weights([data.site_sizes[site] for site in chosen]), strict=True))
         last_step, last_round = round_number * steps, round_number == cfg.num_rounds
         deciding_later = sync_policy.needs_divergence(last_step) and not last_round  # sync=dynamic's checks
         synchronize = None if deciding_later else sync_policy.decide(last_step, force=last_round)
@@ -329,6 +339,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 local_weights.copy_(site_states.take(site, "local"))
                 send(site, share[site])
         for part in exchange.means(global_weights) if synchronize else ():
+            privacy.noise_(part, round_index, len(chosen))  # dp=client: seeded noise on the mean
             strategy.apply_(global_weights, part)
         communication = exchange.stats if synchronize else exchange.idle_stats()
         local_weights.copy_(global_weights)  # evaluate the model every site agrees on
@@ -354,6 +365,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
             metrics.update(clock.figures())
             metrics.update(communication)
             metrics.update(sync_policy.pop_stats())
+            metrics.update(privacy.figures(round_number))
             metrics["comm.bytes_per_site"] += metrics["sync.check_bytes"]  # sync=dynamic's divergence
             metrics.update({"memory.site_state_mb": site_states.nbytes() / 2**20, "sites.participants": len(chosen)})
             _report(events, history, round_number, cfg.num_rounds, metrics, participants=chosen)

@@ -35,6 +35,8 @@ its own virtual environment, made here on first use (`--flower-venv`, default un
 repo; never a project dependency), `run_simulation` with FedAvg(fraction_train=F, fraction_evaluate=0),
 evaluate_fn on the 1,600 rows, client resources num_cpus=1 on a Ray of 2 CPUs: 2 actors, one torch thread
 each, the same parallelism as scaling-fl's 2 workers (Flower's default num_cpus=2 would give 1 actor).
+`--processes 1 --flower-actors 1` compares the other equal setting: one scaling-fl worker and one Flower
+actor (Flower's default), each with 2 torch threads.
 
 Measured per run: wall time from process start to exit; peak RSS of the process tree, sampled every 0.2 s
 from /proc (what psutil reads; psutil is not a project dependency), summed over the root process, all its
@@ -389,7 +391,7 @@ def run_scaling_fl(
     return result
 
 
-def run_flower(job: Job, paths: dict[str, Path], workdir: Path, venv: Path, limit_gb: float) -> dict:
+def run_flower(job: Job, paths: dict[str, Path], workdir: Path, venv: Path, limit_gb: float, actors: int) -> dict:
     from scaling_fl.models import minilm_path
 
     out = workdir / "flower-result.json"
@@ -405,9 +407,9 @@ def run_flower(job: Job, paths: dict[str, Path], workdir: Path, venv: Path, limi
         "val_batch_size": 64,
         "learning_rate": 5e-5,
         "seed": 42,
-        "client_cpus": 1,
+        "client_cpus": PROCESSES // actors,  # Ray runs as many actors as its CPUs allow
         "ray_cpus": PROCESSES,
-        "client_threads": 1,
+        "client_threads": PROCESSES // actors,
         "server_threads": PROCESSES,
     }
     spec_path = workdir / "flower-spec.json"
@@ -487,7 +489,12 @@ def run_all(args) -> dict:
     results = {
         "machine": machine(),
         "flower": flower,
-        "flower_resources": {"ray_cpus": PROCESSES, "client_num_cpus": 1, "actors": PROCESSES, "torch_threads": 1},
+        "flower_resources": {
+            "ray_cpus": PROCESSES,
+            "client_num_cpus": PROCESSES // args.flower_actors,
+            "actors": args.flower_actors,
+            "torch_threads": PROCESSES // args.flower_actors,
+        },
         "scaling_fl_processes": args.processes,
         "jobs": {job.name: asdict(job) for job in main + sweep},
         "main": [job.name for job in main],
@@ -512,7 +519,7 @@ def run_all(args) -> dict:
             if system == "scaling-fl":
                 outcome = run_scaling_fl(job, paths, workdir, source, args.memory_limit_gb, args.processes)
             else:
-                outcome = run_flower(job, paths, workdir, args.flower_venv, args.memory_limit_gb)
+                outcome = run_flower(job, paths, workdir, args.flower_venv, args.memory_limit_gb, args.flower_actors)
             results["runs"].append({"job": job.name, "system": system, "repeat": repeat, **outcome})
             print(f"    {summary_line(outcome)}", file=sys.stderr, flush=True)
             results["load_after"] = load_average()
@@ -687,7 +694,14 @@ def parse_args():
     parser.add_argument("--skip", nargs="*", default=[], choices=SYSTEMS, help="leave a system out")
     parser.add_argument("--jobs", nargs="*", default=["a", "b"], choices=["a", "b"], help="compared jobs to run")
     parser.add_argument(
-        "--processes", type=int, default=PROCESSES, help="scaling-fl's processes_per_device (Flower: 2 actors)"
+        "--processes", type=int, default=PROCESSES, help="scaling-fl's processes_per_device (torch threads: cores / it)"
+    )
+    parser.add_argument(
+        "--flower-actors",
+        type=int,
+        default=PROCESSES,
+        choices=[1, 2],
+        help="Flower's actors (torch threads: cores / it)",
     )
     parser.add_argument("--commit", default="HEAD", help="the scaling-fl commit to run (exported with git archive)")
     parser.add_argument("--flower-venv", type=Path, default=CACHE / "flower-venv")

@@ -36,6 +36,21 @@ def run_cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 300
     )
 
 
+def raw_config(updates: list[str], **given) -> dict:
+    """`key=value` command-line items as the raw config Sacred would make of them (values parsed as
+    Python literals where they are one), over `given`."""
+    import ast
+
+    raw = dict(given)
+    for update in updates:
+        key, value = update.split("=", 1)
+        try:
+            raw[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raw[key] = value
+    return raw
+
+
 def run_records(runs_dir: Path) -> list[Path]:
     return (
         sorted((p for p in runs_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))

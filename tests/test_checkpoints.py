@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from scaling_fl import checkpoint
-from tests.cli import TINY_JOB, cli_command, read_record, run_cli, run_records
+from tests.cli import TINY_JOB, cli_command, raw_config, read_record, run_cli, run_records
 
 SMALL = [*TINY_JOB, "synthetic_train_size=240", "synthetic_test_size=60", "site_ids=[0,0]"]
 COMPARABLE = (
@@ -291,21 +291,12 @@ def test_checkpoint_every_and_resume_from_a_round_folder(tmp_path):
         assert a["metrics"][name]["values"] == b["metrics"][name]["values"], name
 
 
-def _preflight(tmp_path, args: list[str]):
+def _preflight(args: list[str]):
     """The launcher's checks before any worker (job.preflight), in-process, on `key=value` arguments."""
-    import ast
-
     from scaling_fl import job
     from scaling_fl.config import resolve
 
-    raw = {}
-    for arg in args:
-        key, value = arg.split("=", 1)
-        try:
-            raw[key] = ast.literal_eval(value)  # what Sacred does with `key=value`
-        except (ValueError, SyntaxError):
-            raw[key] = value
-    return job.preflight(resolve(raw))
+    return job.preflight(resolve(raw_config(args)))
 
 
 @pytest.mark.slow
@@ -318,11 +309,11 @@ def test_a_changed_experiment_or_another_job_is_refused_unless_forced(tmp_path):
     # The refusals come from the launcher's pre-flight (the command line prints its one line, exit 2:
     # tests/test_config.py); checked in-process here.
     with pytest.raises(UserError) as refused:
-        _preflight(tmp_path, [*base, "num_rounds=2", "job_name=changed", "split=label_sorted"])
+        _preflight([*base, "num_rounds=2", "job_name=changed", "split=label_sorted"])
     assert "different experiment (split: 'iid' -> 'label_sorted')" in str(refused.value)
     assert "resume=force" in str(refused.value)
     with pytest.raises(UserError) as stranger:
-        _preflight(tmp_path, [*base, "num_rounds=2", "job_name=stranger"])
+        _preflight([*base, "num_rounds=2", "job_name=stranger"])
     assert str(stranger.value) == (
         f"checkpoint {ck}/round-000001 belongs to job_name='changed', not 'stranger': run with "
         "job_name=changed to continue it, another checkpoints_dir for a new job, or resume=force to continue it anyway"

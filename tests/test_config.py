@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import subprocess
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from scaling_fl import job
 from scaling_fl.config import DEFAULTS, ConfigError, resolve
 from scaling_fl.errors import UserError
-from tests.cli import cli_command
+from tests.cli import cli_command, raw_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,14 +119,7 @@ BAD_INPUT = [
 
 
 def _raw(tmp_path, updates: list[str]) -> dict:
-    raw = {"model": "tiny-bert", "runs_dir": str(tmp_path / "runs")}
-    for update in updates:
-        key, value = update.split("=", 1)
-        try:
-            raw[key] = ast.literal_eval(value)  # what Sacred does with `key=value`
-        except (ValueError, SyntaxError):
-            raw[key] = value
-    return raw
+    return raw_config(updates, model="tiny-bert", runs_dir=str(tmp_path / "runs"))
 
 
 @pytest.mark.parametrize("updates, needle", BAD_INPUT)

@@ -254,20 +254,22 @@ def test_sparse_with_error_feedback_packs_resumes_bitwise_and_repacks_from_a_che
     "sync",
     [
         ["sync=periodic", "comm_period=6"],  # 3 local steps a round: every second round (and the last)
-        ["sync=dynamic", "check_every=3", "delta_threshold=0.5"],
+        ["sync=dynamic", "check_every=3", "delta_threshold=0.35"],
     ],
     ids=["periodic", "dynamic"],
 )
 @pytest.mark.slow
 def test_round_level_sync_packs_like_one_site_per_process(tmp_path, sync):
-    name = sync[0].split("=")[1]
-    apart = _run(tmp_path, f"{name}-8x1", *PACKINGS["8x1"], *sync)
-    packed = _run(tmp_path, f"{name}-2x4", *PACKINGS["2x4"], *sync)
+    # Four sites of 40 rows (3 local steps a round, as the eight of EIGHT have): four processes cost
+    # half of eight on two cores, and one site per process against one process of four is the comparison.
+    name, four = sync[0].split("=")[1], ["synthetic_train_size=160"]
+    apart = _run(tmp_path, f"{name}-4x1", "site_ids=[0,0,0,0]", *four, *sync)
+    packed = _run(tmp_path, f"{name}-1x4", "num_sites=4", "processes_per_device=1", *four, *sync)
     _assert_same_model(apart, packed)
     for metric in ("sync.done", "sync.skipped", "comm.bytes_per_site"):
         assert apart["metrics"][metric]["values"] == packed["metrics"][metric]["values"], metric
     if name == "periodic":
         assert packed["metrics"]["sync.done"]["values"] == [0, 1, 1]
         assert packed["metrics"]["comm.bytes_per_site"]["values"][0] == 0
-    else:  # round 1 stays below the threshold (divergence ~0.28), round 2 exceeds it
+    else:  # round 1 stays below the threshold (divergence ~0.26), round 2 exceeds it (~0.45)
         assert packed["metrics"]["sync.skipped"]["values"][0] == 1 and packed["metrics"]["sync.done"]["values"][1] == 1

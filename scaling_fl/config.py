@@ -50,6 +50,8 @@ TRACKING = ("auto", "mongo", "file", "none")
 RESUME = ("auto", "force")
 SITE_STATE_OFFLOADS = ("cpu", "disk", "device")
 DP_MODES = ("none", "client")
+AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum")
+BYZANTINE_MODES = ("sign_flip", "scale")
 
 
 class ConfigError(UserError, ValueError):
@@ -195,6 +197,12 @@ class Custom(Rule):
 def _site_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, (list, tuple)) and value and all(_is_int(v) and v >= 0 for v in value):
         return tuple(value)
+    raise ValueError
+
+
+def _site_numbers(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 0 for v in value) and len(set(value)) == len(value):
+        return tuple(sorted(value))
     raise ValueError
 
 
@@ -442,6 +450,32 @@ class Config:
         Number(0.0, 1e3, low_open=True),
         "`fedadam`/`fedyogi`/`fedadagrad` adaptivity (`None`: the strategy's default)",
     )
+    aggregation: str = key(
+        "mean",
+        Choice(AGGREGATIONS),
+        "what the sites' updates are reduced to: their `mean`, or a robust rule (`median`, `trimmed_mean`, "
+        "`krum`; unweighted, every participant's update gathered, see Robust aggregation)",
+    )
+    trim_fraction: float = key(
+        0.1,
+        Number(0.0, 0.5, high_open=True),
+        "`aggregation=trimmed_mean`: share of the values dropped at each end of every coordinate",
+    )
+    krum_byzantine: int = key(0, Int(0), "`aggregation=krum`: f, the number of byzantine sites Krum tolerates")
+    krum_select: int = key(
+        1, Int(1), "`aggregation=krum`: m, how many of the best-scored updates are averaged (1: Krum, >1: Multi-Krum)"
+    )
+    byzantine_sites: tuple[int, ...] = key(
+        [],
+        Custom(_site_numbers, "a list of distinct site numbers >= 0, e.g. byzantine_sites=[0,3]", "list of sites"),
+        "fault injection: these sites send a corrupted update every round they train (`byzantine_mode`)",
+    )
+    byzantine_mode: str = key(
+        "sign_flip",
+        Choice(BYZANTINE_MODES),
+        "`sign_flip` sends -update, `scale` sends `byzantine_scale` x update",
+    )
+    byzantine_scale: float = key(10.0, Number(-1e6, 1e6), "`byzantine_mode=scale`: the factor")
     # Exchange (how updates cross the wire) and synchronization (when).
     exchange: str = key("dense", Choice(EXCHANGES), "how updates cross the wire")
     bucket_size_mb: float = key(
@@ -548,6 +582,7 @@ class Config:
         out = dict(self.__dict__)
         out["site_ids"] = list(self.site_ids)
         out["text_columns"] = list(self.text_columns) if self.text_columns else None
+        out["byzantine_sites"] = list(self.byzantine_sites)
         return out
 
 
@@ -595,6 +630,49 @@ def _check_privacy(values: dict) -> None:
         )
     if values["sync"] != "round":
         raise _fail("sync", values["sync"], "round with dp=client (each round's update is clipped and noised once)")
+
+
+def participant_count(num_sites: int, fraction_fit: float, min_fit_sites: int) -> int:
+    """Sites that train each round: max(min_fit_sites, floor(fraction_fit x N)), at most N (Flower's rule)."""
+    return min(num_sites, max(min_fit_sites, math.floor(fraction_fit * num_sites + 1e-9)))
+
+
+def _check_robust(config: Config) -> None:
+    """Robust aggregation and byzantine sites: what they need of the other keys and of the site count."""
+    if config.aggregation != "mean":
+        for key_name, needed, why in (
+            ("exchange", "dense", "the rules read every participant's exact update"),
+            ("sync", "round", "each round's updates are aggregated once"),
+            ("dp", "none", "DP-FedAvg's noise is calibrated to the mean's sensitivity"),
+        ):
+            if getattr(config, key_name) != needed:
+                raise _fail(
+                    key_name, getattr(config, key_name), f"{needed} with aggregation={config.aggregation} ({why})"
+                )
+    if config.byzantine_sites and config.sync != "round":
+        raise _fail("sync", config.sync, "round with byzantine_sites (a byzantine site corrupts each round's update)")
+    sites = config.total_sites
+    outside = [site for site in config.byzantine_sites if site >= sites]
+    if outside:
+        raise _fail(
+            "byzantine_sites", list(config.byzantine_sites), f"site numbers below the number of sites ({sites})"
+        )
+    if config.aggregation == "krum":
+        count = participant_count(sites, config.fraction_fit, config.min_fit_sites)
+        if count < 2 * config.krum_byzantine + 3:
+            raise _fail(
+                "krum_byzantine",
+                config.krum_byzantine,
+                f"at most {(count - 3) // 2} with {count} sites a round (Krum needs 2 f + 3 sites)"
+                if count >= 3
+                else f"Krum needs at least 3 sites a round, this run has {count}",
+            )
+        if config.krum_select > count - config.krum_byzantine:
+            raise _fail(
+                "krum_select",
+                config.krum_select,
+                f"at most sites a round - krum_byzantine = {count - config.krum_byzantine}",
+            )
 
 
 def _check_sync(values: dict) -> None:
@@ -657,6 +735,7 @@ def resolve(raw: dict[str, Any]) -> Config:
     _check_backend(values)
     config = Config(**values)
     _check_sites(config)
+    _check_robust(config)
     return config
 
 

@@ -32,7 +32,7 @@ from scaling_fl.launch import (
     node_topology,
     run_sites,
 )
-from scaling_fl.sites import Layout, plan_layout
+from scaling_fl.sites import Layout, plan_layout, trains_sites_in_turn
 from scaling_fl.tracking import resume
 from scaling_fl.tracking.observers import MongoTarget, check_mongo, choose_tracking, mongo_client
 
@@ -89,7 +89,7 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
     resume_point = checkpoint.preflight(cfg, topology.num_sites)
     prepared = prepare_data(cfg, topology.num_sites)
     check_site_sizes(prepared)
-    check_sync_steps(cfg, prepared.site_sizes(), packed=not (layout.one_site_per_worker and cfg.fraction_fit == 1.0))
+    check_sync_steps(cfg, prepared.site_sizes(), packed=trains_sites_in_turn(cfg, layout))
     if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
         claim_job(cfg, tracking, mongo)
     return Plan(prepared, topology, layout, tracking, mongo, previous, resume_point)

@@ -29,7 +29,7 @@ from scaling_fl import processes
 from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, save_prepared
 from scaling_fl.events import EventFollower
-from scaling_fl.sites import Layout
+from scaling_fl.sites import Layout, trains_sites_in_turn
 
 log = logging.getLogger("scaling_fl")
 
@@ -120,12 +120,16 @@ def check_devices(cfg: Config) -> None:
 
 def check_layout(cfg: Config, layout: Layout, topology: Topology) -> None:
     """What sites packed into fewer processes, or sampled, cannot do (yet). Refused before any worker starts."""
-    if layout.one_site_per_worker and cfg.fraction_fit == 1.0:
+    if not trains_sites_in_turn(cfg, layout):
         return
     how = (
         f"{layout.num_sites} sites in {layout.num_workers} process(es)"
         if not layout.one_site_per_worker
         else f"fraction_fit={cfg.fraction_fit}"
+        if cfg.fraction_fit < 1.0
+        else f"aggregation={cfg.aggregation}"
+        if cfg.aggregation != "mean"
+        else "byzantine_sites"
     )
     if cfg.sync != "round" and cfg.fraction_fit < 1.0:
         raise ConfigError(

@@ -10,12 +10,13 @@ into few workers. Nothing a site computes depends on which worker hosts it.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from scaling_fl.config import participant_count
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,18 @@ class Layout:
     @property
     def one_site_per_worker(self) -> bool:
         return all(len(hosted) == 1 for hosted in self.sites)
+
+
+def trains_sites_in_turn(cfg, layout: Layout) -> bool:
+    """Whether the run needs the round loop that trains each worker's sites one after another
+    (train/federated.py's _federate_sites): several sites in a process, a sampled fraction of the
+    sites, or a feature that handles each site's update or state apart (robust aggregation,
+    byzantine sites). One site per process with all sites training takes the leaner loop."""
+    return (
+        not (layout.one_site_per_worker and cfg.fraction_fit == 1.0)
+        or cfg.aggregation != "mean"
+        or bool(cfg.byzantine_sites)
+    )
 
 
 def _cores() -> int:
@@ -103,7 +116,7 @@ def participants(seed: int, round_index: int, num_sites: int, fraction_fit: floa
     worker, every packing and every restart agrees. Sorted."""
     import numpy as np
 
-    count = min(num_sites, max(min_fit_sites, math.floor(fraction_fit * num_sites + 1e-9)))
+    count = participant_count(num_sites, fraction_fit, min_fit_sites)
     if count >= num_sites:
         return list(range(num_sites))
     generator = np.random.Generator(np.random.PCG64([seed, round_index, 0x5A3B1E]))

@@ -112,6 +112,8 @@ def test_declared_choices_are_the_ones_the_package_implements():
     from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES
     from scaling_fl.site_state import OFFLOADS
     from scaling_fl.strategies.factory import STRATEGIES
+    from scaling_fl.strategies.robust import RULES
+    from scaling_fl.train.faults import BYZANTINE_MODES
 
     assert config.TASK_NAMES == TASK_NAMES
     assert config.SYNC_MODES == SYNC_MODES
@@ -119,6 +121,8 @@ def test_declared_choices_are_the_ones_the_package_implements():
     assert (config.CRITERIA, config.SCOPES, config.SPARSE_AVERAGES) == (CRITERIA, SCOPES, SPARSE_AVERAGES)
     assert config.STRATEGIES == STRATEGIES
     assert config.SITE_STATE_OFFLOADS == OFFLOADS
+    assert config.AGGREGATIONS == RULES
+    assert config.BYZANTINE_MODES == BYZANTINE_MODES
 
 
 @pytest.mark.parametrize("module, allowed", [("config", {"scaling_fl.errors"}), ("errors", set())])

@@ -273,3 +273,21 @@ def test_round_level_sync_packs_like_one_site_per_process(tmp_path, sync):
         assert packed["metrics"]["comm.bytes_per_site"]["values"][0] == 0
     else:  # round 1 stays below the threshold (divergence ~0.26), round 2 exceeds it (~0.45)
         assert packed["metrics"]["sync.skipped"]["values"][0] == 1 and packed["metrics"]["sync.done"]["values"][1] == 1
+
+
+@pytest.mark.slow
+def test_byzantine_sites_derail_the_mean_and_not_multi_krum(tmp_path):
+    # 2 of 8 sites send -10 x their update every round (packed 2x4). The mean follows them (measured:
+    # validation loss 1.39 -> 2.26 in 4 rounds); Multi-Krum (f=2, the 4 most central updates) ignores them
+    # and stays where honest training is. The rules' math: tests/test_robust.py.
+    attack = ["byzantine_sites=[0,5]", "byzantine_mode=scale", "byzantine_scale=-10", *PACKINGS["2x4"]]
+    more = ["synthetic_train_size=640", "learning_rate=0.003", "num_rounds=4"]
+    mean = _run(tmp_path, "attacked-mean", *attack, *more)
+    krum = _run(tmp_path, "attacked-krum", *attack, *more, "aggregation=krum", "krum_byzantine=2", "krum_select=4")
+    mean_loss = mean["metrics"]["validation.loss"]["values"]
+    krum_loss = krum["metrics"]["validation.loss"]["values"]
+    assert mean_loss[-1] > 1.8 and mean_loss[-1] > mean_loss[0] + 0.3, mean_loss
+    assert krum_loss[-1] < 1.45, krum_loss
+    sent = [record["metrics"]["comm.bytes_per_site"]["values"][-1] for record in (krum, mean)]
+    assert sent[0] == 2 * sent[1]  # Krum's two passes
+    assert krum["config"]["aggregation"] == "krum" and krum["config"]["byzantine_sites"] == [0, 5]

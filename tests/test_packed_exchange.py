@@ -175,7 +175,7 @@ def _first_round_residual(site: int) -> torch.Tensor:
     """Site `site`'s residual after sending its round-1 update alone (sparse 10 %): what sampling must keep."""
     exchange = PackedExchange("sparse", NUMEL, bucket_bytes=8192, device=torch.device("cpu"), sparsity_level=0.1)
     residual = torch.zeros(NUMEL)
-    exchange.add_site_(_start() + _update(site, 0), _start(), 1.0, residual)
+    exchange.add_site_(_start() + _update(site, 0), _start(), 1.0, residual=residual)
     return residual
 
 

@@ -4,6 +4,7 @@ dense.py     the sample-weighted mean through bounded flat buckets (the default)
 sparse.py    top-k of each site's update (+ int8 values), per-position averaging, error feedback
 quantize.py  blockwise absmax int8 of the update, decoded before summing
 packed.py    a process hosting many sites: each site encoded as if alone, the processes' sums all_reduced
+gathered.py  robust aggregation: every participant's update gathered bucket by bucket, reduced by a rule
 dynamic.py   when to synchronize: every round, every comm_period steps, or dynamically
 factory.py   exchange= name -> exchange object
 collectives.py  the small ones: start-up broadcast, metric sums
@@ -20,6 +21,7 @@ from scaling_fl.exchange.collectives import (
 from scaling_fl.exchange.dense import DenseExchange, bucket_ranges
 from scaling_fl.exchange.dynamic import SYNC_MODES, SyncPolicy, make_sync_policy
 from scaling_fl.exchange.factory import EXCHANGES, make_exchange
+from scaling_fl.exchange.gathered import GatheredExchange
 from scaling_fl.exchange.packed import PackedExchange
 from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES, segments_from_model
 
@@ -27,6 +29,7 @@ __all__ = [
     "CRITERIA",
     "DenseExchange",
     "EXCHANGES",
+    "GatheredExchange",
     "PackedExchange",
     "SCOPES",
     "SPARSE_AVERAGES",

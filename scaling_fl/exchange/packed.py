@@ -123,10 +123,16 @@ class PackedExchange:
 
     @torch.no_grad()
     def add_site_(
-        self, local: torch.Tensor, global_: torch.Tensor, weight: float, residual: torch.Tensor | None = None
+        self,
+        local: torch.Tensor,
+        global_: torch.Tensor,
+        weight: float,
+        site: int | None = None,
+        residual: torch.Tensor | None = None,
     ) -> int:
         """Encodes this site's update, adds its decoded message x weight; `local` is scratch afterwards.
-        Returns the bytes this site would put on the wire."""
+        Returns the bytes this site would put on the wire. (`site` is not needed: sums do not depend on
+        who sent; the gathered exchange of robust aggregation takes the same arguments and needs it.)"""
         if self.codec == "dense":  # weights on models (as dense.py): sum_i w_i local_i = global + mean update
             self.numerator.add_(local, alpha=weight)
             sent = self.numel * local.element_size()

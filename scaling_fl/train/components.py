@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 
 from scaling_fl.config import Config
-from scaling_fl.exchange import PackedExchange, SyncPolicy, make_exchange, make_sync_policy, segments_from_model
+from scaling_fl.exchange import (
+    GatheredExchange,
+    PackedExchange,
+    SyncPolicy,
+    make_exchange,
+    make_sync_policy,
+    segments_from_model,
+)
 from scaling_fl.privacy import ClientDP, NoPrivacy
 from scaling_fl.strategies import Strategy, make_strategy
 
@@ -57,8 +64,23 @@ def exchange_from_config(
     )
 
 
-def packed_exchange_from_config(cfg: Config, model: torch.nn.Module, weights: torch.Tensor) -> PackedExchange:
-    """The exchange of a process hosting several sites: each encoded as if alone, the sums cross the wire."""
+def packed_exchange_from_config(
+    cfg: Config, model: torch.nn.Module, weights: torch.Tensor, num_sites: int
+) -> PackedExchange | GatheredExchange:
+    """The exchange of a process training its sites in turn: each encoded as if alone and the processes'
+    sums crossing the wire, or (robust aggregation) every participant's update gathered bucket by bucket."""
+    if cfg.aggregation != "mean":
+        return GatheredExchange(
+            cfg.aggregation,
+            weights.numel(),
+            num_sites,
+            bucket_bytes=int(cfg.bucket_size_mb * 2**20),
+            device=weights.device,
+            trim_fraction=cfg.trim_fraction,
+            krum_byzantine=cfg.krum_byzantine,
+            krum_select=cfg.krum_select,
+            keep_on=weights.device if cfg.site_state_offload == "device" else "cpu",
+        )
     return PackedExchange(cfg.exchange, weights.numel(), **_codec_options(cfg, model, weights))
 
 

@@ -1,4 +1,4 @@
-"""Fault injection for drills and tests: make one site fail on purpose.
+"""Fault injection: sites that fail on purpose (drills, tests) and sites that lie (byzantine_sites).
 
 SCALING_FL_FAIL_AT="site=2,round=3[,attempts=1][,mode=hang]" raises in site 2 when round 3
 starts, on the first `attempts` starts of the job (torch elastic counts restarts), so both a
@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import os
 import time
+
+import torch
+
+BYZANTINE_MODES = ("sign_flip", "scale")
 
 
 class InjectedFault(RuntimeError):
@@ -29,3 +33,14 @@ def maybe_fail(site: int, round_number: int) -> None:
             while True:
                 time.sleep(3600)
         raise InjectedFault(f"injected failure in site {site} at round {round_number} (SCALING_FL_FAIL_AT={spec})")
+
+
+@torch.no_grad()
+def corrupt_update_(local: torch.Tensor, global_: torch.Tensor, mode: str, scale: float) -> None:
+    """A byzantine site's message (byzantine_sites): its update local - global_ replaced, in local, by
+    -update (sign_flip) or scale x update (scale), so a researcher can show what a robust
+    aggregation rule withstands and what the mean does not."""
+    if mode not in BYZANTINE_MODES:
+        raise ValueError(f"byzantine_mode must be one of {', '.join(BYZANTINE_MODES)}, got {mode!r}")
+    factor = -1.0 if mode == "sign_flip" else scale
+    local.sub_(global_).mul_(factor).add_(global_)

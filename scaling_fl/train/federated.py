@@ -22,7 +22,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from scaling_fl import checkpoint, models, processes
-from scaling_fl.config import Config
+from scaling_fl.config import Config, participant_count
 from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.events import EventWriter
@@ -30,7 +30,7 @@ from scaling_fl.exchange import broadcast_flat_, broadcast_int, gather_from_site
 from scaling_fl.exchange.dynamic import squared_distance
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
 from scaling_fl.site_state import SiteStates
-from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site
+from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site, trains_sites_in_turn
 from scaling_fl.train import local
 from scaling_fl.train.components import (
     exchange_from_config,
@@ -40,7 +40,7 @@ from scaling_fl.train.components import (
     sync_policy_from_config,
 )
 from scaling_fl.train.evaluate import evaluation_sums
-from scaling_fl.train.faults import maybe_fail
+from scaling_fl.train.faults import corrupt_update_, maybe_fail
 from scaling_fl.train.metrics import RoundClock, SiteTable, local_eval_summary, round_metrics, site_vector
 from scaling_fl.train.progress import progress_bar
 
@@ -61,6 +61,7 @@ def run_site(config: dict, workdir: str) -> dict:
             **config,
             "site_ids": tuple(config["site_ids"]),
             "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None,
+            "byzantine_sites": tuple(config["byzantine_sites"]),
         }
     )
     layout = read_layout(workdir)
@@ -68,10 +69,10 @@ def run_site(config: dict, workdir: str) -> dict:
     _quiet_unless_leader(site.is_leader)
     try:
         with logging_redirect_tqdm():
-            if layout.one_site_per_worker and cfg.fraction_fit == 1.0:
-                result = _federate(cfg, site, workdir)
-            else:
+            if trains_sites_in_turn(cfg, layout):
                 result = _federate_sites(cfg, site, layout, workdir)
+            else:
+                result = _federate(cfg, site, workdir)
     except Exception as error:
         if processes.restart_cannot_fix(error):
             processes.record_permanent_error(workdir, site.rank, error)
@@ -227,13 +228,15 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
 
 def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     """The round loop when a worker hosts several sites, or only a sampled fraction of the sites
-    trains each round (num_sites / processes_per_device / fraction_fit).
+    trains each round (num_sites / processes_per_device / fraction_fit), or each site's update is
+    handled apart (robust aggregation, byzantine sites: sites.trains_sites_in_turn).
 
     Each round: draw the participants from (seed, round) -> each worker trains its participating
     sites one after another, every one from the round's global model (or, between synchronizations,
     from its own model of the last round) with a fresh optimizer and its own seeds (seed, site,
     round); a synchronizing round encodes each site's update as if it sent alone and adds it into the
-    worker's sums -> the workers all_reduce their sums into the participants' mean update -> the
+    worker's sums -> the workers all_reduce their sums into the participants' mean update (robust
+    aggregation: gather every participant's update, bucket by bucket, and reduce it by the rule) -> the
     strategy applies it -> evaluate -> report -> checkpoint. A site trains exactly as it would in a
     process of its own, so packing changes only the order of fp32 sums. Synchronization happens at
     round ends only (launch.check_sync_steps refuses a sync period inside a round).
@@ -271,12 +274,12 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     broadcast_flat_(local_weights, bucket_numel, src=0)
     global_weights = local_weights.clone()
     strategy = strategy_from_config(cfg, local_weights)
-    exchange = packed_exchange_from_config(cfg, model, local_weights)
+    exchange = packed_exchange_from_config(cfg, model, local_weights, layout.num_sites)
     steps = local.steps_per_round(
         min(data.site_sizes), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
     )  # every site's, when sync is not per round (launch.check_sync_steps)
     sync_policy = sync_policy_from_config(cfg, steps)
-    drawn = len(participants(cfg.seed, 0, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites))  # every round
+    drawn = participant_count(layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)  # every round
     privacy = privacy_from_config(cfg, layout.num_sites, participants=drawn)
     site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
     start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
@@ -302,8 +305,10 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     def send(site: int, share: float) -> None:
         """Encodes the site's update (local_weights) as if it sent alone, into the worker's sums."""
         state = site_states.checkout(site, exchange.state_shapes)
+        if site in cfg.byzantine_sites:  # fault injection: this site lies about its update
+            corrupt_update_(local_weights, global_weights, cfg.byzantine_mode, cfg.byzantine_scale)
         privacy.clip_(local_weights, global_weights)  # dp=client: the site's update, clipped
-        exchange.add_site_(local_weights, global_weights, share, **state)
+        exchange.add_site_(local_weights, global_weights, share, site=site, **state)
         site_states.checkin(site, state)
 
     progress = progress_bar(total=cfg.num_rounds, initial=start_round, disable=not worker.is_leader, unit="round")

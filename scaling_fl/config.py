@@ -39,7 +39,7 @@ SPLITS = ("iid", "label_sorted", "dirichlet")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 EXCHANGES = ("dense", "sparse", "int8", "sparse_int8")
 SCOPES = ("model", "tensor")
 CRITERIA = ("largest_magnitude_change", "largest_final_magnitude", "largest_increase_in_magnitude")
@@ -649,6 +649,14 @@ def _check_robust(config: Config) -> None:
                 raise _fail(
                     key_name, getattr(config, key_name), f"{needed} with aggregation={config.aggregation} ({why})"
                 )
+    if config.strategy == "scaffold":
+        for key_name, needed, why in (
+            ("sync", "round", "control variates are updated once per round of local steps"),
+            ("dp", "none", "the control variates would carry un-noised gradients"),
+            ("aggregation", "mean", "SCAFFOLD's server step is the mean of the sites' updates"),
+        ):
+            if getattr(config, key_name) != needed:
+                raise _fail(key_name, getattr(config, key_name), f"{needed} with strategy=scaffold ({why})")
     if config.byzantine_sites and config.sync != "round":
         raise _fail("sync", config.sync, "round with byzantine_sites (a byzantine site corrupts each round's update)")
     sites = config.total_sites

@@ -50,6 +50,20 @@ def flatten_model_(model: torch.nn.Module) -> torch.Tensor:
     return flat
 
 
+def views_of_parameters(model: torch.nn.Module, flat: torch.Tensor) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, its slice of `flat`) for every trainable float parameter, `flat` laid out as
+    flatten_model_ lays out the model's state: how a flat per-model tensor (a SCAFFOLD correction)
+    meets the parameters' gradients."""
+    views, offset = [], 0
+    for _, _, tensor, is_parameter in _float_tensors(model):
+        if is_parameter and tensor.requires_grad:
+            views.append((tensor, flat[offset : offset + tensor.numel()].view_as(tensor)))
+        offset += tensor.numel()
+    if offset != flat.numel():
+        raise ValueError(f"a flat tensor of {flat.numel()} values does not match the model's {offset}")
+    return views
+
+
 def flat_sha256(flat: torch.Tensor) -> str:
     """A fingerprint of the exact bits, to check that all sites hold the same model."""
     return hashlib.sha256(flat.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()

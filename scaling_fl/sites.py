@@ -54,11 +54,13 @@ def trains_sites_in_turn(cfg, layout: Layout) -> bool:
     """Whether the run needs the round loop that trains each worker's sites one after another
     (train/federated.py's _federate_sites): several sites in a process, a sampled fraction of the
     sites, or a feature that handles each site's update or state apart (robust aggregation,
-    byzantine sites). One site per process with all sites training takes the leaner loop."""
+    byzantine sites, SCAFFOLD's control variates). One site per process with all sites training
+    takes the leaner loop."""
     return (
         not (layout.one_site_per_worker and cfg.fraction_fit == 1.0)
         or cfg.aggregation != "mean"
         or bool(cfg.byzantine_sites)
+        or cfg.strategy == "scaffold"
     )
 
 

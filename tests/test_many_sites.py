@@ -291,3 +291,26 @@ def test_byzantine_sites_derail_the_mean_and_not_multi_krum(tmp_path):
     sent = [record["metrics"]["comm.bytes_per_site"]["values"][-1] for record in (krum, mean)]
     assert sent[0] == 2 * sent[1]  # Krum's two passes
     assert krum["config"]["aggregation"] == "krum" and krum["config"]["byzantine_sites"] == [0, 5]
+
+
+@pytest.mark.slow
+def test_scaffold_with_sampling_resumes_bitwise_after_a_crash(tmp_path):
+    # Control variates are per-site state (kept for sites that sit a round out, checkpointed per site)
+    # and the server's variate is the strategy's state: a restart must replay the run exactly. Their
+    # math: tests/test_scaffold.py.
+    scaffold = ["strategy=scaffold", "fraction_fit=0.5", "optimizer=sgd", "learning_rate=0.05", *PACKINGS["2x4"]]
+    straight = _run(tmp_path, "scaffold", *scaffold)
+    crashed = _run(
+        tmp_path,
+        "scaffold-crash",
+        *scaffold,
+        f"checkpoints_dir={tmp_path / 'ck'}",
+        "max_restarts=1",
+        env={"SCALING_FL_FAIL_AT": "site=1,round=3,attempts=1"},
+    )
+    assert "sites restarted (restart 1 of at most 1)" in crashed["stderr"]
+    assert crashed["info"]["final_weights_sha256"] == straight["info"]["final_weights_sha256"]
+    model_bytes = 4 * sum(t.numel() for t in straight["weights"].values() if t.is_floating_point())
+    assert straight["metrics"]["comm.bytes_per_site"]["values"] == [2 * model_bytes] * 3  # update + variate
+    saved = load_file(str(tmp_path / "ck" / "round-000003" / "site-00001.safetensors"))
+    assert set(saved) == {"control"} and float(saved["control"].abs().max()) > 0

@@ -39,7 +39,7 @@ def reference(name: str, steps: int) -> np.ndarray:
     lr, mu, b1, b2, tau = (HP[k] for k in ("server_learning_rate", "server_momentum", "beta1", "beta2", "tau"))
     for t in range(1, steps + 1):
         d = mean_update(t).double().numpy()
-        if name == "fedavg":
+        if name in ("fedavg", "scaffold"):  # SCAFFOLD's model step; its variates: tests/test_scaffold.py
             x = x + lr * d
         elif name == "fedavgm":
             m = mu * m + d

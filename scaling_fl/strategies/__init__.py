@@ -5,6 +5,7 @@ from scaling_fl.strategies.base import Strategy
 from scaling_fl.strategies.factory import STRATEGIES, STRATEGY_DEFAULTS, make_strategy, strategy_hyperparameters
 from scaling_fl.strategies.fedavg import FedAvg
 from scaling_fl.strategies.fedavgm import FedAvgM
+from scaling_fl.strategies.scaffold import Scaffold
 
 __all__ = [
     "STRATEGIES",
@@ -14,6 +15,7 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedYogi",
+    "Scaffold",
     "Strategy",
     "make_strategy",
     "strategy_hyperparameters",

@@ -9,6 +9,7 @@ Defaults (a hyperparameter left as None takes them):
 | fedadam    | 1e-3                 | -               | 0.9   | 0.99  | 1e-3 |
 | fedyogi    | 1e-3                 | -               | 0.9   | 0.99  | 1e-3 |
 | fedadagrad | 1e-3                 | -               | 0.0   | -     | 1e-3 |
+| scaffold   | 1.0                  | -               | -     | -     | -    |
 
 Why: FedAvg/FedAvgM use lr 1 and momentum 0.9 as in Hsu et al. 2019 and Reddi et al. 2021
 (its effective step for a steady direction is lr / (1 - momentum) = 10x FedAvg's: lower
@@ -30,8 +31,9 @@ from scaling_fl.strategies.adaptive import FedAdagrad, FedAdam, FedYogi
 from scaling_fl.strategies.base import Strategy
 from scaling_fl.strategies.fedavg import FedAvg
 from scaling_fl.strategies.fedavgm import FedAvgM
+from scaling_fl.strategies.scaffold import Scaffold
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")
 
 STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
     "fedavg": {"server_learning_rate": 1.0},
@@ -39,6 +41,7 @@ STRATEGY_DEFAULTS: dict[str, dict[str, float]] = {
     "fedadam": {"server_learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
     "fedyogi": {"server_learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
     "fedadagrad": {"server_learning_rate": 1e-3, "beta1": 0.0, "tau": 1e-3},
+    "scaffold": {"server_learning_rate": 1.0},
 }
 
 
@@ -81,5 +84,7 @@ def make_strategy(
         return strategy
     if name == "fedavgm":
         return FedAvgM(numel, device, dtype=dtype, **hp)
+    if name == "scaffold":
+        return Scaffold(numel, device, dtype=dtype, **hp)
     cls = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}[name]
     return cls(numel, device, dtype=dtype, **hp)

@@ -84,6 +84,13 @@ def packed_exchange_from_config(
     return PackedExchange(cfg.exchange, weights.numel(), **_codec_options(cfg, model, weights))
 
 
+def variate_exchange_from_config(cfg: Config, weights: torch.Tensor) -> PackedExchange | None:
+    """strategy=scaffold: the sites' control-variate changes, summed by a dense exchange of their own."""
+    if cfg.strategy != "scaffold":
+        return None
+    return PackedExchange("dense", weights.numel(), bucket_bytes=int(cfg.bucket_size_mb * 2**20), device=weights.device)
+
+
 def sync_policy_from_config(cfg: Config, steps_per_round: int) -> SyncPolicy:
     return make_sync_policy(
         cfg.sync,

@@ -26,11 +26,18 @@ from scaling_fl.config import Config, participant_count
 from scaling_fl.data.prepared import load_worker_data
 from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.events import EventWriter
-from scaling_fl.exchange import broadcast_flat_, broadcast_int, gather_from_sites, sum_across_sites, wait_for_all_sites
+from scaling_fl.exchange import (
+    broadcast_flat_,
+    broadcast_int,
+    gather_from_sites,
+    sum_across_sites,
+    wait_for_all_sites,
+)
 from scaling_fl.exchange.dynamic import squared_distance
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
 from scaling_fl.site_state import SiteStates
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site, trains_sites_in_turn
+from scaling_fl.strategies.scaffold import next_site_control
 from scaling_fl.train import local
 from scaling_fl.train.components import (
     exchange_from_config,
@@ -38,6 +45,7 @@ from scaling_fl.train.components import (
     privacy_from_config,
     strategy_from_config,
     sync_policy_from_config,
+    variate_exchange_from_config,
 )
 from scaling_fl.train.evaluate import evaluation_sums
 from scaling_fl.train.faults import corrupt_update_, maybe_fail
@@ -275,6 +283,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     global_weights = local_weights.clone()
     strategy = strategy_from_config(cfg, local_weights)
     exchange = packed_exchange_from_config(cfg, model, local_weights, layout.num_sites)
+    # SCAFFOLD: each site's control-variate update, a second dense message (strategies/scaffold.py)
+    variates = variate_exchange_from_config(cfg, local_weights)
     steps = local.steps_per_round(
         min(data.site_sizes), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
     )  # every site's, when sync is not per round (launch.check_sync_steps)
@@ -327,8 +337,24 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for site in mine:
             unsynced = site_states.take(site, "local")  # its own model since the last synchronization
             local_weights.copy_(unsynced if unsynced is not None else global_weights)
-            sums = local.train_site_round(model, train_sets[site], collate, cfg, site, round_index, worker.device)
+            own_control = _site_control(site_states, site, global_weights) if variates is not None else None
+            sums = local.train_site_round(
+                model,
+                train_sets[site],
+                collate,
+                cfg,
+                site,
+                round_index,
+                worker.device,
+                control_correction=None if own_control is None else strategy.control - own_control,  # SCAFFOLD
+            )
             site_table.add(site, sums, local_eval_summary(*evaluate(test_full)) if test_full is not None else None)
+            if own_control is not None:  # SCAFFOLD option II: the site's new variate, its change summed
+                new_control = next_site_control(
+                    own_control, strategy.control, local_weights, global_weights, sums.lr_sum
+                )
+                variates.add_site_(new_control.sub(own_control), global_weights, 1.0 / layout.num_sites)
+                site_states.keep(site, "control", new_control)
             if synchronize:
                 send(site, share[site])
             else:
@@ -346,7 +372,11 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for part in exchange.means(global_weights) if synchronize else ():
             privacy.noise_(part, round_index, len(chosen))  # dp=client: seeded noise on the mean
             strategy.apply_(global_weights, part)
+        for part in variates.means(global_weights) if variates is not None else ():
+            strategy.apply_control_(part)  # SCAFFOLD: c += sum of the participants' variate changes / N
         communication = exchange.stats if synchronize else exchange.idle_stats()
+        if variates is not None:
+            communication = _with_variates(communication, variates.stats)
         local_weights.copy_(global_weights)  # evaluate the model every site agrees on
         clock.mark("aggregate")
 
@@ -385,6 +415,21 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     if worker.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
     return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights)}
+
+
+def _site_control(site_states: SiteStates, site: int, like: torch.Tensor) -> torch.Tensor:
+    """SCAFFOLD's c_i of a site (zeros before its first round), taken out of its state until kept again."""
+    held = site_states.take(site, "control")
+    return torch.zeros_like(like) if held is None else held.to(like.device)
+
+
+def _with_variates(communication: dict, variates: dict) -> dict:
+    """The round's figures with SCAFFOLD's variate messages counted in (they cross the wire too)."""
+    out = dict(communication)
+    for key in ("comm.bytes_per_site", "comm.wire_bytes_per_site", "comm.worker_bytes", "comm.worker_wire_bytes"):
+        out[key] = out.get(key, 0) + variates.get(key, 0)
+    out["memory.exchange_peak_mb"] = out.get("memory.exchange_peak_mb", 0.0) + variates["memory.exchange_peak_mb"]
+    return out
 
 
 def _report(events: EventWriter, history: list, round_number: int, num_rounds: int, metrics: dict, **extra) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from scaling_fl.data.tokenize import TokenizedDataset, to_device
+from scaling_fl.flat_state import views_of_parameters
 
 
 @dataclass
@@ -27,6 +28,7 @@ class TrainSums:
     loss_sum: float = 0.0
     correct: int = 0
     count: int = 0
+    lr_sum: float = 0.0  # the learning rates of the round's steps, summed (SCAFFOLD's K x lr)
 
 
 def round_seed(seed: int, site: int, round_index: int, stream: int = 0) -> int:
@@ -109,16 +111,21 @@ def train_round(
     progress=None,
     after_step=None,
     proximal_mu: float = 0.0,
+    control_correction: torch.Tensor | None = None,
 ) -> TrainSums:
     """Runs the plan's optimizer steps; `after_step(k)` is called after the k-th (from 1), e.g. to
     synchronize within the round (sync=periodic / dynamic).
 
     proximal_mu > 0 (FedProx, Li et al. 2020): the loss of every step gets mu/2 ||w - w0||^2, w0 the
     weights the round started from (the global model: FedProx is allowed with sync=round only). Its
-    gradient, mu (w - w0), is added to the step's gradient before clipping, as autograd would."""
+    gradient, mu (w - w0), is added to the step's gradient before clipping, as autograd would.
+
+    control_correction (SCAFFOLD, Karimireddy et al. 2020): c - c_i, laid out as the model's flat state;
+    every step's gradient gets it (before clipping too), y <- y - lr (g(y) + c - c_i)."""
     model.train()
     sums = TrainSums()
     proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
+    correction = views_of_parameters(model, control_correction) if control_correction is not None else ()
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     for step_number, step_batches in enumerate(plan, start=1):
         step_rows = sum(len(rows) for rows in step_batches)
@@ -138,8 +145,11 @@ def train_round(
             scaler.unscale_(optimizer)
         if proximal is not None:
             proximal.add_gradient_()
+        for param, term in correction:
+            param.grad = term.clone() if param.grad is None else param.grad.add_(term)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        sums.lr_sum += float(optimizer.param_groups[0]["lr"])
         if scaler:
             scaler.step(optimizer)
             scaler.update()
@@ -181,6 +191,7 @@ def train_site_round(
     device: torch.device,
     progress=None,
     after_step=None,
+    control_correction: torch.Tensor | None = None,
 ) -> TrainSums:
     """Site `site`'s local training in round `round_index`: its seeds, batch plan, a fresh optimizer
     and its place in the learning-rate schedule over all rounds (`cfg`: the run's Config)."""
@@ -213,4 +224,5 @@ def train_site_round(
         progress=progress,
         after_step=after_step,
         proximal_mu=cfg.proximal_mu,
+        control_correction=control_correction,
     )

@@ -516,6 +516,23 @@ class Config:
     dp_delta: float = key(
         1e-5, Number(0.0, 1.0, low_open=True, high_open=True), "`dp=client`: delta of `privacy.epsilon`"
     )
+    dp_adaptive_clip: bool = key(
+        False,
+        Flag(),
+        "`dp=client`: adapt the clip norm each round toward `dp_target_quantile` of the updates' norms "
+        "(Andrew et al. 2021); `dp_clip_norm` is the first round's",
+    )
+    dp_target_quantile: float = key(
+        0.5, Number(0.0, 1.0, low_open=True, high_open=True), "`dp_adaptive_clip`: share of updates left unclipped"
+    )
+    dp_clip_learning_rate: float = key(
+        0.2, Number(0.0, 10.0, low_open=True), "`dp_adaptive_clip`: eta of the geometric clip-norm update"
+    )
+    dp_clipped_count_stddev: float | None = key(
+        None,
+        Number(0.0, 1e6, low_open=True),
+        "`dp_adaptive_clip`: noise std of the count of unclipped updates (`None`: participants / 20)",
+    )
 
     # Tracking.
     job_name: str = key(
@@ -683,6 +700,27 @@ def _check_robust(config: Config) -> None:
             )
 
 
+def clipped_count_stddev(config: Config) -> float:
+    """dp_clipped_count_stddev, or the paper's recommendation: expected participants / 20."""
+    if config.dp_clipped_count_stddev is not None:
+        return config.dp_clipped_count_stddev
+    return participant_count(config.total_sites, config.fraction_fit, config.min_fit_sites) / 20
+
+
+def _check_adaptive_clip(config: Config) -> None:
+    """Adaptive clipping spends part of the noise on the clipped count: its std must exceed z / 2."""
+    if config.dp == "none" or not config.dp_adaptive_clip or config.dp_noise_multiplier == 0:
+        return
+    stddev = clipped_count_stddev(config)
+    if stddev <= config.dp_noise_multiplier / 2:
+        raise _fail(
+            "dp_clipped_count_stddev",
+            stddev,
+            f"more than dp_noise_multiplier / 2 = {config.dp_noise_multiplier / 2:g} with dp_adaptive_clip "
+            "(the default, participants / 20, needs more than 10 x dp_noise_multiplier participants a round)",
+        )
+
+
 def _check_sync(values: dict) -> None:
     if values["proximal_mu"] > 0 and values["sync"] != "round":
         raise _fail(
@@ -744,6 +782,7 @@ def resolve(raw: dict[str, Any]) -> Config:
     config = Config(**values)
     _check_sites(config)
     _check_robust(config)
+    _check_adaptive_clip(config)
     return config
 
 

@@ -89,10 +89,30 @@ def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: flo
     return float(accountant.get_epsilon(delta))
 
 
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """Adaptive clipping's noise multiplier of the updates, (z^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al.
+    2021, Theorem 1): with the clipped count's noise sigma_b, the two releases together are as private as
+    the updates alone with multiplier z."""
+    if noise_multiplier == 0:
+        return 0.0
+    rest = noise_multiplier**-2 - (2 * count_stddev) ** -2
+    if rest <= 0:
+        raise ValueError(
+            f"the clipped count's noise {count_stddev} must exceed dp_noise_multiplier / 2 = {noise_multiplier / 2}"
+        )
+    return rest**-0.5
+
+
+def count_noise(seed: int, round_index: int) -> float:
+    """The standard normal draw of round `round_index` for the clipped count (the same on every process)."""
+    return float(np.random.default_rng([seed, round_index, NOISE_STREAM + 1]).normal())
+
+
 class NoPrivacy:
     """dp=none: sample-weighted means, nothing clipped or noised."""
 
     needs_reference = False
+    adaptive = False
 
     def weights(self, sizes: list[int]) -> list[float]:
         return [size / sum(sizes) for size in sizes]
@@ -106,29 +126,86 @@ class NoPrivacy:
     def figures(self, round_number: int) -> dict[str, float]:
         return {}
 
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        pass
+
 
 class ClientDP(NoPrivacy):
-    """dp=client (see the module's docstring)."""
+    """dp=client (see the module's docstring).
+
+    With adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive
+    clipping"), `dp_clip_norm` is the first round's clip norm C. Each round every participant also
+    reports whether its update was within C (b_i); the processes sum the b_i, the sum gets seeded
+    Gaussian noise of std sigma_b (`dp_clipped_count_stddev`, default participants / 20 as the paper
+    recommends), and the next round's norm is C exp(-eta (b - gamma)), b the noisy fraction, gamma
+    `dp_target_quantile`, eta `dp_clip_learning_rate`. The updates' noise multiplier is lowered so the
+    round stays as private as `dp_noise_multiplier` says, and the accountant is called with that.
+    """
 
     needs_reference = True
 
-    def __init__(self, clip_norm: float, noise_multiplier: float, delta: float, seed: int, sample_rate: float) -> None:
+    def __init__(
+        self,
+        clip_norm: float,
+        noise_multiplier: float,
+        delta: float,
+        seed: int,
+        sample_rate: float,
+        *,
+        adaptive: bool = False,
+        target_quantile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        count_stddev: float = 1.0,
+    ) -> None:
         self.clip_norm, self.noise_multiplier, self.delta = clip_norm, noise_multiplier, delta
         self.seed, self.sample_rate = seed, sample_rate
+        self.adaptive, self.target_quantile, self.clip_learning_rate = adaptive, target_quantile, clip_learning_rate
+        self.count_stddev = count_stddev
+        self.update_multiplier = (
+            update_noise_multiplier(noise_multiplier, count_stddev) if adaptive else noise_multiplier
+        )
+        self.unclipped = 0  # this process's participants whose update was within the clip norm this round
+        self.round_clip_norm, self.unclipped_fraction = clip_norm, None
 
     def weights(self, sizes: list[int]) -> list[float]:
         return [1.0 / len(sizes)] * len(sizes)
 
     def clip_(self, local: torch.Tensor, global_: torch.Tensor) -> None:
-        clip_update_(local, global_, self.clip_norm)
+        self.unclipped += clip_update_(local, global_, self.clip_norm) <= self.clip_norm
 
     def noise_(self, part: MeanPart, round_index: int, participants: int) -> None:
-        if self.noise_multiplier == 0:
+        if self.update_multiplier == 0:
             return
-        std = self.noise_multiplier * self.clip_norm / participants
+        std = self.update_multiplier * self.clip_norm / participants
         drawn = noise(part.where.start, part.where.stop, self.seed, round_index)
         part.values.add_(drawn.to(device=part.values.device, dtype=part.values.dtype), alpha=std)
 
+    def adapt_clip_(self, unclipped: int, round_index: int, participants: int) -> None:
+        """After the round's noised mean: the next round's clip norm from all processes' count of updates
+        within this one (`unclipped`, summed by the round loop)."""
+        centered = unclipped - participants / 2 + self.count_stddev * count_noise(self.seed, round_index)
+        self.unclipped_fraction = centered / participants + 0.5
+        self.round_clip_norm = self.clip_norm
+        self.clip_norm = self.clip_norm * math.exp(
+            -self.clip_learning_rate * (self.unclipped_fraction - self.target_quantile)
+        )
+        self.unclipped = 0
+
     def figures(self, round_number: int) -> dict[str, float]:
-        """privacy.epsilon after this round, at dp_delta."""
-        return {"privacy.epsilon": epsilon(self.noise_multiplier, self.sample_rate, round_number, self.delta)}
+        """privacy.epsilon after this round, at dp_delta (and the clip norm the round used)."""
+        figures = {"privacy.epsilon": epsilon(self.noise_multiplier, self.sample_rate, round_number, self.delta)}
+        if self.adaptive:
+            figures["privacy.clip_norm"] = self.round_clip_norm
+            figures["privacy.unclipped_fraction"] = self.unclipped_fraction
+        return figures
+
+    def state_dict(self) -> dict[str, float]:
+        """What a resumed run needs: the clip norm the next round uses (adaptive clipping moves it)."""
+        return {"clip_norm": self.clip_norm} if self.adaptive else {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        if self.adaptive and "clip_norm" in state:
+            self.clip_norm = float(state["clip_norm"])

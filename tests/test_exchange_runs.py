@@ -112,9 +112,15 @@ def test_dynamic_sync_skips_below_the_threshold_and_evaluates_the_last_synchroni
 def test_client_dp_clips_every_update_and_records_the_privacy_spent(tmp_path):
     """dp=client on the one-site-per-process loop: a clip norm so small that no site can move the model,
     so the global model (and its loss) stays where it started; epsilon per round from opacus' accountant."""
-    from scaling_fl.privacy import epsilon
+    import math
 
-    metrics = _run(tmp_path, "num_rounds=2", "dp=client", "dp_clip_norm=1e-9", "dp_noise_multiplier=1.0")
+    from scaling_fl.privacy import count_noise, epsilon
+
+    adaptive = ["dp_adaptive_clip=True", "dp_clipped_count_stddev=1.0"]  # every update clipped: the norm grows
+    metrics = _run(tmp_path, "num_rounds=2", "dp=client", "dp_clip_norm=1e-9", "dp_noise_multiplier=1.0", *adaptive)
     loss = _values(metrics, "validation.loss")
     assert loss[0] == pytest.approx(loss[1], abs=1e-6)
     assert _values(metrics, "privacy.epsilon") == pytest.approx([epsilon(1.0, 1.0, r, 1e-5) for r in (1, 2)])
+    fraction = (0 - 2 / 2 + 1.0 * count_noise(42, 0)) / 2 + 0.5  # 2 sites, none unclipped, seeded noise
+    assert _values(metrics, "privacy.unclipped_fraction")[0] == pytest.approx(fraction)
+    assert _values(metrics, "privacy.clip_norm") == pytest.approx([1e-9, 1e-9 * math.exp(-0.2 * (fraction - 0.5))])

@@ -151,14 +151,15 @@ def test_eight_sites_as_8_processes_2x4_and_1x8_end_with_the_same_model(tmp_path
 
 @pytest.mark.slow
 def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp_path):
-    # With FedProx's proximal term and client-level DP: what the term pulls toward (the round's global
-    # model), each site's clipping and the noise (drawn from seed, round and position) are the same in
-    # every packing and after a restart, so the run stays exact (their math: tests/test_fedprox.py,
-    # tests/test_privacy.py). Local SGD: with AdamW, a weight whose true gradient is zero (BERT's attention
-    # key biases: softmax ignores them) moves by Adam-normalized rounding noise, and FedProx's pull toward
-    # the global model, whose last bits depend on the summation order, steers that noise: 8x1 and 2x4 then
-    # differ by ~4e-4 on those biases (measured), not by summation order alone.
-    private = ["dp=client", "dp_clip_norm=1.0", "dp_noise_multiplier=0.1"]
+    # With FedProx's proximal term and client-level DP with adaptive clipping: what the term pulls toward
+    # (the round's global model), each site's clipping, the clip norm (checkpointed) and the noise (drawn
+    # from seed, round and position) are the same in every packing and after a restart, so the run stays
+    # exact (their math: tests/test_fedprox.py, tests/test_privacy.py). Local SGD: with AdamW, a weight
+    # whose true gradient is zero (BERT's attention key biases: softmax ignores them) moves by
+    # Adam-normalized rounding noise, and FedProx's pull toward the global model, whose last bits depend
+    # on the summation order, steers that noise: 8x1 and 2x4 then differ by ~4e-4 on those biases
+    # (measured), not by summation order alone.
+    private = ["dp=client", "dp_clip_norm=1.0", "dp_noise_multiplier=0.1", "dp_adaptive_clip=True"]
     sampled = ["fraction_fit=0.5", "min_fit_sites=2", "proximal_mu=0.1", *private, "optimizer=sgd"]
     packed = _run(tmp_path, "sampled-2x4", *PACKINGS["2x4"], *sampled, "per_site_metrics=True")
     single = _run(tmp_path, "sampled-1x8", *PACKINGS["1x8"], *sampled)
@@ -185,6 +186,8 @@ def test_sampling_is_the_same_in_every_packing_and_across_a_crash_and_resume(tmp
     spent = [epsilon(0.1, 4 / 8, r, 1e-5) for r in (1, 2, 3)]  # opacus' accountant, sampling rate 4 of 8
     for record in (packed, single, crashed):
         assert record["metrics"]["privacy.epsilon"]["values"] == pytest.approx(spent)
+        assert record["metrics"]["privacy.clip_norm"]["values"] == packed["metrics"]["privacy.clip_norm"]["values"]
+    assert len(set(packed["metrics"]["privacy.clip_norm"]["values"])) == 3  # it moved every round
     for site in range(8):  # per-site metrics of the rounds each site took part in, and only those
         rounds = [r for r in (1, 2, 3) if site in drawn[str(r)]]
         for metric in ("train.loss", "validation.accuracy", "memory.peak_rss_mb"):

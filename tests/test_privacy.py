@@ -10,7 +10,17 @@ import torch
 
 from scaling_fl.config import ConfigError, resolve
 from scaling_fl.exchange.base import MeanPart
-from scaling_fl.privacy import NOISE_BLOCK, ClientDP, NoPrivacy, clip_update_, epsilon, noise, update_norm
+from scaling_fl.privacy import (
+    NOISE_BLOCK,
+    ClientDP,
+    NoPrivacy,
+    clip_update_,
+    count_noise,
+    epsilon,
+    noise,
+    update_noise_multiplier,
+    update_norm,
+)
 
 
 def test_every_clipped_update_is_within_the_bound_and_short_ones_are_untouched():
@@ -77,8 +87,48 @@ def test_epsilon_is_opacus_rdp_accountant_called_directly(noise_multiplier, samp
         ({"dp": "client", "dp_clip_norm": 1.0, "exchange": "sparse"}, "exchange='sparse' is not allowed: dense"),
         ({"dp": "client", "dp_clip_norm": 1.0, "sync": "periodic", "comm_period": 2}, "round with dp=client"),
         ({"dp": "client", "dp_clip_norm": 0}, "dp_clip_norm=0 is not allowed"),
+        ({"dp": "client", "dp_clip_norm": 1.0, "dp_adaptive_clip": True}, "dp_clipped_count_stddev=0.2 is not allowed"),
+        (
+            {"dp": "client", "dp_clip_norm": 1.0, "dp_adaptive_clip": True, "dp_clipped_count_stddev": 0.5},
+            "more than dp_noise_multiplier / 2 = 0.5",
+        ),
+        ({"dp": "client", "dp_clip_norm": 1.0, "dp_adaptive_clip": True, "dp_target_quantile": 1.0}, "quantile=1.0"),
     ],
 )
 def test_bad_dp_settings_are_refused_by_the_config(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         resolve({"model": "tiny-bert", **raw})
+
+
+def test_adaptive_clipping_keeps_the_round_as_private_as_the_noise_multiplier_says():
+    z, sigma_b = 1.0, 2.0
+    z_update = update_noise_multiplier(z, sigma_b)
+    assert z_update**-2 + (2 * sigma_b) ** -2 == pytest.approx(z**-2)  # Andrew et al. 2021, Theorem 1
+    assert z_update > z  # the updates get a little more noise
+    dp = ClientDP(1.0, z, 1e-5, 0, 1.0, adaptive=True, count_stddev=sigma_b)
+    part = MeanPart(slice(0, 1000), torch.zeros(1000), is_average=False)
+    dp.noise_(part, 0, 4)
+    assert float(part.values.std()) == pytest.approx(z_update / 4, rel=0.1)
+    with pytest.raises(ValueError, match="must exceed dp_noise_multiplier / 2"):
+        update_noise_multiplier(1.0, 0.5)
+
+
+def test_the_clip_norm_moves_geometrically_toward_the_target_quantile():
+    dp = ClientDP(1.0, 0.0, 1e-5, 7, 1.0, adaptive=True, target_quantile=0.5, clip_learning_rate=0.2, count_stddev=1.0)
+    norms = torch.arange(1.0, 21.0)  # 20 participants with update norms 1..20: the median is 10.5
+    start = torch.zeros(1)
+    history = []
+    for round_index in range(150):
+        used = dp.clip_norm
+        for norm in norms:
+            dp.clip_(torch.tensor([float(norm)]), start)
+        dp.adapt_clip_(dp.unclipped, round_index, len(norms))
+        history.append(used)
+        if round_index == 0:  # by hand: 1 of 20 within 1.0, the seeded count noise, C exp(-eta (b - gamma))
+            b = (1 - 10 + count_noise(7, 0)) / 20 + 0.5
+            assert dp.clip_norm == pytest.approx(math.exp(-0.2 * (b - 0.5)))
+            assert dp.figures(1)["privacy.unclipped_fraction"] == pytest.approx(b)
+    assert 8.0 < sum(history[-50:]) / 50 < 13.0  # settles around the median norm
+    restored = ClientDP(1.0, 0.0, 1e-5, 7, 1.0, adaptive=True)
+    restored.load_state_dict(dp.state_dict())
+    assert restored.clip_norm == dp.clip_norm  # what a checkpoint carries

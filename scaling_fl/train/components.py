@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from scaling_fl.config import Config
+from scaling_fl.config import Config, clipped_count_stddev
 from scaling_fl.exchange import (
     GatheredExchange,
     PackedExchange,
@@ -105,4 +105,14 @@ def privacy_from_config(cfg: Config, num_sites: int, participants: int) -> NoPri
     """dp=client: clipping, equal weights and seeded noise (scaling_fl/privacy.py); dp=none: sample-weighted."""
     if cfg.dp == "none":
         return NoPrivacy()
-    return ClientDP(cfg.dp_clip_norm, cfg.dp_noise_multiplier, cfg.dp_delta, cfg.seed, participants / num_sites)
+    return ClientDP(
+        cfg.dp_clip_norm,
+        cfg.dp_noise_multiplier,
+        cfg.dp_delta,
+        cfg.seed,
+        participants / num_sites,
+        adaptive=cfg.dp_adaptive_clip,
+        target_quantile=cfg.dp_target_quantile,
+        clip_learning_rate=cfg.dp_clip_learning_rate,
+        count_stddev=clipped_count_stddev(cfg),
+    )

@@ -144,7 +144,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     total_steps = steps * cfg.num_rounds
 
     # --- resume: the newest complete checkpoint, the same one on every site ------------
-    start_round, history, _ = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
+    start_round, history, found = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
+    privacy.load_state_dict(found.state.get("privacy", {}) if found is not None else {})
     if site.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
         for past in history:  # rounds a crashed launcher may not have logged yet; it skips the logged ones
@@ -161,6 +162,8 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             for part in exchange.means(local_weights, global_weights, weight):  # the mean, bucket by bucket
                 privacy.noise_(part, (run_step - 1) // steps, site.world_size)  # dp=client: seeded noise
                 strategy.apply_(global_weights, part)
+            if privacy.adaptive:  # dp_adaptive_clip: the next clip norm from the sites' noisy unclipped count
+                privacy.adapt_clip_(_total(privacy.unclipped, site.device), (run_step - 1) // steps, site.world_size)
             communication.add(exchange.stats)
         communication.seconds += time.perf_counter() - started
         return synchronized
@@ -226,7 +229,9 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             if not in_sync:
                 site_state["local"] = local_weights  # this site's model since the last synchronization
             states = {site.rank: site_state} if site_state else {}
-            _save_checkpoint(cfg, site, site.world_size, round_number, global_weights, strategy, states, history)
+            _save_checkpoint(
+                cfg, site, site.world_size, round_number, global_weights, strategy, states, history, privacy
+            )
 
     progress.close()
     if site.is_leader and cfg.save_final_model:
@@ -293,6 +298,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     privacy = privacy_from_config(cfg, layout.num_sites, participants=drawn)
     site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
     start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
+    privacy.load_state_dict(found.state.get("privacy", {}) if found is not None else {})
     for site in hosted if found is not None else ():  # sites that never trained have no state
         if found.has(checkpoint.site_file(site)):
             site_states.load(site, found.tensors(checkpoint.site_file(site)))
@@ -372,6 +378,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for part in exchange.means(global_weights) if synchronize else ():
             privacy.noise_(part, round_index, len(chosen))  # dp=client: seeded noise on the mean
             strategy.apply_(global_weights, part)
+        if privacy.adaptive and synchronize:  # dp_adaptive_clip: the next clip norm from the noisy unclipped count
+            privacy.adapt_clip_(_total(privacy.unclipped, worker.device), round_index, len(chosen))
         for part in variates.means(global_weights) if variates is not None else ():
             strategy.apply_control_(part)  # SCAFFOLD: c += sum of the participants' variate changes / N
         communication = exchange.stats if synchronize else exchange.idle_stats()
@@ -409,12 +417,19 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         # --- 5. checkpoint: the global model, the strategy and every hosted site's state ------------
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or last_round):
             states = {site: site_states.state_of(site) for site in site_states.sites()}
-            _save_checkpoint(cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history)
+            _save_checkpoint(
+                cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history, privacy
+            )
 
     progress.close()
     if worker.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
     return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights)}
+
+
+def _total(count: int, device: torch.device) -> int:
+    """A count summed over all processes."""
+    return int(sum_across_sites(torch.tensor([count], dtype=torch.int64, device=device)).item())
 
 
 def _site_control(site_states: SiteStates, site: int, like: torch.Tensor) -> torch.Tensor:
@@ -548,6 +563,7 @@ def _save_checkpoint(
     strategy,
     site_states: dict[int, dict[str, torch.Tensor]],
     history,
+    privacy,
 ) -> None:
     directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
     # Every process writes the state of the sites it hosts first (one file per site, so a checkpoint
@@ -576,6 +592,7 @@ def _save_checkpoint(
                 # Batch order and dropout are seeded from (seed, site, round): the round number is the RNG state.
                 "rng": {"seed": cfg.seed, "data_seed": cfg.data_seed, "derived_from": "seed, site, round"},
                 "history": history,
+                "privacy": privacy.state_dict(),  # dp_adaptive_clip: the next round's clip norm
             },
         )
         checkpoint.commit(directory)

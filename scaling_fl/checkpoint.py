@@ -56,6 +56,7 @@ DEFINING_KEYS = (
     "split",
     "dirichlet_beta",
     "sample_percentage",
+    "validation_fraction",
     "data_seed",
     "seed",
     "max_seq_len",

@@ -414,7 +414,16 @@ class Config:
     sample_percentage: float = key(
         1.0, Number(0.0, 1.0, low_open=True), "fraction of the training set used (seeded), before splitting"
     )
-    data_seed: int = key(42, Int(0), "seeds the split and the synthetic data")
+    validation_fraction: float = key(
+        0.1,
+        Number(0.0, 0.5),
+        "share of the training rows held out (seeded, stratified) for the `validation.*` metrics of every "
+        "round; `0`: no validation set, `validation.*` are then scored on the test set (as before this key)",
+    )
+    test_every: int = key(
+        0, Int(0), "also score the test set (`test.*`) every N rounds; `0`: after the last round only"
+    )
+    data_seed: int = key(42, Int(0), "seeds the split, the validation set and the synthetic data")
     model: str = key(
         "minilm",
         Text(

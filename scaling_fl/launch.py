@@ -177,7 +177,11 @@ def log_split(prepared: PreparedData, every_site_up_to: int = 16) -> None:
             np.median(entropy),
             entropy.max(),
         )
-    log.info("test set: %d rows", len(prepared.test))
+    log.info(
+        "validation set: %s; test set: %d rows",
+        f"{len(prepared.validation)} training rows held out" if len(prepared.validation) else "the test set",
+        len(prepared.test),
+    )
 
 
 def run_sites(

@@ -31,7 +31,7 @@ from scaling_fl.config import DEFAULTS
 from scaling_fl.errors import EXIT_BAD_INPUT, UserError, print_error
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_federated.py"
-REPORTED = ("validation.accuracy", "validation.loss", "validation.f1_macro")
+REPORTED = ("validation.accuracy", "validation.loss", "validation.f1_macro", "test.accuracy", "test.f1_macro")
 
 
 class SweepError(UserError, ValueError):
@@ -201,7 +201,7 @@ def write_report(runs, sweep: str, out_dir) -> dict[str, Path]:
     keys = [column for column in per_round.columns if column not in ("metric", "round", "mean", "std", "count")]
     for metric in REPORTED:
         rows = per_round[per_round["metric"] == metric]
-        if rows.empty:
+        if rows["round"].nunique() < 2:  # nothing to draw (test.* are scored after the last round only)
             continue
         figure, axes = report._new_figure(f"{sweep}: {metric}, mean ± std over seeds", "round", metric)
         groups = rows.groupby(keys, dropna=False)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 
 from scaling_fl.data.dataset import TextDataset
-from scaling_fl.data.splits import label_histograms, split_indices
+from scaling_fl.data.splits import carve_validation, label_histograms, split_indices
 from scaling_fl.data.tasks import load_task
 
 
@@ -25,6 +25,8 @@ class PreparedData:
     train: TextDataset
     test: TextDataset
     parts: list[np.ndarray]  # row indices of train, one array per site (global rank)
+    # row indices of train held out for validation.* (empty: validation_fraction=0)
+    validation: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -48,6 +50,7 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         synthetic_test_size=cfg.synthetic_test_size,
         data_seed=cfg.data_seed,
     )
+    training_rows, validation = carve_validation(train.labels, cfg.validation_fraction, cfg.data_seed)
     parts = split_indices(
         train.labels,
         num_sites,
@@ -55,8 +58,9 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         cfg.data_seed,
         dirichlet_beta=cfg.dirichlet_beta,
         sample_percentage=cfg.sample_percentage,
+        rows=training_rows,
     )
-    return PreparedData(train=train, test=test, parts=parts)
+    return PreparedData(train=train, test=test, parts=parts, validation=validation)
 
 
 def _write_table(dataset: TextDataset, path: str) -> None:
@@ -73,6 +77,7 @@ def save_prepared(prepared: PreparedData, directory: str) -> None:
     meta = {
         "label_names": list(prepared.label_names),
         "parts": [part.tolist() for part in prepared.parts],
+        "validation": prepared.validation.tolist(),
         "train_source": prepared.train.source,
         "test_source": prepared.test.source,
     }
@@ -82,13 +87,15 @@ def save_prepared(prepared: PreparedData, directory: str) -> None:
 
 @dataclass(frozen=True)
 class WorkerData:
-    """What one worker needs: the training rows of each site it hosts, its evaluation shard and
-    every site's size."""
+    """What one worker needs: the training rows of each site it hosts, its shards of the validation
+    and test sets and every site's size. Without a validation set (validation_fraction=0) the
+    validation shard is the test shard itself, as the README says."""
 
     train: dict[int, TextDataset]  # site -> its rows
+    validation_shard: TextDataset
     test_shard: TextDataset
     site_sizes: list[int]
-    test_full: TextDataset | None  # only when a site scores its own local model (per_site_metrics)
+    validation_full: TextDataset | None  # only when a site scores its own local model (per_site_metrics)
 
 
 def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source: str) -> TextDataset:
@@ -102,9 +109,10 @@ def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source
 
 
 def load_worker_data(
-    directory: str, sites: tuple[int, ...], worker: int, num_workers: int, full_test: bool = False
+    directory: str, sites: tuple[int, ...], worker: int, num_workers: int, full_validation: bool = False
 ) -> WorkerData:
-    """The rows of `sites`, and test rows worker, worker + num_workers, ... (every row scored once)."""
+    """The rows of `sites`, and validation and test rows worker, worker + num_workers, ... (every row
+    scored once)."""
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     label_names = tuple(meta["label_names"])
@@ -113,9 +121,18 @@ def load_worker_data(
     parts = [np.asarray(part, dtype=np.int64) for part in meta["parts"]]
     if any(site >= len(parts) for site in sites):
         raise RuntimeError(f"data was split for {len(parts)} sites but this worker hosts sites {list(sites)}")
+    test_shard = _read_rows(test_path, np.arange(worker, num_test, num_workers), label_names, meta["test_source"])
+    held_out = np.asarray(meta.get("validation", []), dtype=np.int64)
+    if len(held_out):
+        validation_shard = _read_rows(train_path, held_out[worker::num_workers], label_names, meta["train_source"])
+        full = _read_rows(train_path, held_out, label_names, meta["train_source"]) if full_validation else None
+    else:
+        validation_shard = test_shard
+        full = _read_rows(test_path, np.arange(num_test), label_names, meta["test_source"]) if full_validation else None
     return WorkerData(
         train={site: _read_rows(train_path, parts[site], label_names, meta["train_source"]) for site in sites},
-        test_shard=_read_rows(test_path, np.arange(worker, num_test, num_workers), label_names, meta["test_source"]),
+        validation_shard=validation_shard,
+        test_shard=test_shard,
         site_sizes=[len(part) for part in parts],
-        test_full=_read_rows(test_path, np.arange(num_test), label_names, meta["test_source"]) if full_test else None,
+        validation_full=full,
     )

@@ -21,12 +21,15 @@ def split_indices(
     seed: int,
     dirichlet_beta: float = 0.5,
     sample_percentage: float = 1.0,
+    rows: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Disjoint, sorted, non-empty index arrays, one per site."""
+    """Disjoint, sorted, non-empty index arrays, one per site, dealt from `rows` (default: every row;
+    the rows left after the validation set is carved out)."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     _check_arguments(num_sites, method, dirichlet_beta, sample_percentage)
     rng = np.random.default_rng(seed)
-    pool = _sample(len(labels), sample_percentage, num_sites, rng)
+    candidates = np.arange(len(labels)) if rows is None else np.asarray(rows, dtype=np.int64)
+    pool = candidates[_sample(len(candidates), sample_percentage, num_sites, rng)]
     if method == "iid":
         parts = _split_iid(pool, num_sites, rng)
     elif method == "label_sorted":
@@ -34,6 +37,25 @@ def split_indices(
     else:
         parts = _split_dirichlet(labels, pool, num_sites, dirichlet_beta, rng)
     return [np.sort(part).astype(np.int64) for part in parts]
+
+
+VALIDATION_STREAM = 0x7A1D  # the validation carve's seed stream, apart from the split's
+
+
+def carve_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows), sorted and disjoint: of every label, round(fraction x its rows)
+    rows drawn from (seed, a stream of their own) go to validation (stratified, so the validation set
+    has the training set's label mix). fraction 0: every row trains."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if fraction <= 0:
+        return np.arange(len(labels)), np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, VALIDATION_STREAM])
+    held = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        held.append(rng.choice(rows, size=int(round(fraction * len(rows))), replace=False))
+    validation = np.sort(np.concatenate(held)).astype(np.int64)
+    return np.setdiff1d(np.arange(len(labels)), validation).astype(np.int64), validation
 
 
 def _check_arguments(num_sites, method, dirichlet_beta, sample_percentage) -> None:

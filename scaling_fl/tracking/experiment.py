@@ -150,6 +150,7 @@ def train_federated(_config, _run):
         "label_names": list(prepared.label_names),
         "label_histograms": prepared.histograms().tolist(),
         "test_rows": len(prepared.test),
+        "validation_rows": len(prepared.validation),  # 0: validation.* are scored on the test set
     }
     _add_json_artifact(_run, "config.resolved.json", cfg.as_dict())
     tensorboard = _tensorboard_writer(cfg)
@@ -184,7 +185,10 @@ def train_federated(_config, _run):
         if tensorboard:
             tensorboard.close()
     return {
-        key: final[key] for key in ("validation.accuracy", "validation.loss", "validation.f1_macro") if key in final
+        f"{part}.{name}": final[f"{part}.{name}"]
+        for part in ("validation", "test")
+        for name in ("accuracy", "loss", "f1_macro")
+        if f"{part}.{name}" in final
     }
 
 

@@ -96,16 +96,13 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     if site.is_leader:
         log.info("%d sites, backend %s, device of site 0: %s", site.world_size, site.backend, site.device)
 
-    # --- data: this site's rows and its shard of the test set -----------------------
+    # --- data: this site's rows and its shards of the validation and test sets ------
     data = load_worker_data(
-        os.path.join(workdir, "data"), (site.rank,), site.rank, site.world_size, full_test=cfg.per_site_metrics
+        os.path.join(workdir, "data"), (site.rank,), site.rank, site.world_size, full_validation=cfg.per_site_metrics
     )
     tokenizer = models.load_tokenizer(cfg.model)
     train_set = tokenize(data.train[site.rank].texts, data.train[site.rank].labels, tokenizer, cfg.max_seq_len)
-    test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
-    test_full = (
-        tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
-    )
+    validation_shard, test_shard, validation_full = _evaluation_sets(data, tokenizer, cfg.max_seq_len)
     collate = padding_collator(tokenizer)
     num_labels = len(data.test_shard.label_names)
     privacy = privacy_from_config(cfg, site.world_size, participants=site.world_size)
@@ -188,7 +185,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             progress=progress,
             after_step=lambda step: step < steps and maybe_synchronize(offset + step),
         )
-        local_eval = local_eval_summary(*evaluate(test_full)) if test_full is not None else None
+        local_eval = local_eval_summary(*evaluate(validation_full)) if validation_full is not None else None
         clock.mark("train")
         clock.move(communication.seconds, "train", "aggregate")  # syncs between local steps
 
@@ -197,10 +194,11 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         in_sync = maybe_synchronize(offset + steps, force=round_number == cfg.num_rounds)
         clock.mark("aggregate")
 
-        # --- 3. evaluate the global model on the full test set ----------------------
+        # --- 3. evaluate the global model on the validation set (and the test set when due)
         with _global_model_loaded(local_weights, global_weights, needed=not in_sync):
-            loss_sum, confusion = evaluate(test_shard)
-        validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(site.device)).cpu()
+            validation_sums, test_sums = _scored(
+                evaluate, validation_shard, test_shard, _test_due(cfg, round_number), site.device
+            )
         per_site = gather_from_sites(site_vector(train_sums, site.device, local_eval).to(site.device)).cpu()
         clock.mark("eval")
 
@@ -214,6 +212,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
                 per_site,
                 with_per_site=cfg.per_site_metrics,
                 cuda=site.device.type == "cuda",
+                test_sums=test_sums,
             )
             metrics.update(clock.figures())  # time.aggregate_s: every sync check and exchange
             metrics.update(round_communication)
@@ -267,16 +266,13 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
 
     # --- data: the rows of every hosted site, this worker's shard of the test set -------
     data = load_worker_data(
-        os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size, full_test=cfg.per_site_metrics
+        os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size, full_validation=cfg.per_site_metrics
     )
     tokenizer = models.load_tokenizer(cfg.model)
     train_sets = {
         site: tokenize(rows.texts, rows.labels, tokenizer, cfg.max_seq_len) for site, rows in data.train.items()
     }
-    test_shard = tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, cfg.max_seq_len)
-    test_full = (
-        tokenize(data.test_full.texts, data.test_full.labels, tokenizer, cfg.max_seq_len) if data.test_full else None
-    )
+    validation_shard, test_shard, validation_full = _evaluation_sets(data, tokenizer, cfg.max_seq_len)
     collate = padding_collator(tokenizer)
     num_labels = len(data.test_shard.label_names)
 
@@ -354,7 +350,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 worker.device,
                 control_correction=None if own_control is None else strategy.control - own_control,  # SCAFFOLD
             )
-            site_table.add(site, sums, local_eval_summary(*evaluate(test_full)) if test_full is not None else None)
+            local_eval = local_eval_summary(*evaluate(validation_full)) if validation_full is not None else None
+            site_table.add(site, sums, local_eval)
             if own_control is not None:  # SCAFFOLD option II: the site's new variate, its change summed
                 new_control = next_site_control(
                     own_control, strategy.control, local_weights, global_weights, sums.lr_sum
@@ -388,9 +385,10 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         local_weights.copy_(global_weights)  # evaluate the model every site agrees on
         clock.mark("aggregate")
 
-        # --- 3. evaluate the global model on the full test set --------------------------------------
-        loss_sum, confusion = evaluate(test_shard)
-        validation_sums = sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(worker.device)).cpu()
+        # --- 3. evaluate the global model on the validation set (and the test set when due) -------
+        validation_sums, test_sums = _scored(
+            evaluate, validation_shard, test_shard, _test_due(cfg, round_number), worker.device
+        )
         per_site, peak_memory = site_table.gathered()
         clock.mark("eval")
 
@@ -403,6 +401,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 with_per_site=cfg.per_site_metrics,
                 cuda=worker.device.type == "cuda",
                 site_ids=chosen,
+                test_sums=test_sums,
             )
             metrics.update(peak_memory)
             metrics.update(clock.figures())
@@ -425,6 +424,38 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     if worker.is_leader and cfg.save_final_model:
         events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
     return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights)}
+
+
+def _evaluation_sets(data, tokenizer, max_seq_len: int):
+    """(validation shard, test shard, the full validation set or None), tokenized; without a validation
+    set (validation_fraction=0) the validation shard IS the test shard, scored once a round."""
+    validation = tokenize(data.validation_shard.texts, data.validation_shard.labels, tokenizer, max_seq_len)
+    test = (
+        validation
+        if data.test_shard is data.validation_shard
+        else tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, max_seq_len)
+    )
+    full = data.validation_full
+    return validation, test, tokenize(full.texts, full.labels, tokenizer, max_seq_len) if full else None
+
+
+def _test_due(cfg: Config, round_number: int) -> bool:
+    """The test set is scored after the last round, and every `test_every` rounds when set."""
+    return round_number == cfg.num_rounds or (cfg.test_every > 0 and round_number % cfg.test_every == 0)
+
+
+def _scored(evaluate, validation, test, test_due: bool, device: torch.device):
+    """The global model's [loss_sum, confusion...] on the validation set, and on the test set when due
+    (None otherwise), each summed over all processes' shards (collectives: every process calls it)."""
+
+    def summed(dataset) -> torch.Tensor:
+        loss_sum, confusion = evaluate(dataset)
+        return sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(device)).cpu()
+
+    validation_sums = summed(validation)
+    if not test_due:
+        return validation_sums, None
+    return validation_sums, validation_sums if test is validation else summed(test)
 
 
 def _total(count: int, device: torch.device) -> int:

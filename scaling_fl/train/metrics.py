@@ -56,21 +56,22 @@ def round_metrics(
     with_per_site: bool,
     cuda: bool,
     site_ids: list[int] | None = None,
+    test_sums: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """validation_sums = [loss_sum, confusion...] summed over sites; per_site = [sites, SITE_COLUMNS],
-    row k for site site_ids[k] (default: row k is site k)."""
-    validation = classification_metrics(
-        validation_sums[0].item(), validation_sums[1 : 1 + num_labels**2].view(num_labels, -1).numpy()
-    )
+    """validation_sums (and test_sums, in the rounds the test set is scored) = [loss_sum, confusion...]
+    summed over sites; per_site = [sites, SITE_COLUMNS], row k for site site_ids[k] (default: row k is
+    site k)."""
     col = {name: per_site[:, index].numpy() for index, name in enumerate(SITE_COLUMNS)}
-    metrics = {
-        "validation.loss": validation["loss"],
-        "validation.accuracy": validation["accuracy"],
-        "validation.f1_macro": validation["f1_macro"],
-        "train.loss": float(col["train_loss_sum"].sum() / col["train_count"].sum()),
-        "train.accuracy": float(col["train_correct"].sum() / col["train_count"].sum()),
-        "memory.peak_rss_mb": float(col["peak_rss_mb"].max()),
-    }
+    metrics = _scores("validation", validation_sums, num_labels)
+    if test_sums is not None:
+        metrics.update(_scores("test", test_sums, num_labels))
+    metrics.update(
+        {
+            "train.loss": float(col["train_loss_sum"].sum() / col["train_count"].sum()),
+            "train.accuracy": float(col["train_correct"].sum() / col["train_count"].sum()),
+            "memory.peak_rss_mb": float(col["peak_rss_mb"].max()),
+        }
+    )
     if cuda:
         metrics["memory.peak_cuda_mb"] = float(col["peak_cuda_mb"].max())
     if with_per_site:
@@ -90,6 +91,11 @@ def round_metrics(
                     col["local_val_loss_sum"][row] / col["local_val_count"][row]
                 )
     return metrics
+
+
+def _scores(prefix: str, sums: torch.Tensor, num_labels: int) -> dict[str, float]:
+    scores = classification_metrics(sums[0].item(), sums[1 : 1 + num_labels**2].view(num_labels, -1).numpy())
+    return {f"{prefix}.{name}": scores[name] for name in ("loss", "accuracy", "f1_macro")}
 
 
 def local_eval_summary(loss_sum: torch.Tensor, confusion: torch.Tensor) -> dict:

@@ -417,8 +417,9 @@ class Config:
     validation_fraction: float = key(
         0.1,
         Number(0.0, 0.5),
-        "share of the training rows held out (seeded, stratified) for the `validation.*` metrics of every "
-        "round; `0`: no validation set, `validation.*` are then scored on the test set (as before this key)",
+        "share of the training rows (after `sample_percentage`) held out, seeded and stratified, for the "
+        "`validation.*` metrics of every round; `0`: no validation set, `validation.*` are then scored on "
+        "the test set (as before this key)",
     )
     test_every: int = key(
         0, Int(0), "also score the test set (`test.*`) every N rounds; `0`: after the last round only"

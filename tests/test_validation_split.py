@@ -67,3 +67,16 @@ def test_test_metrics_come_after_the_last_round_and_every_test_every_rounds():
     assert "test.accuracy" not in plain
     assert tested["test.accuracy"] == plain["validation.accuracy"] == 0.7
     assert tested["test.loss"] == plain["validation.loss"] == pytest.approx(0.3)
+
+
+def test_the_validation_set_comes_out_of_the_sample_and_fraction_zero_is_the_old_split():
+    from scaling_fl.data.splits import split_indices, split_rows
+
+    labels = np.arange(5000) % 4
+    parts, validation = split_rows(labels, 5, "dirichlet", 9, 0.5, sample_percentage=0.1, validation_fraction=0.2)
+    assert abs(len(validation) - 100) <= 2  # a fifth of the 500 sampled rows (rounded per label), not of 5,000
+    assert sum(map(len, parts)) == 500 - len(validation)
+    assert np.intersect1d(np.concatenate(parts), validation).size == 0
+    old = split_indices(labels, 5, "dirichlet", 9, 0.5, sample_percentage=0.1)
+    new, none = split_rows(labels, 5, "dirichlet", 9, 0.5, sample_percentage=0.1, validation_fraction=0.0)
+    assert none.size == 0 and all(np.array_equal(a, b) for a, b in zip(old, new, strict=True))

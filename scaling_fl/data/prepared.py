@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.feather as feather
 
 from scaling_fl.data.dataset import TextDataset
-from scaling_fl.data.splits import carve_validation, label_histograms, split_indices
+from scaling_fl.data.splits import label_histograms, split_rows
 from scaling_fl.data.tasks import load_task
 
 
@@ -50,15 +50,14 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         synthetic_test_size=cfg.synthetic_test_size,
         data_seed=cfg.data_seed,
     )
-    training_rows, validation = carve_validation(train.labels, cfg.validation_fraction, cfg.data_seed)
-    parts = split_indices(
+    parts, validation = split_rows(
         train.labels,
         num_sites,
         cfg.split,
         cfg.data_seed,
         dirichlet_beta=cfg.dirichlet_beta,
         sample_percentage=cfg.sample_percentage,
-        rows=training_rows,
+        validation_fraction=cfg.validation_fraction,
     )
     return PreparedData(train=train, test=test, parts=parts, validation=validation)
 

@@ -21,41 +21,57 @@ def split_indices(
     seed: int,
     dirichlet_beta: float = 0.5,
     sample_percentage: float = 1.0,
-    rows: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Disjoint, sorted, non-empty index arrays, one per site, dealt from `rows` (default: every row;
-    the rows left after the validation set is carved out)."""
+    """Disjoint, sorted, non-empty index arrays, one per site."""
+    return split_rows(labels, num_sites, method, seed, dirichlet_beta, sample_percentage)[0]
+
+
+def split_rows(
+    labels: np.ndarray,
+    num_sites: int,
+    method: str,
+    seed: int,
+    dirichlet_beta: float = 0.5,
+    sample_percentage: float = 1.0,
+    validation_fraction: float = 0.0,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """(the sites' rows, the validation rows): the sample_percentage sample of the rows, the validation
+    set carved out of it (carve_validation), the rest dealt to the sites. With validation_fraction 0
+    the sites get exactly what split_indices always gave."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     _check_arguments(num_sites, method, dirichlet_beta, sample_percentage)
     rng = np.random.default_rng(seed)
-    candidates = np.arange(len(labels)) if rows is None else np.asarray(rows, dtype=np.int64)
-    pool = candidates[_sample(len(candidates), sample_percentage, num_sites, rng)]
+    sampled = _sample(len(labels), sample_percentage, num_sites, rng)
+    pool, validation = carve_validation(labels, validation_fraction, seed, rows=sampled)
     if method == "iid":
         parts = _split_iid(pool, num_sites, rng)
     elif method == "label_sorted":
         parts = _split_label_sorted(labels, pool, num_sites, rng)
     else:
         parts = _split_dirichlet(labels, pool, num_sites, dirichlet_beta, rng)
-    return [np.sort(part).astype(np.int64) for part in parts]
+    return [np.sort(part).astype(np.int64) for part in parts], validation
 
 
 VALIDATION_STREAM = 0x7A1D  # the validation carve's seed stream, apart from the split's
 
 
-def carve_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, validation rows), sorted and disjoint: of every label, round(fraction x its rows)
-    rows drawn from (seed, a stream of their own) go to validation (stratified, so the validation set
-    has the training set's label mix). fraction 0: every row trains."""
+def carve_validation(
+    labels: np.ndarray, fraction: float, seed: int, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, validation rows) of `rows` (default: all), sorted and disjoint: of every label,
+    round(fraction x its rows) rows drawn from (seed, a stream of their own) go to validation
+    (stratified, so the validation set has the training rows' label mix). fraction 0: every row trains."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows, dtype=np.int64)
     if fraction <= 0:
-        return np.arange(len(labels)), np.empty(0, dtype=np.int64)
+        return rows, np.empty(0, dtype=np.int64)
     rng = np.random.default_rng([seed, VALIDATION_STREAM])
     held = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        held.append(rng.choice(rows, size=int(round(fraction * len(rows))), replace=False))
+    for label in np.unique(labels[rows]):
+        of_label = rows[labels[rows] == label]
+        held.append(rng.choice(of_label, size=int(round(fraction * len(of_label))), replace=False))
     validation = np.sort(np.concatenate(held)).astype(np.int64)
-    return np.setdiff1d(np.arange(len(labels)), validation).astype(np.int64), validation
+    return np.setdiff1d(rows, validation).astype(np.int64), validation
 
 
 def _check_arguments(num_sites, method, dirichlet_beta, sample_percentage) -> None:

@@ -201,7 +201,7 @@ def write_report(runs, sweep: str, out_dir) -> dict[str, Path]:
     keys = [column for column in per_round.columns if column not in ("metric", "round", "mean", "std", "count")]
     for metric in REPORTED:
         rows = per_round[per_round["metric"] == metric]
-        if rows["round"].nunique() < 2:  # nothing to draw (test.* are scored after the last round only)
+        if rows.empty or metric.startswith("test."):  # test.*: after the last round only, a table's figure
             continue
         figure, axes = report._new_figure(f"{sweep}: {metric}, mean ± std over seeds", "round", metric)
         groups = rows.groupby(keys, dropna=False)

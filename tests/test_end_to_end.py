@@ -42,7 +42,9 @@ def test_four_tiny_bert_sites_learn_synthetic_well_above_chance_in_three_rounds(
     accuracy = record["metrics"]["validation.accuracy"]["values"]
     assert accuracy[-1] > 0.5, accuracy  # chance is 0.25 on the 4 balanced classes
     assert record["info"]["sites"]["count"] == 4
-    assert sum(record["info"]["sites"]["sizes"]) == 2000
+    assert sum(record["info"]["sites"]["sizes"]) == 1800  # validation_fraction 0.1 held out
+    assert record["info"]["sites"]["validation_rows"] == 200
+    assert record["metrics"]["test.accuracy"]["steps"] == [3]  # the test set after the last round
     assert len(record["info"]["final_weights_sha256"]) == 64  # every site ended with this exact model
     assert record["config"]["split"] == "iid" and record["config"]["job_name"] == "e2e"
     assert "round 3/3" in result.stderr + result.stdout
@@ -62,7 +64,7 @@ def test_one_site_is_the_centralized_baseline_on_the_same_code_path(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = run_records(tmp_path / "runs")
     record = read_record(run_dir)
-    assert record["info"]["sites"] == {**record["info"]["sites"], "count": 1, "sizes": [400]}
+    assert record["info"]["sites"] == {**record["info"]["sites"], "count": 1, "sizes": [360], "validation_rows": 40}
     assert record["metrics"]["validation.accuracy"]["steps"] == [1, 2]
     assert record["metrics"]["comm.bytes_per_site"]["values"][0] > 0  # same exchange path, world of one
 
@@ -86,4 +88,6 @@ def test_non_iid_splits_run_and_record_their_label_histograms(tmp_path, split):
     sites = read_record(run_records(tmp_path / "runs")[0])["info"]["sites"]
     histograms = sites["label_histograms"]
     assert [sum(h) for h in histograms] == sites["sizes"]
-    assert all(max(h) > 0.4 * sum(h) for h in histograms)  # skewed, unlike iid (~25 % each)
+    shares = [[count / sum(h) for count in h] for h in histograms]
+    distance = sum(abs(a - b) for a, b in zip(*shares, strict=True)) / 2
+    assert distance > 0.3, histograms  # the two sites' label mixes differ (iid: ~0.05)

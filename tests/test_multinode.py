@@ -55,7 +55,7 @@ def check_record_of_four_sites(runs_dir: Path) -> None:
     assert record["run"]["status"] == "COMPLETED"
     sites = record["info"]["sites"]
     assert sites["count"] == 4  # 2 nodes x site_ids=[0,0]
-    assert len(sites["sizes"]) == 4 and sum(sites["sizes"]) == 200
+    assert len(sites["sizes"]) == 4 and sum(sites["sizes"]) == 180 and sites["validation_rows"] == 20
     for name in ("validation.accuracy", "validation.loss", "train.loss"):
         assert record["metrics"][name]["steps"] == [1], name
     assert record["config"]["site_ids"] == [0, 0]

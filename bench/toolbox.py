@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["algorithms", "robust", "dp"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--train-rows", type=int, default=640)
+    parser.add_argument("--train-rows", type=int, default=480)
     parser.add_argument("--test-rows", type=int, default=400)
     parser.add_argument("--clip", type=float, default=0.1)
     parser.add_argument("--report-only", action="store_true")

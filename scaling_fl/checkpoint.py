@@ -73,8 +73,27 @@ class CheckpointError(UserError, RuntimeError):
     """A one-line description of an unusable checkpoint and the fix."""
 
 
+# Keys that joined later: part of the defining config only when not at their default, so that the
+# checkpoints written before they existed keep their config hash.
+DEFINING_KEYS_IF_SET = {
+    "objective": "sequence_classification",
+    "prompt_column": None,
+    "response_column": None,
+    "prompt_template": "{prompt}\n",
+    "peft": "none",
+    "lora_r": 8,
+    "lora_alpha": 16.0,
+    "lora_target_modules": None,
+    "lora_variant": "lora",
+    "base_precision": "fp32",
+}
+
+
 def defining_config(config: dict, num_sites: int) -> dict:
     defining = {key: config[key] for key in DEFINING_KEYS if key in config}
+    defining.update(
+        {key: config[key] for key, default in DEFINING_KEYS_IF_SET.items() if config.get(key, default) != default}
+    )
     defining["num_sites"] = num_sites
     return defining
 

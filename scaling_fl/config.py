@@ -52,6 +52,9 @@ SITE_STATE_OFFLOADS = ("cpu", "disk", "device")
 DP_MODES = ("none", "client")
 AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum")
 BYZANTINE_MODES = ("sign_flip", "scale")
+OBJECTIVES = ("sequence_classification", "causal_lm")
+PEFT_METHODS = ("none", "lora")
+LORA_VARIANTS = ("lora", "ffa")
 
 
 class ConfigError(UserError, ValueError):
@@ -433,6 +436,59 @@ class Config:
         "the model (see Models)",
     )
 
+    # What is learned and which weights train (see README, "LLM fine-tuning").
+    objective: str = key(
+        "sequence_classification",
+        Choice(OBJECTIVES),
+        "`sequence_classification` (a head over the labels), or `causal_lm`: next-token SFT on the text "
+        "(or on `response_column` after `prompt_column`)",
+        section="LLM fine-tuning",
+    )
+    prompt_column: str | None = key(
+        None, Text("a column name", "column name"), "`objective=causal_lm`: the prompt's CSV/JSONL column"
+    )
+    response_column: str | None = key(
+        None,
+        Text("a column name", "column name"),
+        "`objective=causal_lm`: the response's column; the loss covers response tokens only",
+    )
+    prompt_template: str = key(
+        "{prompt}\n",
+        Text("a string containing {prompt}", "text with {prompt}"),
+        "how a prompt is written before its response",
+    )
+    peft: str = key("none", Choice(PEFT_METHODS), "`lora`: train low-rank adapters (peft) on a frozen base")
+    lora_r: int = key(8, Int(1), "`peft=lora`: the adapters' rank")
+    lora_alpha: float = key(
+        16.0, Number(0.0, 1e6, low_open=True), "`peft=lora`: scale alpha (the update is alpha/r BA)"
+    )
+    lora_dropout: float = key(0.0, Number(0.0, 1.0, high_open=True), "`peft=lora`: dropout on the adapters' input")
+    lora_target_modules: tuple[str, ...] | None = key(
+        None,
+        Custom(_text_columns, "a list of module names, e.g. lora_target_modules=['c_attn']", "list of module names"),
+        "`peft=lora`: the modules that get adapters (`None`: peft's default for the architecture)",
+    )
+    lora_variant: str = key(
+        "lora",
+        Choice(LORA_VARIANTS),
+        "`ffa`: FFA-LoRA, A frozen at its seeded init and only B trained, so the mean of the updates is exact",
+    )
+    base_precision: str = key(
+        "fp32",
+        Choice(PRECISIONS),
+        "`peft=lora`: dtype of the frozen base (`bf16`/`fp16` halve its memory; adapters stay fp32; fp16 needs CUDA)",
+    )
+    gradient_checkpointing: bool = key(
+        False, Flag(), "recompute activations in the backward pass (less memory, about a third more time)"
+    )
+    merge_lora: bool = key(False, Flag(), "`save_final_model` with `peft=lora`: also write the merged model")
+    sample_prompts: tuple[str, ...] | None = key(
+        None,
+        Custom(_text_columns, "a list of prompts, e.g. sample_prompts=['The movie was']", "list of prompts"),
+        "`objective=causal_lm`: after the last round, decode these greedily into the run's `samples.json`",
+    )
+    sample_max_new_tokens: int = key(32, Int(1), "tokens generated per sample prompt")
+
     # Server strategy (what is done with the mean update); None takes the strategy's default.
     strategy: str = key(
         "fedavg", Choice(STRATEGIES), "what the server does with the mean update", section="strategy, exchange, sync"
@@ -568,7 +624,15 @@ class Config:
     per_site_metrics: bool = key(
         False, Flag(), "also `site.{k}.*` metrics (each site scores its own local model on the full test set)"
     )
-    save_final_model: bool = key(False, Flag(), "the final global model (safetensors + config.json) as a run artifact")
+    save_final_model: bool = key(
+        False,
+        Flag(),
+        "the final global model as a folder `from_pretrained` loads (LoRA: `PeftModel.from_pretrained`), tokenizer "
+        "included; its files are run artifacts (`final_model.*`)",
+    )
+    final_model_dir: str | None = key(
+        None, PATH, "`save_final_model`: also copy the folder there (local, `s3://`, `gs://`)"
+    )
     tensorboard_dir: str | None = key(
         None, PATH, "also write TensorBoard event files there (needs the tensorboard extra)"
     )
@@ -606,11 +670,13 @@ class Config:
         return self.num_sites if self.num_sites is not None else len(self.site_ids)
 
     def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        out["site_ids"] = list(self.site_ids)
-        out["text_columns"] = list(self.text_columns) if self.text_columns else None
-        out["byzantine_sites"] = list(self.byzantine_sites)
-        return out
+        """Plain JSON-able values (lists for the tuple keys), as Sacred records them and workers receive them."""
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """The inverse of as_dict: the resolved config a worker was given."""
+        return cls(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
 
 
 def _declared_keys() -> dict[str, Key]:
@@ -731,6 +797,37 @@ def _check_adaptive_clip(config: Config) -> None:
         )
 
 
+def _check_llm(config: Config) -> None:
+    """Keys of the LLM section that only mean something together (the model-dependent checks, e.g. that
+    every `lora_target_modules` name exists, run where the model is known: models.check_model)."""
+    causal = config.objective == "causal_lm"
+    for key_name in ("prompt_column", "response_column", "sample_prompts"):
+        if getattr(config, key_name) is not None and not causal:
+            raise _fail(key_name, getattr(config, key_name), "None unless objective=causal_lm")
+    if (config.prompt_column is None) != (config.response_column is None):
+        missing = "response_column" if config.response_column is None else "prompt_column"
+        raise _fail(missing, None, "a column name: prompt_column and response_column come together")
+    if "{prompt}" not in config.prompt_template:
+        raise _fail("prompt_template", config.prompt_template, "a string containing {prompt}")
+    if config.peft == "none":
+        for key_name, default, why in (
+            ("base_precision", "fp32", "the trained weights are the base; use precision=bf16 for autocast"),
+            ("lora_variant", "lora", "it applies to peft=lora"),
+            ("merge_lora", False, "it applies to peft=lora"),
+        ):
+            if getattr(config, key_name) != default:
+                raise _fail(key_name, getattr(config, key_name), f"{value_text(default)} with peft=none ({why})")
+    if config.base_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail("base_precision", "fp16", "bf16 or fp32 on CPU (fp16 matmuls need CUDA)")
+    if config.final_model_dir is not None and not config.save_final_model:
+        raise _fail("final_model_dir", config.final_model_dir, "None unless save_final_model=True")
+    if config.merge_lora and not config.save_final_model:
+        raise _fail("merge_lora", True, "False unless save_final_model=True (the merged model is written beside it)")
+
+
 def _check_sync(values: dict) -> None:
     if values["proximal_mu"] > 0 and values["sync"] != "round":
         raise _fail(
@@ -793,6 +890,7 @@ def resolve(raw: dict[str, Any]) -> Config:
     _check_sites(config)
     _check_robust(config)
     _check_adaptive_clip(config)
+    _check_llm(config)
     return config
 
 

@@ -73,7 +73,7 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
         list(cfg.text_columns) if cfg.text_columns else None,
         cfg.label_column,
     )
-    models.check_model(cfg.model)
+    models.check_model(cfg.model, cfg)
     tracking, mongo, previous = "none", None, None
     if topology.is_main_node and pick_tracking:
         tracking, mongo = choose_tracking(cfg.tracking)
@@ -87,6 +87,8 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
         elif tracking == "file":
             previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
     resume_point = checkpoint.preflight(cfg, topology.num_sites)
+    if cfg.final_model_dir and topology.is_main_node:
+        storage.check_writable(cfg.final_model_dir)
     prepared = prepare_data(cfg, topology.num_sites)
     check_site_sizes(prepared)
     check_sync_steps(cfg, prepared.site_sizes(), packed=trains_sites_in_turn(cfg, layout))

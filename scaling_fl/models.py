@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,10 +18,16 @@ NICKNAMES = {
     "distilbert": "distilbert-base-cased",
     "gpt2": "gpt2",
 }
-OFFLINE_NICKNAMES = ("minilm", "tiny-bert")
+OFFLINE_NICKNAMES = ("minilm", "tiny-bert", "tiny-gpt2")
+# Random-init models built from a config (with MiniLM's vocabulary): nothing to download, nothing to
+# load back from a directory, so a final LoRA model carries its base (see save_final_model).
+RANDOM_INIT = ("tiny-bert", "tiny-gpt2")
 
 # Small enough for a CPU test to take a few steps per second, large enough to learn.
 TINY_BERT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+TINY_GPT2 = dict(n_embd=64, n_layer=2, n_head=2, n_inner=128, n_positions=512)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelError(UserError, ValueError):
@@ -39,13 +46,36 @@ def minilm_path() -> Path:
 
 def resolve_model_id(model: str) -> str:
     """Maps a nickname to a Hugging Face id or directory; anything else passes through."""
-    if model in ("minilm", "tiny-bert"):
+    if model in OFFLINE_NICKNAMES:  # the tiny models use MiniLM's tokenizer and vocabulary
         return str(minilm_path())
     return NICKNAMES.get(model, model)
 
 
-def check_model(model: str) -> None:
-    """Fails fast in the launcher when the model's config cannot be found (offline, typo)."""
+def check_model(model: str, cfg=None) -> None:
+    """Fails fast in the launcher when the model's config cannot be found (offline, typo), or (given the
+    run's Config) when its LoRA target modules do not exist in it."""
+    _check_config_found(model)
+    if cfg is not None and cfg.peft == "lora":
+        check_lora(cfg)
+
+
+def check_lora(cfg) -> None:
+    """Builds the model's skeleton on the meta device (no weights, a fraction of a second) and lets peft
+    place the adapters as the workers will: an unknown target module name fails here, in one line."""
+    with torch.device("meta"):
+        base = _architecture(cfg, num_labels=2)
+    try:
+        with_lora(base, cfg)
+    except (ValueError, KeyError) as exc:  # peft: NoMatchingPeftModuleError (a ValueError), unknown model type
+        message = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
+        raise ModelError(
+            f"peft=lora with lora_target_modules={list(cfg.lora_target_modules or []) or None} on "
+            f"model={cfg.model!r}: {message}; name modules of the model (e.g. ['c_attn'] for GPT-2, "
+            "['query','value'] for BERT)"
+        ) from None
+
+
+def _check_config_found(model: str) -> None:
     if model in OFFLINE_NICKNAMES:
         minilm_path()
         return
@@ -101,4 +131,87 @@ def load_model(model: str, num_labels: int, seed: int, pad_token_id: int | None 
         net = AutoModelForSequenceClassification.from_pretrained(resolve_model_id(model), num_labels=num_labels)
     if net.config.pad_token_id is None and pad_token_id is not None:
         net.config.pad_token_id = pad_token_id
+    return net
+
+
+def build_model(cfg, num_labels: int, tokenizer) -> torch.nn.Module:
+    """The run's model as every worker builds it (`cfg`: the run's Config): the objective's architecture,
+    its base in `base_precision`, LoRA adapters when `peft=lora` (fp32, seeded: identical everywhere),
+    gradient checkpointing when asked."""
+    torch.manual_seed(cfg.seed)
+    net = _architecture(cfg, num_labels, tokenizer)
+    if net.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        net.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: gradients reach the adapters even though the frozen embeddings need none.
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.config.use_cache = False
+    if cfg.peft == "lora":
+        torch.manual_seed(cfg.seed + 1)  # the adapters' init: its own stream, the same on every site
+        net = with_lora(net, cfg)
+    return net
+
+
+def _architecture(cfg, num_labels: int, tokenizer=None) -> torch.nn.Module:
+    """The bare model of the run's objective, in base_precision (on the meta device: its skeleton)."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        BertConfig,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        GPT2LMHeadModel,
+    )
+
+    dtype = DTYPES[cfg.base_precision]
+    causal = cfg.objective == "causal_lm"
+    on_meta = torch.empty(0).device.type == "meta"
+    if cfg.model == "tiny-gpt2":
+        bert = BertConfig.from_pretrained(minilm_path())
+        ids = _special_ids(tokenizer if tokenizer is not None else load_tokenizer("tiny-gpt2"))
+        config = GPT2Config(vocab_size=bert.vocab_size, num_labels=num_labels, **TINY_GPT2, **ids)
+        net = GPT2LMHeadModel(config) if causal else GPT2ForSequenceClassification(config)
+        return net.to(dtype)
+    if not causal:
+        if on_meta:
+            config = AutoConfig.from_pretrained(resolve_model_id(cfg.model), num_labels=num_labels)
+            from transformers import AutoModelForSequenceClassification
+
+            return AutoModelForSequenceClassification.from_config(config)
+        return load_model(cfg.model, num_labels, cfg.seed).to(dtype)
+    if on_meta:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_id(cfg.model)))
+    return AutoModelForCausalLM.from_pretrained(resolve_model_id(cfg.model), dtype=dtype)
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    """A GPT-2 config's bos/eos/pad ids from a tokenizer (MiniLM's: [CLS] opens a text, [SEP] ends it)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id}
+
+
+def with_lora(net: torch.nn.Module, cfg) -> torch.nn.Module:
+    """peft's LoRA on `net`; every trainable tensor (adapters, and the new classification head peft keeps
+    trainable) in fp32 whatever the base's dtype. FFA-LoRA (lora_variant=ffa, Sun et al. 2024) freezes
+    A at its init, so only B trains: the mean of the sites' B is then the exact mean of their BA."""
+    from peft import LoraConfig, get_peft_model
+
+    task_type = "CAUSAL_LM" if cfg.objective == "causal_lm" else "SEQ_CLS"
+    config = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None,
+        task_type=task_type,
+        fan_in_fan_out=net.config.model_type == "gpt2",  # GPT-2's Conv1D stores weights transposed
+    )
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for users to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        net = get_peft_model(net, config)
+    for name, param in net.named_parameters():
+        if cfg.lora_variant == "ffa" and ".lora_A." in name:
+            param.requires_grad_(False)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     return net

@@ -481,6 +481,22 @@ def remove_tree(path) -> None:
         fs.invalidate_cache(fs_path)
 
 
+def put_tree(local_directory: str, path) -> str:
+    """Copies a local folder's files (sub-folders included) to `path` (local, s3://, gs://); returns path."""
+    path = os.fspath(path)
+    fs, fs_path = filesystem(path)
+    try:
+        for folder, _, names in os.walk(local_directory):
+            relative = os.path.relpath(folder, local_directory)
+            for name in names:
+                target = fs_path if relative == "." else f"{fs_path.rstrip('/')}/{relative}"
+                fs.makedirs(target, exist_ok=True)
+                fs.put_file(os.path.join(folder, name), f"{target.rstrip('/')}/{name}")
+    except Exception as exc:  # noqa: BLE001
+        raise _storage_error(path, exc) from None
+    return path
+
+
 def atomic_write_bytes(path, data) -> None:
     """Write `data` so that a reader sees either the old content or all of the new one.
 

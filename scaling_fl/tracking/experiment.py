@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
-from scaling_fl import job, processes  # noqa: E402
+from scaling_fl import job, processes, storage  # noqa: E402
 from scaling_fl.config import DEFAULTS, Config, resolve  # noqa: E402
 from scaling_fl.errors import EXIT_BAD_INPUT, UserError, print_error  # noqa: E402
 from scaling_fl.tracking import resume, sacred_fixes  # noqa: E402
@@ -176,8 +176,14 @@ def train_federated(_config, _run):
             if "participants" in event:  # ids here, not one metric per site: N may be 1,000
                 _run.info.setdefault("participants", {})[str(event["round"])] = event["participants"]
         elif event["event"] == "final_model":
-            for name in ("model.safetensors", "config.json"):
-                _run.add_artifact(os.path.join(event["path"], name), f"final_model.{name}")
+            for name in sorted(os.listdir(event["path"])):  # the folder's files (base/, merged/: in the copy)
+                if os.path.isfile(os.path.join(event["path"], name)):
+                    _run.add_artifact(os.path.join(event["path"], name), f"final_model.{name}")
+            if cfg.final_model_dir:
+                _run.info["final_model_dir"] = storage.put_tree(event["path"], cfg.final_model_dir)
+                log.info("final model written to %s", storage.safe_url(cfg.final_model_dir))
+        elif event["event"] == "samples":
+            _run.add_artifact(event["path"], "samples.json")
 
     try:
         _run.info["final_weights_sha256"] = job.run(cfg, plan, on_event)

@@ -24,7 +24,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from scaling_fl import checkpoint, models, processes
 from scaling_fl.config import Config, participant_count
 from scaling_fl.data.prepared import load_worker_data
-from scaling_fl.data.tokenize import padding_collator, tokenize
 from scaling_fl.events import EventWriter
 from scaling_fl.exchange import (
     broadcast_flat_,
@@ -34,11 +33,11 @@ from scaling_fl.exchange import (
     wait_for_all_sites,
 )
 from scaling_fl.exchange.dynamic import squared_distance
-from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_
+from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_, trained_names
 from scaling_fl.site_state import SiteStates
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site, trains_sites_in_turn
 from scaling_fl.strategies.scaffold import next_site_control
-from scaling_fl.train import local
+from scaling_fl.train import final, local
 from scaling_fl.train.components import (
     exchange_from_config,
     packed_exchange_from_config,
@@ -47,9 +46,9 @@ from scaling_fl.train.components import (
     sync_policy_from_config,
     variate_exchange_from_config,
 )
-from scaling_fl.train.evaluate import evaluation_sums
 from scaling_fl.train.faults import corrupt_update_, maybe_fail
-from scaling_fl.train.metrics import RoundClock, SiteTable, local_eval_summary, round_metrics, site_vector
+from scaling_fl.train.metrics import RoundClock, SiteTable, round_metrics, site_vector
+from scaling_fl.train.objectives import objective_from_config
 from scaling_fl.train.progress import progress_bar
 
 log = logging.getLogger("scaling_fl")
@@ -64,14 +63,7 @@ def run_site(config: dict, workdir: str) -> dict:
     processes.adopt_launcher_output()
     processes.watch_launcher()
     processes.stop_if_permanent_error(workdir)
-    cfg = Config(
-        **{
-            **config,
-            "site_ids": tuple(config["site_ids"]),
-            "text_columns": tuple(config["text_columns"]) if config["text_columns"] else None,
-            "byzantine_sites": tuple(config["byzantine_sites"]),
-        }
-    )
+    cfg = Config.from_dict(config)
     layout = read_layout(workdir)
     site = start_site(layout.devices, cfg.backend, cfg.collective_timeout_s)
     _quiet_unless_leader(site.is_leader)
@@ -101,28 +93,24 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         os.path.join(workdir, "data"), (site.rank,), site.rank, site.world_size, full_validation=cfg.per_site_metrics
     )
     tokenizer = models.load_tokenizer(cfg.model)
-    train_set = tokenize(data.train[site.rank].texts, data.train[site.rank].labels, tokenizer, cfg.max_seq_len)
-    validation_shard, test_shard, validation_full = _evaluation_sets(data, tokenizer, cfg.max_seq_len)
-    collate = padding_collator(tokenizer)
-    num_labels = len(data.test_shard.label_names)
+    objective = objective_from_config(cfg, tokenizer, len(data.test_shard.label_names))
+    train_set = objective.dataset(data.train[site.rank])
+    validation_shard, test_shard, validation_full = _evaluation_sets(data, objective)
+    collate = objective.collate
     privacy = privacy_from_config(cfg, site.world_size, participants=site.world_size)
-    site_weights = privacy.weights(data.site_sizes)  # every site's share of the mean
+    # every site's share of the mean: by rows, or by training tokens for a causal LM
+    site_weights = privacy.weights(_site_sizes(objective, data, {site.rank: train_set}, site.device))
     weight = site_weights[site.rank]
 
-    def evaluate(dataset):
-        return evaluation_sums(
-            model,
-            dataset,
-            collate,
-            batch_size=cfg.val_batch_size,
-            num_labels=num_labels,
-            precision=cfg.precision,
-            device=site.device,
+    def evaluate(dataset) -> torch.Tensor:
+        return objective.evaluation_sums(
+            model, dataset, batch_size=cfg.val_batch_size, precision=cfg.precision, device=site.device
         )
 
-    # --- model: identical start everywhere, float state in one flat vector ----------
-    model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(site.device)
+    # --- model: identical start everywhere, the trained state in one flat vector ------
+    model = models.build_model(cfg, len(data.test_shard.label_names), tokenizer).to(site.device)
     local_weights = flatten_model_(model)
+    trained = trained_names(model)  # what the flat vector holds: all weights, or the LoRA adapters
     bucket_bytes = int(cfg.bucket_size_mb * 2**20)
     broadcast_flat_(local_weights, max(1, bucket_bytes // local_weights.element_size()), src=0)
 
@@ -184,8 +172,9 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             site.device,
             progress=progress,
             after_step=lambda step: step < steps and maybe_synchronize(offset + step),
+            objective=objective,
         )
-        local_eval = local_eval_summary(*evaluate(validation_full)) if validation_full is not None else None
+        local_eval = objective.local_summary(evaluate(validation_full)) if validation_full is not None else None
         clock.mark("train")
         clock.move(communication.seconds, "train", "aggregate")  # syncs between local steps
 
@@ -208,7 +197,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
         if site.is_leader:
             metrics = round_metrics(
                 validation_sums,
-                num_labels,
+                objective,
                 per_site,
                 with_per_site=cfg.per_site_metrics,
                 cuda=site.device.type == "cuda",
@@ -219,8 +208,9 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
             metrics.update(sync_stats)
             metrics.update(privacy.figures(round_number))
             metrics["comm.bytes_per_site"] += sync_stats["sync.check_bytes"]  # sync=dynamic's divergence
+            metrics[f"train.{objective.unit}_per_s"] = float(per_site[:, 2].sum()) / max(metrics["time.train_s"], 1e-9)
             _report(events, history, round_number, cfg.num_rounds, metrics)
-            progress.set_postfix(val_acc=f"{metrics['validation.accuracy']:.4f}")
+            progress.set_postfix(val_loss=f"{metrics['validation.loss']:.4f}")
 
         # --- 5. checkpoint: everything a restart needs to replay the next round exactly
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or round_number == cfg.num_rounds):
@@ -229,12 +219,12 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
                 site_state["local"] = local_weights  # this site's model since the last synchronization
             states = {site.rank: site_state} if site_state else {}
             _save_checkpoint(
-                cfg, site, site.world_size, round_number, global_weights, strategy, states, history, privacy
+                cfg, site, site.world_size, round_number, global_weights, strategy, states, history, privacy, trained
             )
 
     progress.close()
-    if site.is_leader and cfg.save_final_model:
-        events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
+    if site.is_leader:
+        _finish(cfg, events, model, tokenizer, objective.num_labels, workdir, site.device)
     return {"rank": site.rank, "weights_sha256": flat_sha256(global_weights)}
 
 
@@ -269,16 +259,16 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size, full_validation=cfg.per_site_metrics
     )
     tokenizer = models.load_tokenizer(cfg.model)
-    train_sets = {
-        site: tokenize(rows.texts, rows.labels, tokenizer, cfg.max_seq_len) for site, rows in data.train.items()
-    }
-    validation_shard, test_shard, validation_full = _evaluation_sets(data, tokenizer, cfg.max_seq_len)
-    collate = padding_collator(tokenizer)
-    num_labels = len(data.test_shard.label_names)
+    objective = objective_from_config(cfg, tokenizer, len(data.test_shard.label_names))
+    train_sets = {site: objective.dataset(rows) for site, rows in data.train.items()}
+    validation_shard, test_shard, validation_full = _evaluation_sets(data, objective)
+    collate = objective.collate
+    site_sizes = _site_sizes(objective, data, train_sets, worker.device)  # rows, or a causal LM's tokens
 
     # --- model: one working copy per worker, the global model; exchange, strategy, sync policy
-    model = models.load_model(cfg.model, num_labels, cfg.seed, tokenizer.pad_token_id).to(worker.device)
+    model = models.build_model(cfg, len(data.test_shard.label_names), tokenizer).to(worker.device)
     local_weights = flatten_model_(model)
+    trained = trained_names(model)  # what the flat vector holds: all weights, or the LoRA adapters
     bucket_numel = max(1, int(cfg.bucket_size_mb * 2**20) // local_weights.element_size())
     broadcast_flat_(local_weights, bucket_numel, src=0)
     global_weights = local_weights.clone()
@@ -303,15 +293,9 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         for past in history:
             events.write("round", round=past["round"], metrics=past["metrics"])
 
-    def evaluate(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        return evaluation_sums(
-            model,
-            dataset,
-            collate,
-            batch_size=cfg.val_batch_size,
-            num_labels=num_labels,
-            precision=cfg.precision,
-            device=worker.device,
+    def evaluate(dataset) -> torch.Tensor:
+        return objective.evaluation_sums(
+            model, dataset, batch_size=cfg.val_batch_size, precision=cfg.precision, device=worker.device
         )
 
     def send(site: int, share: float) -> None:
@@ -329,7 +313,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         maybe_fail(worker.rank, round_number)
         chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
         mine = sorted(set(hosted) & set(chosen))
-        share = dict(zip(chosen, privacy.weights([data.site_sizes[site] for site in chosen]), strict=True))
+        share = dict(zip(chosen, privacy.weights([site_sizes[site] for site in chosen]), strict=True))
         last_step, last_round = round_number * steps, round_number == cfg.num_rounds
         deciding_later = sync_policy.needs_divergence(last_step) and not last_round  # sync=dynamic's checks
         synchronize = None if deciding_later else sync_policy.decide(last_step, force=last_round)
@@ -349,8 +333,9 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 round_index,
                 worker.device,
                 control_correction=None if own_control is None else strategy.control - own_control,  # SCAFFOLD
+                objective=objective,
             )
-            local_eval = local_eval_summary(*evaluate(validation_full)) if validation_full is not None else None
+            local_eval = objective.local_summary(evaluate(validation_full)) if validation_full is not None else None
             site_table.add(site, sums, local_eval)
             if own_control is not None:  # SCAFFOLD option II: the site's new variate, its change summed
                 new_control = next_site_control(
@@ -396,7 +381,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         if worker.is_leader:
             metrics = round_metrics(
                 validation_sums,
-                num_labels,
+                objective,
                 per_site[chosen],
                 with_per_site=cfg.per_site_metrics,
                 cuda=worker.device.type == "cuda",
@@ -410,6 +395,9 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
             metrics.update(privacy.figures(round_number))
             metrics["comm.bytes_per_site"] += metrics["sync.check_bytes"]  # sync=dynamic's divergence
             metrics.update({"memory.site_state_mb": site_states.nbytes() / 2**20, "sites.participants": len(chosen)})
+            metrics[f"train.{objective.unit}_per_s"] = float(per_site[chosen, 2].sum()) / max(
+                metrics["time.train_s"], 1e-9
+            )
             _report(events, history, round_number, cfg.num_rounds, metrics, participants=chosen)
             progress.update(1)
 
@@ -417,26 +405,33 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or last_round):
             states = {site: site_states.state_of(site) for site in site_states.sites()}
             _save_checkpoint(
-                cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history, privacy
+                cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history, privacy, trained
             )
 
     progress.close()
-    if worker.is_leader and cfg.save_final_model:
-        events.write("final_model", path=_save_final_model(model, os.path.join(workdir, "final_model")))
+    if worker.is_leader:
+        _finish(cfg, events, model, tokenizer, objective.num_labels, workdir, worker.device)
     return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights)}
 
 
-def _evaluation_sets(data, tokenizer, max_seq_len: int):
+def _evaluation_sets(data, objective):
     """(validation shard, test shard, the full validation set or None), tokenized; without a validation
     set (validation_fraction=0) the validation shard IS the test shard, scored once a round."""
-    validation = tokenize(data.validation_shard.texts, data.validation_shard.labels, tokenizer, max_seq_len)
-    test = (
-        validation
-        if data.test_shard is data.validation_shard
-        else tokenize(data.test_shard.texts, data.test_shard.labels, tokenizer, max_seq_len)
-    )
+    validation = objective.dataset(data.validation_shard)
+    test = validation if data.test_shard is data.validation_shard else objective.dataset(data.test_shard)
     full = data.validation_full
-    return validation, test, tokenize(full.texts, full.labels, tokenizer, max_seq_len) if full else None
+    return validation, test, objective.dataset(full) if full else None
+
+
+def _site_sizes(objective, data, train_sets: dict, device: torch.device) -> list[int]:
+    """Every site's weight in the mean: its rows (known to every process from the split), or, for a
+    causal LM, its training tokens, counted by the processes that host the sites and summed over all."""
+    if objective.unit == "rows":
+        return list(data.site_sizes)
+    counts = torch.zeros(len(data.site_sizes), dtype=torch.int64)
+    for site, dataset in train_sets.items():
+        counts[site] = objective.site_size(dataset)
+    return [int(count) for count in sum_across_sites(counts.to(device)).cpu()]
 
 
 def _test_due(cfg: Config, round_number: int) -> bool:
@@ -449,8 +444,7 @@ def _scored(evaluate, validation, test, test_due: bool, device: torch.device):
     (None otherwise), each summed over all processes' shards (collectives: every process calls it)."""
 
     def summed(dataset) -> torch.Tensor:
-        loss_sum, confusion = evaluate(dataset)
-        return sum_across_sites(torch.cat([loss_sum, confusion.view(-1).double()]).to(device)).cpu()
+        return sum_across_sites(evaluate(dataset).to(device)).cpu()
 
     validation_sums = summed(validation)
     if not test_due:
@@ -483,15 +477,23 @@ def _report(events: EventWriter, history: list, round_number: int, num_rounds: i
     keeps, and one log line."""
     events.write("round", round=round_number, metrics=metrics, **extra)
     history.append({"round": round_number, "metrics": metrics})
+    scores = "  ".join(
+        f"{label} {metrics[name]:.4f}"
+        for label, name in (
+            ("val_acc", "validation.accuracy"),
+            ("val_loss", "validation.loss"),
+            ("val_ppl", "validation.perplexity"),
+            ("f1", "validation.f1_macro"),
+            ("train_loss", "train.loss"),
+        )
+        if name in metrics
+    )
     log.info(
-        "round %d/%d  %s val_acc %.4f  val_loss %.4f  f1 %.4f  train_loss %.4f  %.0f kB/site  %.1fs",
+        "round %d/%d  %s%s  %.0f kB/site  %.1fs",
         round_number,
         num_rounds,
         f"{len(extra['participants'])} sites " if "participants" in extra else "",
-        metrics["validation.accuracy"],
-        metrics["validation.loss"],
-        metrics["validation.f1_macro"],
-        metrics["train.loss"],
+        scores,
         metrics["comm.bytes_per_site"] / 1e3,
         metrics["time.round_s"],
     )
@@ -595,6 +597,7 @@ def _save_checkpoint(
     site_states: dict[int, dict[str, torch.Tensor]],
     history,
     privacy,
+    trained: list[tuple[str, int]],
 ) -> None:
     directory = checkpoint.round_dir(cfg.checkpoints_dir, round_number)
     # Every process writes the state of the sites it hosts first (one file per site, so a checkpoint
@@ -624,25 +627,21 @@ def _save_checkpoint(
                 "rng": {"seed": cfg.seed, "data_seed": cfg.data_seed, "derived_from": "seed, site, round"},
                 "history": history,
                 "privacy": privacy.state_dict(),  # dp_adaptive_clip: the next round's clip norm
+                "trained_tensors": trained,  # (name, numel) of the flat vector's tensors, in its order
             },
         )
         checkpoint.commit(directory)
         checkpoint.prune(cfg.checkpoints_dir, cfg.keep_last_checkpoints)
 
 
-def _save_final_model(model: torch.nn.Module, directory: str) -> str:
-    """The global model as a plain safetensors state dict + its config, loadable without pickle."""
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    # Parameters are views of one flat vector; safetensors wants separate storage.
-    save_file(
-        {name: tensor.detach().cpu().clone().contiguous() for name, tensor in model.state_dict().items()},
-        os.path.join(directory, "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    model.config.to_json_file(os.path.join(directory, "config.json"))
-    return directory
+def _finish(cfg: Config, events: EventWriter, model, tokenizer, num_labels: int, workdir: str, device) -> None:
+    """After the last round (the leader only): the sample generations, then the final model's folder."""
+    if cfg.sample_prompts:
+        samples = final.generate_samples(model, tokenizer, cfg.sample_prompts, cfg.sample_max_new_tokens, device)
+        events.write("samples", path=final.write_samples(samples, os.path.join(workdir, "samples.json")))
+    if cfg.save_final_model:
+        path = final.save_final_model(cfg, model, tokenizer, num_labels, os.path.join(workdir, "final_model"))
+        events.write("final_model", path=path)
 
 
 def _quiet_unless_leader(is_leader: bool) -> None:

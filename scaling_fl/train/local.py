@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from scaling_fl.data.tokenize import TokenizedDataset, to_device
+from scaling_fl.data.tokenize import TokenizedDataset
 from scaling_fl.flat_state import views_of_parameters
 
 
@@ -112,6 +111,7 @@ def train_round(
     after_step=None,
     proximal_mu: float = 0.0,
     control_correction: torch.Tensor | None = None,
+    objective=None,
 ) -> TrainSums:
     """Runs the plan's optimizer steps; `after_step(k)` is called after the k-th (from 1), e.g. to
     synchronize within the round (sync=periodic / dynamic).
@@ -121,26 +121,30 @@ def train_round(
     gradient, mu (w - w0), is added to the step's gradient before clipping, as autograd would.
 
     control_correction (SCAFFOLD, Karimireddy et al. 2020): c - c_i, laid out as the model's flat state;
-    every step's gradient gets it (before clipping too), y <- y - lr (g(y) + c - c_i)."""
+    every step's gradient gets it (before clipping too), y <- y - lr (g(y) + c - c_i).
+
+    objective (train/objectives.py): the loss of a batch and what it is averaged over (rows, or target
+    tokens for a causal LM); default: sequence classification with `collate`."""
+    if objective is None:
+        from scaling_fl.train.objectives import Classification
+
+        objective = Classification(collate, num_labels=0)
     model.train()
     sums = TrainSums()
     proximal = ProximalTerm(model, proximal_mu) if proximal_mu > 0 else None
     correction = views_of_parameters(model, control_correction) if control_correction is not None else ()
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
     for step_number, step_batches in enumerate(plan, start=1):
-        step_rows = sum(len(rows) for rows in step_batches)
+        step_units = max(1, sum(objective.units(dataset, rows) for rows in step_batches))
         for rows in step_batches:  # micro-batches of one optimizer step
-            batch = to_device(collate([dataset[int(i)] for i in rows]), device)
-            labels = batch.pop("labels")
-            with autocast_for(precision, device):
-                logits = model(**batch).logits
-            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-            # Dividing by the rows of the whole step makes accumulation equal to one big batch.
-            loss = loss_sum / step_rows
+            batch = objective.collate([dataset[int(i)] for i in rows])
+            loss_sum, units, correct = objective.batch_sums(model, batch, precision, device)
+            # Dividing by the rows (tokens) of the whole step makes accumulation equal to one big batch.
+            loss = loss_sum / step_units
             (scaler.scale(loss) if scaler else loss).backward()
             sums.loss_sum += loss_sum.item()
-            sums.correct += int((logits.argmax(dim=-1) == labels).sum())
-            sums.count += len(rows)
+            sums.correct += correct
+            sums.count += units
         if scaler:
             scaler.unscale_(optimizer)
         if proximal is not None:
@@ -192,6 +196,7 @@ def train_site_round(
     progress=None,
     after_step=None,
     control_correction: torch.Tensor | None = None,
+    objective=None,
 ) -> TrainSums:
     """Site `site`'s local training in round `round_index`: its seeds, batch plan, a fresh optimizer
     and its place in the learning-rate schedule over all rounds (`cfg`: the run's Config)."""
@@ -225,4 +230,5 @@ def train_site_round(
         after_step=after_step,
         proximal_mu=cfg.proximal_mu,
         control_correction=control_correction,
+        objective=objective,
     )

@@ -5,10 +5,8 @@ from __future__ import annotations
 import resource
 import time
 
-import numpy as np
 import torch
 
-from scaling_fl.train.evaluate import classification_metrics
 from scaling_fl.train.local import TrainSums
 
 # Columns of the per-site vector every site contributes each round.
@@ -50,7 +48,7 @@ def site_vector(train: TrainSums, device: torch.device, local_eval: dict | None)
 
 def round_metrics(
     validation_sums: torch.Tensor,
-    num_labels: int,
+    objective,
     per_site: torch.Tensor,
     *,
     with_per_site: bool,
@@ -58,13 +56,18 @@ def round_metrics(
     site_ids: list[int] | None = None,
     test_sums: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """validation_sums (and test_sums, in the rounds the test set is scored) = [loss_sum, confusion...]
-    summed over sites; per_site = [sites, SITE_COLUMNS], row k for site site_ids[k] (default: row k is
-    site k)."""
+    """validation_sums (and test_sums, in the rounds the test set is scored): the objective's evaluation
+    sums (classification: [loss_sum, confusion...]) summed over sites; `objective` scores them (an int:
+    the number of labels of a classification); per_site = [sites, SITE_COLUMNS], row k for site
+    site_ids[k] (default: row k is site k). train.loss is per row, or per target token for a causal LM."""
+    if isinstance(objective, int):
+        from scaling_fl.train.objectives import Classification
+
+        objective = Classification(None, objective)
     col = {name: per_site[:, index].numpy() for index, name in enumerate(SITE_COLUMNS)}
-    metrics = _scores("validation", validation_sums, num_labels)
+    metrics = objective.scores("validation", validation_sums)
     if test_sums is not None:
-        metrics.update(_scores("test", test_sums, num_labels))
+        metrics.update(objective.scores("test", test_sums))
     metrics.update(
         {
             "train.loss": float(col["train_loss_sum"].sum() / col["train_count"].sum()),
@@ -91,19 +94,6 @@ def round_metrics(
                     col["local_val_loss_sum"][row] / col["local_val_count"][row]
                 )
     return metrics
-
-
-def _scores(prefix: str, sums: torch.Tensor, num_labels: int) -> dict[str, float]:
-    scores = classification_metrics(sums[0].item(), sums[1 : 1 + num_labels**2].view(num_labels, -1).numpy())
-    return {f"{prefix}.{name}": scores[name] for name in ("loss", "accuracy", "f1_macro")}
-
-
-def local_eval_summary(loss_sum: torch.Tensor, confusion: torch.Tensor) -> dict:
-    return {
-        "loss_sum": float(loss_sum.item()),
-        "correct": int(np.trace(confusion.numpy())),
-        "count": int(confusion.sum().item()),
-    }
 
 
 class SiteTable:

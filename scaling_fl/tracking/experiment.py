@@ -193,7 +193,7 @@ def train_federated(_config, _run):
     return {
         f"{part}.{name}": final[f"{part}.{name}"]
         for part in ("validation", "test")
-        for name in ("accuracy", "loss", "f1_macro")
+        for name in ("accuracy", "loss", "f1_macro", "perplexity")
         if f"{part}.{name}" in final
     }
 

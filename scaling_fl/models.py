@@ -144,7 +144,11 @@ def build_model(cfg, num_labels: int, tokenizer) -> torch.nn.Module:
         net.config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         # Non-reentrant: gradients reach the adapters even though the frozen embeddings need none.
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(net, "activation_checkpointing_enable"):  # its name from transformers 5 on
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         net.config.use_cache = False
     if cfg.peft == "lora":
         torch.manual_seed(cfg.seed + 1)  # the adapters' init: its own stream, the same on every site

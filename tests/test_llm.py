@@ -272,3 +272,36 @@ def test_unknown_lora_target_modules_are_refused_with_the_models_names():
     with pytest.raises(models.ModelError, match=r"Target modules \{'q_proj'\} not found.*\['c_attn'\] for GPT-2"):
         models.check_model("tiny-gpt2", _cfg(peft="lora", lora_target_modules=["q_proj"]))
     models.check_model("tiny-gpt2", _cfg(peft="lora", lora_target_modules=["c_attn", "c_fc"]))
+
+
+def test_a_bf16_base_trains_its_fp32_adapters_on_the_cpu(tokenizer):
+    cfg = _cfg(peft="lora", base_precision="bf16", learning_rate=1e-2)
+    model = models.build_model(cfg, 0, tokenizer)
+    flat = flatten_model_(model)
+    before = flat.clone()
+    sums = _train(model, tokenizer, cfg)
+    assert math.isfinite(sums.loss_sum) and sums.count > 0
+    assert not torch.equal(flat, before) and torch.isfinite(flat).all()
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(tokenizer):
+    plain = _cfg(peft="lora", learning_rate=1e-2)
+    results = []
+    for cfg in (plain, dataclasses.replace(plain, gradient_checkpointing=True)):
+        model = models.build_model(cfg, 0, tokenizer)
+        base = model.get_base_model()
+        assert getattr(base, "is_activation_checkpointing", None) is cfg.gradient_checkpointing
+        flat = flatten_model_(model)
+        _train(model, tokenizer, cfg)
+        results.append(flat)
+    assert torch.allclose(results[0], results[1], atol=1e-6)
+
+
+def test_new_defining_keys_are_left_out_at_their_defaults():
+    # Checkpoints written before the LLM keys existed keep their config hash.
+    from scaling_fl.checkpoint import DEFINING_KEYS_IF_SET, defining_config
+    from scaling_fl.config import DEFAULTS
+
+    assert {key: DEFAULTS[key] for key in DEFINING_KEYS_IF_SET} == DEFINING_KEYS_IF_SET
+    assert "peft" not in defining_config(resolve({}).as_dict(), 4)
+    assert defining_config(_cfg(peft="lora", lora_r=4).as_dict(), 4)["lora_r"] == 4

@@ -305,3 +305,15 @@ def test_new_defining_keys_are_left_out_at_their_defaults():
     assert {key: DEFAULTS[key] for key in DEFINING_KEYS_IF_SET} == DEFINING_KEYS_IF_SET
     assert "peft" not in defining_config(resolve({}).as_dict(), 4)
     assert defining_config(_cfg(peft="lora", lora_r=4).as_dict(), 4)["lora_r"] == 4
+
+
+def test_per_tensor_sparsity_sees_each_adapter_as_a_tensor(tokenizer):
+    # sparsity_scope=tensor and sparse_average=fl4health choose top-k per tensor: on a LoRA model the
+    # tensors are the adapters, tiling the flat vector in order.
+    from scaling_fl.exchange import segments_from_model
+
+    model = models.build_model(_cfg(peft="lora", lora_r=2), 0, tokenizer)
+    flat = flatten_model_(model)
+    sizes = [numel for _, numel in trained_names(model)]
+    offsets = np.cumsum([0, *sizes[:-1]]).tolist()
+    assert segments_from_model(model, flat) == list(zip(offsets, sizes, strict=True))

@@ -129,7 +129,7 @@ def _federate(cfg: Config, site, workdir: str) -> dict:
     total_steps = steps * cfg.num_rounds
 
     # --- resume: the newest complete checkpoint, the same one on every site ------------
-    start_round, history, found = _restore(cfg, site, local_weights, global_weights, strategy, exchange)
+    start_round, history, found = _restore(cfg, site, local_weights, global_weights, strategy, exchange, trained)
     privacy.load_state_dict(found.state.get("privacy", {}) if found is not None else {})
     if site.is_leader:
         events.write("start", restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), start_round=start_round)
@@ -283,7 +283,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     drawn = participant_count(layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)  # every round
     privacy = privacy_from_config(cfg, layout.num_sites, participants=drawn)
     site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
-    start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, exchange=None)
+    start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, None, trained)
     privacy.load_state_dict(found.state.get("privacy", {}) if found is not None else {})
     for site in hosted if found is not None else ():  # sites that never trained have no state
         if found.has(checkpoint.site_file(site)):
@@ -537,7 +537,7 @@ def _global_model_loaded(local_weights: torch.Tensor, global_weights: torch.Tens
 
 
 def _restore(
-    cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy, exchange
+    cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy, exchange, trained
 ) -> tuple[int, list, checkpoint.Checkpoint | None]:
     """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done,
     history, the checkpoint).
@@ -564,6 +564,13 @@ def _restore(
         else checkpoint.open_checkpoint(path)
     )
     weights = found.tensors("global.safetensors")["global"]
+    held = [tuple(entry) for entry in found.state.get("trained_tensors", [])]
+    if held and held != [tuple(entry) for entry in trained]:
+        raise checkpoint.CheckpointError(
+            f"{found.directory} holds {len(held)} trained tensors ({held[0][0]}, ...), this run trains "
+            f"{len(trained)} ({trained[0][0]}, ...): another model, peft or lora setting; "
+            "use another checkpoints_dir"
+        )
     if weights.numel() != global_weights.numel():
         raise checkpoint.CheckpointError(
             f"{found.directory} holds {weights.numel()} weights, the model has "

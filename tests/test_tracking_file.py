@@ -108,6 +108,8 @@ def test_artifacts_per_site_metrics_and_tensorboard(tmp_path):
         "config.resolved.json",
         "final_model.config.json",
         "final_model.model.safetensors",
+        "final_model.tokenizer.json",  # the folder is save_pretrained's, tokenizer included
+        "final_model.tokenizer_config.json",
     ]
     resolved = json.loads((run_dir / "config.resolved.json").read_text())
     assert resolved["split"] == "iid" and resolved["site_ids"] == [0, 0, 0]

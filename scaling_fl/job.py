@@ -72,6 +72,9 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
         cfg.test_path,
         list(cfg.text_columns) if cfg.text_columns else None,
         cfg.label_column,
+        cfg.objective,
+        cfg.prompt_column,
+        cfg.response_column,
     )
     models.check_model(cfg.model, cfg)
     tracking, mongo, previous = "none", None, None

@@ -21,6 +21,10 @@ class DataError(UserError, ValueError):
 class TextDataset:
     """Texts with integer labels; small enough to hold in memory on every site.
 
+    Prompt/response data (objective=causal_lm with prompt_column and response_column): `texts` are the
+    prompts and `responses` their responses, one each; the labels are then all 0 (label_names
+    ('text',)) unless a label_column gave them, and serve only to split the rows among the sites.
+
     eq=False: field-wise equality of lists and arrays is ambiguous, identity is enough.
     """
 
@@ -28,6 +32,7 @@ class TextDataset:
     labels: np.ndarray
     label_names: tuple[str, ...]
     source: str
+    responses: list[str] | None = None
 
     def __post_init__(self) -> None:
         labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -37,6 +42,13 @@ class TextDataset:
             raise DataError(
                 f"{self.source}: {len(self.texts)} texts but {len(labels)} labels; every text needs exactly one label"
             )
+        if self.responses is not None:
+            object.__setattr__(self, "responses", list(self.responses))
+            if len(self.responses) != len(self.texts):
+                raise DataError(
+                    f"{self.source}: {len(self.texts)} prompts but {len(self.responses)} responses; "
+                    "every prompt needs exactly one response"
+                )
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
             raise DataError(
                 f"{self.source}: labels must lie in 0..{len(self.label_names) - 1}, "
@@ -54,4 +66,5 @@ class TextDataset:
             labels=self.labels[indices],
             label_names=self.label_names,
             source=self.source,
+            responses=None if self.responses is None else [self.responses[i] for i in indices],
         )

@@ -49,6 +49,9 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         synthetic_train_size=cfg.synthetic_train_size,
         synthetic_test_size=cfg.synthetic_test_size,
         data_seed=cfg.data_seed,
+        objective=cfg.objective,
+        prompt_column=cfg.prompt_column,
+        response_column=cfg.response_column,
     )
     parts, validation = split_rows(
         train.labels,
@@ -63,9 +66,11 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
 
 
 def _write_table(dataset: TextDataset, path: str) -> None:
-    table = pa.table(
-        {"text": pa.array(dataset.texts, pa.large_string()), "label": pa.array(dataset.labels, pa.int64())}
-    )
+    """Columns text and label, and response for prompt/response rows (texts are then the prompts)."""
+    columns = {"text": pa.array(dataset.texts, pa.large_string()), "label": pa.array(dataset.labels, pa.int64())}
+    if dataset.responses is not None:
+        columns["response"] = pa.array(dataset.responses, pa.large_string())
+    table = pa.table(columns)
     feather.write_feather(table, path, compression="uncompressed")
 
 
@@ -104,6 +109,7 @@ def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source
         labels=table.column("label").to_numpy(),
         label_names=label_names,
         source=source,
+        responses=table.column("response").to_pylist() if "response" in table.column_names else None,
     )
 
 

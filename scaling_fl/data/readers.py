@@ -1,13 +1,15 @@
 """Readers for the dataset files each task understands.
 
 Everything goes through fsspec (configured by scaling_fl.storage), so local paths, s3:// and gs:// all work, and
-through Python's csv module, so a bad row can be reported with its line number.
+through Python's csv module (or json, a line at a time, for task_name=csv's .jsonl files), so a bad row can be
+reported with its line number.
 Every problem becomes one DataError line: file, line, what is wrong, how to fix it.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -130,12 +132,13 @@ def _require_text(path: str, line: int, text: str) -> str:
     return text
 
 
-def _dataset(path: str, texts: list[str], labels: list[int], label_names) -> TextDataset:
+def _dataset(path: str, texts: list[str], labels: list[int], label_names, responses=None) -> TextDataset:
     return TextDataset(
         texts=texts,
         labels=np.asarray(labels, dtype=np.int64),
         label_names=tuple(label_names),
         source=str(path),
+        responses=responses,
     )
 
 
@@ -338,36 +341,147 @@ def read_spooky_author(path: str) -> TextDataset:
     return _dataset(path, texts, labels, SPOOKY_LABELS)
 
 
-# ---------------------------------------------------------------- generic CSV
+# ---------------------------------------------------------------- JSON Lines
 
 
-def read_labeled_csv(path: str, text_columns: list[str], label_column: str) -> tuple[list[str], list[str], list[int]]:
-    """(texts, raw label strings, line numbers): labels stay strings until the
-    train file has fixed the label names."""
+def is_jsonl(path: str) -> bool:
+    """task_name=csv reads a file ending in .jsonl as JSON Lines (one object a line), any other as CSV."""
+    return str(path).lower().endswith(".jsonl")
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _json_text(path: str, line: int, key: str, value) -> str:
+    """A field as text: strings as they are, numbers as written (a label may be 3), null as empty."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    raise DataError(
+        f"{path}:{line}: key '{key}' holds {_json_type(value)}, not text; give it a string value or pick another key"
+    )
+
+
+def iter_jsonl_records(path: str, columns: list[str], missing_fix: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line, values of `columns`) from a JSON Lines file, skipping blank lines."""
     path = str(path)
-    fix = "set text_columns and label_column to columns of this file"
-    texts, raw_labels, lines = [], [], []
-    for line, values in iter_columns(path, [*text_columns, label_column], fix):
-        *text_parts, label = values
-        label = label.strip()
-        if not label:
-            raise DataError(f"{path}:{line}: empty label in column '{label_column}'; fill it in or drop the row")
-        texts.append(_require_text(path, line, squash_spaces(" ".join(text_parts))))
-        raw_labels.append(label)
-        lines.append(line)
-    return texts, raw_labels, lines
+    found = False
+    with open_text(path) as handle:
+        line = 0
+        try:
+            for line, raw in enumerate(handle, start=1):
+                if line == 1:
+                    raw = raw.lstrip("\ufeff")
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"{path}:{line}: malformed JSON ({exc.msg} at column {exc.colno}); every line of a "
+                        '.jsonl file must be one complete JSON object such as {"prompt": "...", "response": "..."}'
+                    ) from None
+                if not isinstance(record, dict):
+                    raise DataError(
+                        f"{path}:{line}: expected a JSON object, got {_json_type(record)}; every line of a "
+                        '.jsonl file must be one JSON object such as {"prompt": "...", "response": "..."}'
+                    )
+                keys = list(record)
+                values = []
+                for column in columns:
+                    position = _column_index(keys, column)
+                    if position is None:
+                        raise DataError(
+                            f"{path}:{line}: no key '{column}' in this object (keys: {', '.join(keys) or 'none'}); "
+                            f"{missing_fix}"
+                        )
+                    values.append(_json_text(path, line, keys[position], record[keys[position]]))
+                found = True
+                yield line, values
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{line + 1}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8") from None
+        except OSError as exc:
+            raise DataError(f"{path}: read failed ({storage.first_line(exc)}); check the storage") from None
+    if not found:
+        raise DataError(f"{path}: file is empty; point the task at a file with one JSON object a line")
+
+
+def iter_records(path: str, columns: list[str], missing_fix: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line, values of `columns`) from a headered CSV or, for a .jsonl path, a JSON Lines file."""
+    if is_jsonl(path):
+        return iter_jsonl_records(path, columns, missing_fix)
+    return iter_columns(path, columns, missing_fix)
+
+
+# ---------------------------------------------------------------- generic CSV / JSON Lines
+
+TEXT_ONLY_LABELS = ("text",)  # label_names of rows without a label (objective=causal_lm): all 0
+
+
+def _require_field(path: str, line: int, value: str, column: str, what: str) -> str:
+    if not value.strip():
+        raise DataError(f"{path}:{line}: empty {what} in column '{column}'; fill it in or drop the row")
+    return value
 
 
 def read_generic_csv(
     path: str,
-    text_columns: list[str],
-    label_column: str,
+    text_columns: list[str] | None,
+    label_column: str | None,
     label_names: tuple[str, ...] | None = None,
+    *,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
 ) -> TextDataset:
-    """Any headered CSV. Without label_names (the train file) the labels are the
-    sorted distinct values; with them (the test file) an unseen value is an error."""
+    """Any headered CSV, or a JSON Lines file (path ending in .jsonl) with the same column names as keys.
+
+    The text is text_columns joined by spaces, or, for prompt/response SFT, the prompt_column with the
+    response_column as the row's response (both kept as written: whitespace can matter to a completion).
+    Without label_names (the train file) the labels are the sorted distinct values of label_column; with
+    them (the test file) an unseen value is an error. Without label_column (objective=causal_lm) every
+    row has label 0 of TEXT_ONLY_LABELS."""
     path = str(path)
-    texts, raw_labels, lines = read_labeled_csv(path, text_columns, label_column)
+    pairs = prompt_column is not None
+    if pairs:
+        columns = [prompt_column, response_column]
+        fix = "set prompt_column and response_column to columns of this file"
+    else:
+        columns = list(text_columns)
+        fix = "set text_columns to columns of this file"
+    if label_column is not None:
+        columns.append(label_column)
+        fix = fix.replace(" to columns", " and label_column to columns")
+    texts, responses, raw_labels, lines = [], [], [], []
+    for line, values in iter_records(path, columns, fix):
+        if label_column is not None:
+            label = values.pop().strip()
+            if not label:
+                raise DataError(f"{path}:{line}: empty label in column '{label_column}'; fill it in or drop the row")
+            raw_labels.append(label)
+        if pairs:
+            prompt, response = values
+            texts.append(_require_field(path, line, prompt, prompt_column, "prompt"))
+            responses.append(_require_field(path, line, response, response_column, "response"))
+        else:
+            texts.append(_require_text(path, line, squash_spaces(" ".join(values))))
+        lines.append(line)
+    if label_column is None:
+        labels = [0] * len(texts)
+        label_names = TEXT_ONLY_LABELS
+    else:
+        labels, label_names = _index_labels(path, raw_labels, lines, label_names)
+    return _dataset(path, texts, labels, label_names, responses if pairs else None)
+
+
+def _index_labels(path, raw_labels, lines, label_names) -> tuple[list[int], tuple[str, ...]]:
     if label_names is None:
         label_names = tuple(sorted(set(raw_labels)))
     index = {name: i for i, name in enumerate(label_names)}
@@ -379,4 +493,4 @@ def read_generic_csv(
                 f"(labels: {', '.join(label_names)}); fix the value or add it to the train file"
             )
         labels.append(index[value])
-    return _dataset(path, texts, labels, label_names)
+    return labels, tuple(label_names)

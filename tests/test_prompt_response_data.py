@@ -224,6 +224,12 @@ def test_text_dataset_responses_are_checked_and_subset():
 # ---------------------------------------------------------------- through the prepared files
 
 
+def _qa_config(train, test, **more):
+    """A causal-LM config reading prompt/response columns q and a."""
+    base = dict(task_name="csv", objective="causal_lm", model="tiny-gpt2", prompt_column="q", response_column="a")
+    return resolve({**base, "train_path": train, "test_path": test, **more})
+
+
 @pytest.mark.parametrize("suffix", ["csv", "jsonl"])
 def test_responses_reach_the_workers(tmp_path, suffix):
     rows = [{"q": f"question {i}", "a": f"answer {i}\n"} for i in range(12)]
@@ -234,18 +240,7 @@ def test_responses_reach_the_workers(tmp_path, suffix):
         quote = lambda r: f'"{r["q"]}","{r["a"]}"\n'  # noqa: E731
         train = write(tmp_path / "train.csv", "q,a\n" + "".join(map(quote, rows[:10])))
         test = write(tmp_path / "test.csv", "q,a\n" + "".join(map(quote, rows[10:])))
-    cfg = resolve(
-        dict(
-            task_name="csv",
-            objective="causal_lm",
-            train_path=train,
-            test_path=test,
-            prompt_column="q",
-            response_column="a",
-            model="tiny-gpt2",
-            validation_fraction=0.2,
-        )
-    )
+    cfg = _qa_config(train, test, validation_fraction=0.2)
     prepared = prepare_data(cfg, 2)
     assert prepared.label_names == ("text",) and len(prepared.validation) == 2
     answer = {r["q"]: r["a"] for r in rows}
@@ -285,18 +280,7 @@ def test_the_launcher_reports_a_bad_prompt_response_file_before_any_worker(tmp_p
 
     train = write(tmp_path / "train.csv", train_text)
     test = write(tmp_path / "test.csv", "q,a\nE,F\n")
-    cfg = resolve(
-        dict(
-            task_name="csv",
-            objective="causal_lm",
-            train_path=train,
-            test_path=test,
-            prompt_column="q",
-            response_column="a",
-            model="tiny-gpt2",
-            runs_dir=str(tmp_path / "runs"),
-        )
-    )
+    cfg = _qa_config(train, test, runs_dir=str(tmp_path / "runs"))
     with pytest.raises(UserError) as excinfo:
         job.preflight(cfg)
     assert_one_line_error(excinfo, train, needle)

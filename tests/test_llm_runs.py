@@ -158,3 +158,28 @@ def test_prompt_response_sft_from_json_lines_learns_the_responses_only(tmp_path)
     metrics = read_record(run_records(runs)[0])["metrics"]
     losses = metrics["validation.loss"]["values"]
     assert losses[1] < losses[0] and np.isfinite(metrics["test.perplexity"]["values"]).all()
+
+
+@pytest.mark.slow
+def test_compressed_exchange_adaptive_server_and_periodic_sync_work_on_the_adapters(tmp_path, imdb_files):
+    # The exchanges, strategies and sync policies see the adapter vector as they see any flat vector:
+    # top-k + int8 of the adapters, FedAdam on them, synchronization every 3 local steps.
+    run = _run(
+        tmp_path,
+        imdb_files,
+        "compressed",
+        "site_ids=[0,0]",
+        "num_rounds=2",
+        "exchange=sparse_int8",
+        "sparsity_level=0.1",
+        "strategy=fedadam",
+        "server_learning_rate=0.01",
+        "sync=periodic",
+        "comm_period=3",
+    )
+    metrics = run["metrics"]
+    adapters = 2 * (4 * 64 + 192 * 4)
+    sent = metrics["comm.bytes_per_site"]["values"]
+    assert all(0 < per_round < 4 * adapters for per_round in sent)  # several syncs a round, each << dense
+    assert metrics["comm.density"]["values"][-1] == pytest.approx(0.1, abs=0.01)
+    assert np.isfinite(metrics["validation.loss"]["values"]).all()

@@ -4,7 +4,8 @@ exchange and FFA-LoRA: validation perplexity per round, bytes per round and site
 Why: LoRA claims that training and sending a few adapters instead of every weight costs far fewer bytes and
 less memory for about the same model. This measures the claim on one job through the real command line.
 
-The base model. LoRA only makes sense on a pretrained base, and none is offline, so the bench first
+The base model. LoRA only makes sense on a pretrained base; the one pretrained causal LM the registries
+offer (SmolLM2-135M, `model=smollm2`) takes seconds per step on 2 CPU cores, so the bench first
 pre-trains a small GPT-2 (n_embd 128, 4 layers, 4 heads, 128 positions, 4.7M parameters, most of them the
 30,522 x 128 tied embedding) centrally on another corpus: AG News `agnews/test.csv` (title + description) and
 Spooky `spooky_author/train.csv` (the texts), read by the project's own readers from ../shared/data

@@ -14,7 +14,9 @@ Total sites = nodes x len(site_ids); global rank = node index x len(site_ids) + 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -205,6 +207,10 @@ def run_sites(
         save_prepared(prepared, os.path.join(workdir, "data"))
         with open(os.path.join(workdir, "layout.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(layout), handle)  # the workers take the launcher's plan, not their own
+        if runs_in_launcher(topology):
+            _stop_fork_server()  # started by the command line before the layout was known; not needed
+            with EventFollower(os.path.join(workdir, "events.jsonl"), on_event):
+                return {0: run_in_launcher(cfg, topology, workdir, max_restarts)}
         logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
         launch_config = LaunchConfig(
             min_nodes=topology.num_nodes,
@@ -237,6 +243,90 @@ def run_sites(
     finally:
         _stop_fork_server()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def runs_in_launcher(topology: Topology) -> bool:
+    """One worker on one node trains in the launcher's own process: no fork server, no second copy
+    of torch and transformers, no process that could lose its parent. Memory is what a single-worker
+    simulation is chosen for (docs/benchmarks.md, "Many sites per process against Flower's
+    simulation"). The price: a process killed from outside (SIGKILL, the OOM killer) is the whole
+    job, continued by its next start from the last checkpoint rather than restarted by elastic."""
+    return topology.num_nodes == 1 and topology.workers_per_node == 1
+
+
+def run_in_launcher(cfg: Config, topology: Topology, workdir: str, max_restarts: int) -> dict:
+    """The single worker's run in this process, as elastic would run it in a child: the same
+    environment (rank 0 of 1, the restart count), a store it meets the process group through, a
+    failure restarted from the last checkpoint up to max_restarts times and reported as a site's."""
+    import torch.distributed as dist
+
+    from scaling_fl.sites import stop_site
+    from scaling_fl.train.federated import run_worker
+
+    timeout = datetime.timedelta(seconds=cfg.collective_timeout_s)
+    store = dist.TCPStore(topology.master_addr, topology.master_port, 1, is_master=True, timeout=timeout)
+    try:
+        for attempt in range(max_restarts + 1):
+            environment = {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "GROUP_RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": topology.master_addr,
+                "MASTER_PORT": str(store.port),
+                "TORCHELASTIC_RESTART_COUNT": str(attempt),
+            }
+            with _environment(environment):
+                try:
+                    return run_worker(cfg.as_dict(), workdir)
+                except Exception as error:  # noqa: BLE001 - reported as the site's failure, as elastic would
+                    permanent = processes.restart_cannot_fix(error)
+                    if permanent or attempt == max_restarts:
+                        description = _describe_own_failure(error, permanent)
+                        log.error("%s", description.splitlines()[0])
+                        raise SiteFailure(description) from None
+                    log.warning(
+                        "site 0 failed (%s: %s); restarting it from the last checkpoint", type(error).__name__, error
+                    )
+                finally:
+                    stop_site()
+    finally:
+        del store
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Sets environment variables for the duration of the block, then restores them (the launcher's
+    own checks read RANK / WORLD_SIZE to tell a multi-node job)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _describe_own_failure(error: BaseException, permanent: bool) -> str:
+    """The worker's failure in this process, worded as `_describe_failure` words a child's."""
+    import traceback
+
+    from scaling_fl.storage import first_line
+
+    trace = "".join(traceback.format_exception(error))
+    if permanent:
+        message = first_line(error) if str(error) else type(error).__name__
+        header = f"site 0 failed: {message} (not retried: a restart cannot fix this)"
+        return f"{header}\n--- traceback of site 0 ---\n{trace}"
+    return (
+        f"site 0 (node rank 0, local index 0) failed: {type(error).__name__}: {error}"
+        f"\n--- traceback of site 0 ---\n{trace}"
+    )
 
 
 def _stop_fork_server() -> None:

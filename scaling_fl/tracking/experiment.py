@@ -24,6 +24,7 @@ from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 from scaling_fl import job, processes, storage  # noqa: E402
 from scaling_fl.config import DEFAULTS, Config, resolve  # noqa: E402
 from scaling_fl.errors import EXIT_BAD_INPUT, UserError, print_error  # noqa: E402
+from scaling_fl.launch import runs_in_launcher  # noqa: E402
 from scaling_fl.tracking import resume, sacred_fixes  # noqa: E402
 from scaling_fl.tracking.observers import mongo_client  # noqa: E402
 
@@ -146,6 +147,7 @@ def train_federated(_config, _run):
     _run.info["sites"] = {
         "count": plan.topology.num_sites,
         "processes": plan.topology.num_nodes * plan.topology.workers_per_node,
+        "in_launcher": runs_in_launcher(plan.topology),  # the one worker trains in the launcher's process
         "sizes": prepared.site_sizes(),
         "label_names": list(prepared.label_names),
         "label_histograms": prepared.histograms().tolist(),

@@ -34,6 +34,7 @@ from scaling_fl.exchange import (
 )
 from scaling_fl.exchange.dynamic import squared_distance
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_, trained_names
+from scaling_fl.round_buffers import RoundBuffers
 from scaling_fl.site_state import SiteStates
 from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site, trains_sites_in_turn
 from scaling_fl.strategies.scaffold import next_site_control
@@ -63,6 +64,16 @@ def run_site(config: dict, workdir: str) -> dict:
     processes.adopt_launcher_output()
     processes.watch_launcher()
     processes.stop_if_permanent_error(workdir)
+    result = run_worker(config, workdir)
+    # Only on success: a failing site must not close its connections before @record has written
+    # its error file, or its peers fail (and are reported) first; the OS closes them on exit.
+    stop_site()
+    return result
+
+
+def run_worker(config: dict, workdir: str) -> dict:
+    """One worker's whole run, in a site process of its own or in the launcher's process itself
+    (launch.run_in_launcher: a single worker on one node)."""
     cfg = Config.from_dict(config)
     layout = read_layout(workdir)
     site = start_site(layout.devices, cfg.backend, cfg.collective_timeout_s)
@@ -70,17 +81,12 @@ def run_site(config: dict, workdir: str) -> dict:
     try:
         with logging_redirect_tqdm():
             if trains_sites_in_turn(cfg, layout):
-                result = _federate_sites(cfg, site, layout, workdir)
-            else:
-                result = _federate(cfg, site, workdir)
+                return _federate_sites(cfg, site, layout, workdir)
+            return _federate(cfg, site, workdir)
     except Exception as error:
         if processes.restart_cannot_fix(error):
             processes.record_permanent_error(workdir, site.rank, error)
         raise
-    # Only on success: a failing site must not close its connections before @record has written
-    # its error file, or its peers fail (and are reported) first; the OS closes them on exit.
-    stop_site()
-    return result
 
 
 def _federate(cfg: Config, site, workdir: str) -> dict:
@@ -283,6 +289,16 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     drawn = participant_count(layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)  # every round
     privacy = privacy_from_config(cfg, layout.num_sites, participants=drawn)
     site_states = SiteStates(cfg.site_state_offload, worker.device, os.path.join(workdir, f"site-state-{worker.rank}"))
+    round_buffers = RoundBuffers(
+        cfg.round_buffers_offload, worker.device, os.path.join(workdir, f"round-buffers-{worker.rank}")
+    )
+
+    def unread_in_training() -> list[torch.Tensor]:
+        """What local training never reads: away from the process while a site trains (round_buffers_offload)."""
+        strategy_state = [t for t in strategy.state_dict().values() if t.numel() == global_weights.numel()]  # moments
+        exchanges = (exchange, variates) if variates is not None else (exchange,)
+        return [global_weights, *strategy_state, *(buffer for each in exchanges for buffer in each.round_buffers())]
+
     start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, None, trained)
     privacy.load_state_dict(found.state.get("privacy", {}) if found is not None else {})
     for site in hosted if found is not None else ():  # sites that never trained have no state
@@ -324,18 +340,20 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
             unsynced = site_states.take(site, "local")  # its own model since the last synchronization
             local_weights.copy_(unsynced if unsynced is not None else global_weights)
             own_control = _site_control(site_states, site, global_weights) if variates is not None else None
-            sums = local.train_site_round(
-                model,
-                train_sets[site],
-                collate,
-                cfg,
-                site,
-                round_index,
-                worker.device,
-                control_correction=None if own_control is None else strategy.control - own_control,  # SCAFFOLD
-                objective=objective,
-            )
-            local_eval = objective.local_summary(evaluate(validation_full)) if validation_full is not None else None
+            correction = None if own_control is None else strategy.control - own_control  # SCAFFOLD
+            with round_buffers.away(unread_in_training()):
+                sums = local.train_site_round(
+                    model,
+                    train_sets[site],
+                    collate,
+                    cfg,
+                    site,
+                    round_index,
+                    worker.device,
+                    control_correction=correction,
+                    objective=objective,
+                )
+                local_eval = objective.local_summary(evaluate(validation_full)) if validation_full is not None else None
             site_table.add(site, sums, local_eval)
             if own_control is not None:  # SCAFFOLD option II: the site's new variate, its change summed
                 new_control = next_site_control(

@@ -49,6 +49,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 TRACKING = ("auto", "mongo", "file", "none")
 RESUME = ("auto", "force")
 SITE_STATE_OFFLOADS = ("cpu", "disk", "device")
+ROUND_BUFFER_OFFLOADS = ("none", "cpu", "disk")  # scaling_fl/round_buffers.py
 DP_MODES = ("none", "client")
 AGGREGATIONS = ("mean", "median", "trimmed_mean", "krum")
 BYZANTINE_MODES = ("sign_flip", "scale")
@@ -358,6 +359,12 @@ class Config:
         Choice(SITE_STATE_OFFLOADS),
         "where a process keeps the state of the sites it hosts between rounds (error-feedback residuals): "
         "`cpu` host memory, `disk` one file per site in the job's temporary folder, `device` the GPU",
+    )
+    round_buffers_offload: str = key(
+        "none",
+        Choice(ROUND_BUFFER_OFFLOADS),
+        "where a process that trains sites in turn keeps the round's global model and update sums while a site "
+        "trains: `none` in place, `cpu` host memory (from a GPU), `disk` a file in the job's temporary folder",
     )
     num_rounds: int = key(10, Int(1), "federated rounds")
     num_local_epochs: int = key(1, Int(1), "local epochs per round (ignored when `local_steps` > 0)")

@@ -110,6 +110,7 @@ def test_declared_choices_are_the_ones_the_package_implements():
     from scaling_fl.exchange.dynamic import SYNC_MODES
     from scaling_fl.exchange.factory import EXCHANGES
     from scaling_fl.exchange.sparse import CRITERIA, SCOPES, SPARSE_AVERAGES
+    from scaling_fl.round_buffers import ROUND_BUFFER_OFFLOADS
     from scaling_fl.site_state import OFFLOADS
     from scaling_fl.strategies.factory import STRATEGIES
     from scaling_fl.strategies.robust import RULES
@@ -121,6 +122,7 @@ def test_declared_choices_are_the_ones_the_package_implements():
     assert (config.CRITERIA, config.SCOPES, config.SPARSE_AVERAGES) == (CRITERIA, SCOPES, SPARSE_AVERAGES)
     assert config.STRATEGIES == STRATEGIES
     assert config.SITE_STATE_OFFLOADS == OFFLOADS
+    assert config.ROUND_BUFFER_OFFLOADS == ROUND_BUFFER_OFFLOADS
     assert config.AGGREGATIONS == RULES
     assert config.BYZANTINE_MODES == BYZANTINE_MODES
 

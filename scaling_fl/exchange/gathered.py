@@ -59,6 +59,10 @@ class GatheredExchange:
         self.chosen: list[int] = []  # Krum: the sites whose mean was taken in the last round
         self.stats: dict[str, float] = {}
 
+    def round_buffers(self) -> list[torch.Tensor]:
+        """The updates kept until `means` (round_buffers_offload moves them out while a site trains)."""
+        return list(self.updates.values())
+
     def idle_stats(self) -> dict[str, float]:
         return {"comm.bytes_per_site": 0, "comm.density": 1.0, "comm.wire_bytes_per_site": 0}
 

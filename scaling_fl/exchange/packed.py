@@ -108,6 +108,11 @@ class PackedExchange:
         """The per-site state a site needs checked out while it is encoded: {name: numel}."""
         return {"residual": self.numel} if self.error_feedback else {}
 
+    def round_buffers(self) -> list[torch.Tensor]:
+        """The model-sized sums this exchange keeps over a round (round_buffers_offload moves them out
+        while a site trains)."""
+        return [buffer for buffer in (self.numerator, self.denominator) if buffer is not None]
+
     def idle_stats(self) -> dict[str, float]:
         """The figures of a round without synchronization (sync=periodic / dynamic): nothing sent."""
         return {

@@ -342,7 +342,9 @@ def export_commit(directory: Path, commit: str) -> Path:
     return directory
 
 
-def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Path, processes: int) -> list[str]:
+def scaling_fl_command(
+    job: Job, paths: dict[str, Path], runs: Path, source: Path, processes: int, options: list[str]
+) -> list[str]:
     return [
         str(ROOT / ".venv" / "bin" / "python"),
         str(source / "scripts" / "train_federated.py"),
@@ -367,15 +369,16 @@ def scaling_fl_command(job: Job, paths: dict[str, Path], runs: Path, source: Pat
         "tracking=file",
         f"runs_dir={runs}",
         "job_name=scale",
+        *options,
     ]
 
 
 def run_scaling_fl(
-    job: Job, paths: dict[str, Path], workdir: Path, source: Path, limit_gb: float, processes: int
+    job: Job, paths: dict[str, Path], workdir: Path, source: Path, limit_gb: float, processes: int, options: list[str]
 ) -> dict:
     runs = workdir / "runs"
     env = {**os.environ, "PYTHONPATH": str(source)}  # ahead of the .venv's editable install of ROOT
-    command = scaling_fl_command(job, paths, runs, source, processes)
+    command = scaling_fl_command(job, paths, runs, source, processes, options)
     result = measure(command, env, workdir / "scaling-fl.log", limit_gb)
     if "over_limit_gb" in result:
         return result
@@ -496,6 +499,7 @@ def run_all(args) -> dict:
             "torch_threads": PROCESSES // args.flower_actors,
         },
         "scaling_fl_processes": args.processes,
+        "scaling_fl_options": args.option,
         "jobs": {job.name: asdict(job) for job in main + sweep},
         "main": [job.name for job in main],
         "load_before": load_average(),
@@ -517,7 +521,7 @@ def run_all(args) -> dict:
             paths = write_job_data(job, pool, evaluation, workdir / "data", data_seed=42)
             print(f"[{time.strftime('%H:%M:%S')}] {job.name} {system} #{repeat}", file=sys.stderr, flush=True)
             if system == "scaling-fl":
-                outcome = run_scaling_fl(job, paths, workdir, source, args.memory_limit_gb, args.processes)
+                outcome = run_scaling_fl(job, paths, workdir, source, args.memory_limit_gb, args.processes, args.option)
             else:
                 outcome = run_flower(job, paths, workdir, args.flower_venv, args.memory_limit_gb, args.flower_actors)
             results["runs"].append({"job": job.name, "system": system, "repeat": repeat, **outcome})
@@ -703,6 +707,9 @@ def parse_args():
         choices=[1, 2],
         help="Flower's actors (torch threads: cores / it)",
     )
+    parser.add_argument(
+        "--option", nargs="*", default=[], help="more scaling-fl config (KEY=VALUE), e.g. round_buffers_offload=disk"
+    )
     parser.add_argument("--commit", default="HEAD", help="the scaling-fl commit to run (exported with git archive)")
     parser.add_argument("--flower-venv", type=Path, default=CACHE / "flower-venv")
     parser.add_argument("--figures", type=Path, default=ROOT / "docs" / "figures" / "scale")
@@ -727,6 +734,10 @@ def main() -> None:
     print(
         f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB; {results['flower'] or 'no Flower'}; "
         f"load before {results['load_before']}, after {results.get('load_after')}"
+    )
+    print(
+        f"scaling-fl: processes_per_device={results.get('scaling_fl_processes')} "
+        f"{' '.join(results.get('scaling_fl_options', []))}".rstrip()
     )
     print(table(results))
     if not args.quick and any(len(sweep_points(results, s)) > 1 for s in SYSTEMS):

@@ -35,7 +35,7 @@ from scaling_fl.errors import UserError
 # checks them against scaling_fl.data.TASK_NAMES, exchange.factory.EXCHANGES, exchange.sparse.*,
 # exchange.dynamic.SYNC_MODES and strategies.factory.STRATEGIES.
 TASK_NAMES = ("agnews", "yelp", "yelp_full", "imdb", "spooky_author", "csv", "synthetic")
-SPLITS = ("iid", "label_sorted", "dirichlet")
+SPLITS = ("iid", "label_sorted", "dirichlet", "none")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -214,6 +214,14 @@ def _text_columns(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError
+
+
+def _train_paths(value: Any) -> str | tuple[str, ...]:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v.strip() for v in value):
         return tuple(value)
     raise ValueError
 
@@ -398,7 +406,13 @@ class Config:
 
     # Data.
     task_name: str = key("synthetic", Choice(TASK_NAMES), "the data set (see Tasks)", section="data")
-    train_path: str | None = key(None, PATH, "training data of the task (see Tasks)")
+    train_path: str | tuple[str, ...] | None = key(
+        None,
+        Custom(
+            _train_paths, "a path, s3:// or gs:// URL, or a list of them (one per site, with split=none)", "path(s)"
+        ),
+        "training data of the task (see Tasks); with `split=none` a list, one file per site",
+    )
     test_path: str | None = key(None, PATH, "test data of the task (see Tasks)")
     text_columns: tuple[str, ...] | None = key(
         None,
@@ -413,7 +427,8 @@ class Config:
     split: str = key(
         None,
         Choice(SPLITS),
-        "`iid`, `label_sorted` (the original non-IID split) or `dirichlet` (`None`: from `iid_split`)",
+        "`iid`, `label_sorted` (the original non-IID split), `dirichlet`, or `none`: site k trains on the k-th "
+        "`train_path` file (`None`: from `iid_split`)",
     )
     iid_split: bool = key(
         True, Flag(), "the original key: `False` means `split=label_sorted` (when `split` is not given)"
@@ -888,6 +903,12 @@ def resolve(raw: dict[str, Any]) -> Config:
     values = {name: spec.validate(given[name]) for name, spec in KEYS.items()}
     _check_precision(values["precision"])
     values["split"] = _resolve_split(values)
+    if isinstance(values["train_path"], tuple) and values["split"] != "none":
+        raise _fail(
+            "train_path",
+            list(values["train_path"]),
+            "one path, or a list of files with split=none (site k trains on the k-th file)",
+        )
     values["job_name"] = values["job_name"] or time.strftime("%Y%m%d_%H%M%S")
     values["max_grad_norm"] = 0.0 if values["max_grad_norm"] is None else values["max_grad_norm"]
     _check_sync(values)

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 
-from scaling_fl.data.dataset import TextDataset
-from scaling_fl.data.splits import label_histograms, split_rows
-from scaling_fl.data.tasks import load_task
+from scaling_fl.data.dataset import DataError, TextDataset
+from scaling_fl.data.splits import label_histograms, split_by_file, split_rows
+from scaling_fl.data.tasks import load_site_files, load_task
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class PreparedData:
 
 
 def prepare_data(cfg, num_sites: int) -> PreparedData:
+    if cfg.split == "none":
+        return _prepare_site_files(cfg, num_sites)
     train, test = load_task(
         cfg.task_name,
         cfg.train_path,
@@ -59,6 +61,34 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         cfg.split,
         cfg.data_seed,
         dirichlet_beta=cfg.dirichlet_beta,
+        sample_percentage=cfg.sample_percentage,
+        validation_fraction=cfg.validation_fraction,
+    )
+    return PreparedData(train=train, test=test, parts=parts, validation=validation)
+
+
+def _prepare_site_files(cfg, num_sites: int) -> PreparedData:
+    """split=none: site k trains on the k-th train_path file, as a silo would on its own data."""
+    paths = cfg.train_path if isinstance(cfg.train_path, tuple) else (cfg.train_path,)
+    if len(paths) != num_sites:
+        raise DataError(
+            f"split=none gives site k the k-th train_path file: {len(paths)} file(s) for {num_sites} sites; "
+            f"list one file per site (train_path=[a.csv,b.csv,...]) or set num_sites={len(paths)}"
+        )
+    train, test, file_rows = load_site_files(
+        cfg.task_name,
+        paths,
+        cfg.test_path,
+        text_columns=list(cfg.text_columns) if cfg.text_columns else None,
+        label_column=cfg.label_column,
+        objective=cfg.objective,
+        prompt_column=cfg.prompt_column,
+        response_column=cfg.response_column,
+    )
+    parts, validation = split_by_file(
+        train.labels,
+        file_rows,
+        cfg.data_seed,
         sample_percentage=cfg.sample_percentage,
         validation_fraction=cfg.validation_fraction,
     )

@@ -52,6 +52,35 @@ def split_rows(
     return [np.sort(part).astype(np.int64) for part in parts], validation
 
 
+def split_by_file(
+    labels: np.ndarray,
+    file_rows: list[int],
+    seed: int,
+    sample_percentage: float = 1.0,
+    validation_fraction: float = 0.0,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """split=none: site k trains on the rows of the k-th file (the files' rows one after another in
+    `labels`). Each site's sample_percentage sample and validation rows (stratified within the site)
+    are drawn from (seed, site), so a site's rows do not depend on the other sites' files."""
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if sum(file_rows) != len(labels):
+        raise ValueError(f"the files hold {sum(file_rows)} rows, the labels {len(labels)}")
+    if not 0.0 < sample_percentage <= 1.0:
+        raise ValueError(f"sample_percentage must be in (0, 1], got {sample_percentage}")
+    parts, held = [], []
+    starts = np.concatenate([[0], np.cumsum(file_rows)]).astype(np.int64)
+    for site, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
+        rows = np.arange(start, end, dtype=np.int64)
+        if sample_percentage < 1.0:
+            rng = np.random.default_rng([seed, site])
+            keep = max(1, int(round(len(rows) * sample_percentage))) if len(rows) else 0
+            rows = np.sort(rng.choice(rows, size=keep, replace=False))
+        train, validation = carve_validation(labels, validation_fraction, seed + site, rows=rows)
+        parts.append(train)
+        held.append(validation)
+    return parts, np.sort(np.concatenate(held)).astype(np.int64) if held else np.empty(0, dtype=np.int64)
+
+
 VALIDATION_STREAM = 0x7A1D  # the validation carve's seed stream, apart from the split's
 
 

@@ -69,6 +69,51 @@ def load_task(
     return read(os.fspath(train_path)), read(os.fspath(test_path))
 
 
+def load_site_files(
+    task_name: str,
+    train_paths: tuple[str, ...],
+    test_path: str,
+    *,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+    objective: str = "sequence_classification",
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+) -> tuple[TextDataset, TextDataset, list[int]]:
+    """split=none, a natural partition: one training file per site, read as its own file. Returns every
+    file's rows one after another, the test set and each file's row count. The label names are the
+    sorted union of the files' (a site may lack some labels); the test set must use only those."""
+    check_task_options(
+        task_name, train_paths[0], test_path, text_columns, label_column, objective, prompt_column, response_column
+    )
+    if task_name == "synthetic":
+        raise DataError("split=none reads one training file per site; task_name=synthetic has no files")
+    if task_name == "csv":
+        columns = dict(prompt_column=prompt_column, response_column=response_column)
+        files = [
+            readers.read_generic_csv(os.fspath(path), text_columns, label_column, **columns) for path in train_paths
+        ]
+    else:
+        files = [READERS[task_name](os.fspath(path)) for path in train_paths]
+    label_names = tuple(sorted(set().union(*(dataset.label_names for dataset in files))))
+    index = {name: i for i, name in enumerate(label_names)}
+    labels = [
+        np.asarray([index[name] for name in dataset.label_names], dtype=np.int64)[dataset.labels] for dataset in files
+    ]
+    train = TextDataset(
+        texts=[text for dataset in files for text in dataset.texts],
+        labels=np.concatenate(labels) if labels else np.empty(0, dtype=np.int64),
+        label_names=label_names,
+        source=" + ".join(dataset.source for dataset in files),
+        responses=[r for dataset in files for r in dataset.responses] if files[0].responses is not None else None,
+    )
+    if task_name == "csv":
+        test = readers.read_generic_csv(os.fspath(test_path), text_columns, label_column, label_names, **columns)
+    else:
+        test = READERS[task_name](os.fspath(test_path))
+    return train, test, [len(dataset.texts) for dataset in files]
+
+
 def check_task_options(
     task_name,
     train_path,
@@ -105,8 +150,9 @@ def check_task_options(
 
 def _check_paths(task_name, train_path, test_path) -> None:
     for name, value in (("train_path", train_path), ("test_path", test_path)):
-        if value is not None and not os.fspath(value).strip():
-            raise DataError(f"{name} is empty; give a file path or leave it unset")
+        for path in value if isinstance(value, tuple) else (value,):  # split=none: one train file per site
+            if path is not None and not os.fspath(path).strip():
+                raise DataError(f"{name} is empty; give a file path or leave it unset")
     if task_name == "synthetic":
         if train_path is not None or test_path is not None:
             raise DataError("task_name=synthetic is generated, not read; drop train_path and test_path")

@@ -366,6 +366,7 @@ def scaling_fl_command(
         f"num_rounds={job.rounds}",
         "seed=42",
         "data_seed=42",
+        "validation_fraction=0",  # every pool row trains; validation.* is the 1,600-row evaluation set, as Flower's
         "tracking=file",
         f"runs_dir={runs}",
         "job_name=scale",

@@ -48,6 +48,39 @@ def test_processes_per_device_packs_a_site_ids_list_by_device():
     assert layout.devices == (0, 1) and layout.sites == ((0, 2, 4), (1, 3))
 
 
+def test_one_worker_on_one_node_runs_in_the_launcher_and_the_environment_is_restored(monkeypatch):
+    import os
+
+    from scaling_fl import launch
+
+    assert launch.runs_in_launcher(node_topology(8, env={}, workers_per_node=1))
+    assert not launch.runs_in_launcher(node_topology(8, env={}, workers_per_node=2))
+    two_nodes = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert not launch.runs_in_launcher(node_topology(1, env=two_nodes, workers_per_node=1))
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    with launch._environment({"RANK": "0", "MASTER_PORT": "29501"}):
+        assert os.environ["RANK"] == "0" and os.environ["MASTER_PORT"] == "29501"
+    # the launcher's own checks read RANK / WORLD_SIZE to tell a multi-node job: nothing may linger
+    assert "RANK" not in os.environ and os.environ["MASTER_PORT"] == "1234"
+
+
+def test_a_failure_in_the_launcher_process_is_worded_as_a_site_failure():
+    from scaling_fl.launch import _describe_own_failure
+
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError as error:
+        permanent = _describe_own_failure(error, permanent=True)
+    assert permanent.startswith("site 0 failed: ") and "(not retried: a restart cannot fix this)" in permanent
+    assert "--- traceback of site 0 ---" in permanent and "OSError" in permanent
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as error:
+        plain = _describe_own_failure(error, permanent=False)
+    assert plain.splitlines()[0] == "site 0 (node rank 0, local index 0) failed: RuntimeError: boom"
+
+
 def test_participants_depend_on_seed_and_round_only_and_respect_fraction_and_minimum():
     first = participants(42, 3, 100, 0.1, 1)
     assert first == participants(42, 3, 100, 0.1, 1) and len(first) == 10 and first == sorted(set(first))

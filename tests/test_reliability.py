@@ -153,11 +153,17 @@ def test_sigkill_of_the_launcher_takes_every_site_with_it_and_the_job_resumes_ex
 def test_sigterm_and_a_double_ctrl_c_are_interruptions_not_failures(tmp_path):
     work = tmp_path / "tmp"
     work.mkdir()
-    for signals, code, name in (([signal.SIGTERM], 143, "SIGTERM"), ([signal.SIGINT, signal.SIGINT], 130, "SIGINT")):
+    # SIGTERM reaches a launcher whose two sites are processes of their own; the double Ctrl-C one that
+    # trains both sites itself (processes_per_device=1: one worker runs in the launcher's process).
+    for signals, code, name, packing in (
+        ([signal.SIGTERM], 143, "SIGTERM", []),
+        ([signal.SIGINT, signal.SIGINT], 130, "SIGINT", ["processes_per_device=1"]),
+    ):
         runs, ck = tmp_path / f"runs-{name}", tmp_path / f"ck-{name}"
         launcher = Launcher(
             tmp_path,
             *JOB,
+            *packing,
             f"job_name=stop-{name}",
             f"runs_dir={runs}",
             f"checkpoints_dir={ck}",
@@ -182,6 +188,7 @@ def test_sigterm_and_a_double_ctrl_c_are_interruptions_not_failures(tmp_path):
         assert "Traceback" not in output, output[-3000:]
         record = final_record(runs)
         assert record["run"]["status"] == "INTERRUPTED"
+        assert record["info"]["sites"]["in_launcher"] is bool(packing)
         # (torch keeps its compiler cache there, shared by every run: not something a run leaves behind)
         left = [path.name for path in work.iterdir() if not path.name.startswith("torchinductor_")]
         assert left == [], f"left in the temp folder after {name}: {left}"

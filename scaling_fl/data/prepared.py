@@ -46,14 +46,10 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         cfg.task_name,
         cfg.train_path,
         cfg.test_path,
-        text_columns=list(cfg.text_columns) if cfg.text_columns else None,
-        label_column=cfg.label_column,
         synthetic_train_size=cfg.synthetic_train_size,
         synthetic_test_size=cfg.synthetic_test_size,
         data_seed=cfg.data_seed,
-        objective=cfg.objective,
-        prompt_column=cfg.prompt_column,
-        response_column=cfg.response_column,
+        **_columns(cfg),
     )
     parts, validation = split_rows(
         train.labels,
@@ -75,16 +71,7 @@ def _prepare_site_files(cfg, num_sites: int) -> PreparedData:
             f"split=none gives site k the k-th train_path file: {len(paths)} file(s) for {num_sites} sites; "
             f"list one file per site (train_path=[a.csv,b.csv,...]) or set num_sites={len(paths)}"
         )
-    train, test, file_rows = load_site_files(
-        cfg.task_name,
-        paths,
-        cfg.test_path,
-        text_columns=list(cfg.text_columns) if cfg.text_columns else None,
-        label_column=cfg.label_column,
-        objective=cfg.objective,
-        prompt_column=cfg.prompt_column,
-        response_column=cfg.response_column,
-    )
+    train, test, file_rows = load_site_files(cfg.task_name, paths, cfg.test_path, **_columns(cfg))
     parts, validation = split_by_file(
         train.labels,
         file_rows,
@@ -93,6 +80,17 @@ def _prepare_site_files(cfg, num_sites: int) -> PreparedData:
         validation_fraction=cfg.validation_fraction,
     )
     return PreparedData(train=train, test=test, parts=parts, validation=validation)
+
+
+def _columns(cfg) -> dict:
+    """What the readers take from the config: which columns hold the text, label, prompt and response."""
+    return {
+        "text_columns": list(cfg.text_columns) if cfg.text_columns else None,
+        "label_column": cfg.label_column,
+        "objective": cfg.objective,
+        "prompt_column": cfg.prompt_column,
+        "response_column": cfg.response_column,
+    }
 
 
 def _write_table(dataset: TextDataset, path: str) -> None:

@@ -328,6 +328,7 @@ def run_command(args, name: str, base: Path, paths: tuple[Path, Path], runs: Pat
         "tracking=file",
         f"runs_dir={runs}",
         f"job_name=llm-{name}",
+        *args.option,
     ]
 
 
@@ -378,6 +379,7 @@ def run_all(args) -> dict:
         "machine": machine(),
         "quick": args.quick,
         "layout": args.layout,
+        "options": args.option,
         "val_batch_size": args.val_batch,
         "rounds": args.rounds,
         "learning_rates": {"full": args.lr_full, "lora": args.lr_lora, "ffa": args.lr_ffa or args.lr_lora},
@@ -563,6 +565,9 @@ def parse_args():
     parser.add_argument("--lr-ffa", type=float, help="learning rate of FFA-LoRA (default: --lr-lora)")
     parser.add_argument(
         "--val-batch", type=int, default=BATCH, help="val_batch_size (default 16, the training batch: see above)"
+    )
+    parser.add_argument(
+        "--option", nargs="*", default=[], help="more config for every run (KEY=VALUE), e.g. error_feedback=False"
     )
     parser.add_argument("--layout", choices=list(LAYOUTS), default="apart", help="apart: 4 processes; packed: 1")
     parser.add_argument("--base", type=Path, help="a pretrained causal LM folder (with its tokenizer) to fine-tune")

@@ -45,6 +45,7 @@ TOKEN_VARIABLE = "FL_JOIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
 MAX_MESSAGE_BYTES = 64 * 1024
 HELLO_TIMEOUT_S = 10.0
+MAX_PENDING_HELLOS = 64  # connections between accept and hello; more are closed at once
 RETRY_EVERY_S = 1.0
 TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS ClientHello
 MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
@@ -188,6 +189,7 @@ class Door:
         self._listener: socket.socket | None = None
         self._knocks: queue.Queue = queue.Queue()  # (connection, hello, peer) from the handshake threads
         self._guests: dict[str, _Guest] = {}
+        self._pending = threading.BoundedSemaphore(MAX_PENDING_HELLOS)
 
     def open(self) -> int:
         """Binds the listening port (port 0: any free one) and returns it."""
@@ -250,9 +252,19 @@ class Door:
         except BlockingIOError:
             return
         peer = f"{address[0]}:{address[1]}"
+        if not self._pending.acquire(blocking=False):
+            log.warning("a connection from %s was closed: %d others are still to say hello", peer, MAX_PENDING_HELLOS)
+            connection.close()
+            return
         threading.Thread(target=self._handshake, args=(connection, peer), daemon=True).start()
 
     def _handshake(self, connection: socket.socket, peer: str) -> None:
+        try:
+            self._check_hello(connection, peer)
+        finally:
+            self._pending.release()
+
+    def _check_hello(self, connection: socket.socket, peer: str) -> None:
         """TLS, then the hello and the token check, off the main loop: a slow stranger holds only its
         own thread, for HELLO_TIMEOUT_S at most."""
         connection.setblocking(True)

@@ -187,18 +187,25 @@ def test_a_site_that_leaves_before_the_start_frees_its_name(certs, caplog):
     assert any("insecure=True" in record.getMessage() for record in caplog.records)
 
 
-def test_strangers_that_say_nothing_or_too_much_hold_no_one_up():
+def test_strangers_that_say_nothing_or_too_much_hold_no_one_up(monkeypatch):
+    monkeypatch.setattr(door, "MAX_PENDING_HELLOS", 2)
     coordinator = _door(None, num_sites=1)
     running = Background(lambda: coordinator.wait_for_sites(join_timeout_s=20))
-    silent = socket.create_connection(("127.0.0.1", coordinator.port))  # never says hello
     flood = socket.create_connection(("127.0.0.1", coordinator.port))
     flood.sendall(b"x" * (door.MAX_MESSAGE_BYTES + 10))
     assert flood.recv(1) == b""  # dropped at the limit, nothing answered
+    silent = [socket.create_connection(("127.0.0.1", coordinator.port)) for _ in range(2)]  # never say hello
+    time.sleep(0.3)
+    one_too_many = socket.create_connection(("127.0.0.1", coordinator.port))
+    assert one_too_many.recv(1) == b""  # closed at once: two others are still to say hello
+    for connection in silent:
+        connection.close()
+    time.sleep(0.3)
     site = _site(f"127.0.0.1:{coordinator.port}", "only", None)
     arrivals, error = running.outcome()
     assert error is None and arrivals[0].site_name == "only" and site.outcome()[0].rank == 0
-    silent.close()
     flood.close()
+    one_too_many.close()
 
 
 def test_tls_refuses_an_untrusted_coordinator_and_a_plain_one(certs, tmp_path):

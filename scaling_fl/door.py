@@ -376,17 +376,18 @@ class Door:
     def _start(self) -> list[Arrival]:
         order = [name for name in self.invited if name in self._guests] or sorted(self._guests)
         for rank, name in enumerate(order):
-            _send(
-                self._guests[name].connection,
-                {
-                    "type": "start",
-                    "rank": rank,
-                    "site_names": order,
-                    "config": self.config,
-                    "config_hash": self.config_hash,
-                    "rendezvous": self.rendezvous,
-                },
-            )
+            start = {
+                "type": "start",
+                "rank": rank,
+                "site_names": order,
+                "config": self.config,
+                "config_hash": self.config_hash,
+                "rendezvous": self.rendezvous,
+            }
+            try:
+                _send(self._guests[name].connection, start)
+            except OSError as error:  # it left in the last moment: the run meets it missing (collective_timeout_s)
+                log.warning("site %s could not be told the start (%s)", name, error)
         log.info("FL starting: %d sites joined (%s)", len(order), ", ".join(order))
         arrivals = [self._guests[name].arrival for name in order]
         self.close()

@@ -99,6 +99,26 @@ def test_a_list_without_split_none_and_a_file_count_that_does_not_match_are_refu
         prepare_data(_config(files, str(tmp_path / "test-unknown.csv")), num_sites=3)
 
 
+def test_a_task_with_fixed_labels_keeps_their_order_in_training_and_test_files(tmp_path):
+    """AG News files read apart: class 1 is World in every file and in the test set (a sorted union
+    would make index 0 Business in training while the test set still meant World)."""
+
+    def agnews(path: Path, classes: list[int]) -> str:
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([[str(c), f"title {i}", f"description {i}"] for i, c in enumerate(classes)])
+        return str(path)
+
+    files = [agnews(tmp_path / "a.csv", [1, 2, 2]), agnews(tmp_path / "b.csv", [3, 4])]
+    test = agnews(tmp_path / "test.csv", [4, 1])
+    prepared = prepare_data(
+        resolve({"task_name": "agnews", "train_path": files, "test_path": test, "split": "none", "site_ids": [0, 0]}),
+        num_sites=2,
+    )
+    assert prepared.label_names == ("World", "Sports", "Business", "Sci/Tech")
+    assert prepared.train.labels.tolist() == [0, 1, 1, 2, 3]
+    assert prepared.test.labels.tolist() == [3, 0] and prepared.test.label_names == prepared.label_names
+
+
 @pytest.mark.slow
 def test_three_silo_files_train_as_three_sites_from_the_command_line(tmp_path):
     files, test = _silos(tmp_path)

@@ -68,3 +68,22 @@ class TextDataset:
             source=self.source,
             responses=None if self.responses is None else [self.responses[i] for i in indices],
         )
+
+
+def relabeled(dataset: TextDataset, label_names: tuple[str, ...], fix: str) -> TextDataset:
+    """The same rows with labels as indices into `label_names` (a superset of the dataset's, any order):
+    files read apart must agree on what label index k means before they are trained or scored together."""
+    if dataset.label_names == tuple(label_names):
+        return dataset
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = [name for name in dataset.label_names if name not in index]
+    if unknown:
+        raise DataError(f"{dataset.source}: label {unknown[0]!r} is not one of {list(label_names)}; {fix}")
+    mapping = np.asarray([index[name] for name in dataset.label_names], dtype=np.int64)
+    return TextDataset(
+        texts=dataset.texts,
+        labels=mapping[dataset.labels] if len(dataset.labels) else dataset.labels,
+        label_names=tuple(label_names),
+        source=dataset.source,
+        responses=dataset.responses,
+    )

@@ -9,7 +9,7 @@ import numpy as np
 
 from scaling_fl import hub, storage
 from scaling_fl.data import readers
-from scaling_fl.data.dataset import DataError, TextDataset
+from scaling_fl.data.dataset import DataError, TextDataset, relabeled
 from scaling_fl.data.synthetic import synthetic_task
 
 OBJECTIVES = ("sequence_classification", "causal_lm")  # as config.OBJECTIVES; tests/test_prompt_response_data.py checks
@@ -69,6 +69,14 @@ def load_task(
     return read(os.fspath(train_path)), read(os.fspath(test_path))
 
 
+def shared_label_names(names: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The label names of files read apart: theirs when they all agree (a task's fixed order, e.g.
+    AG News's World, Sports, Business, Sci/Tech), else the sorted union (a site may lack some labels)."""
+    if len(set(names)) == 1:
+        return names[0]
+    return tuple(sorted(set().union(*names)))
+
+
 def load_site_files(
     task_name: str,
     train_paths: tuple[str, ...],
@@ -82,7 +90,7 @@ def load_site_files(
 ) -> tuple[TextDataset, TextDataset, list[int]]:
     """split=none, a natural partition: one training file per site, read as its own file. Returns every
     file's rows one after another, the test set and each file's row count. The label names are the
-    sorted union of the files' (a site may lack some labels); the test set must use only those."""
+    files' shared names (shared_label_names); the test set must use only those."""
     check_task_options(
         task_name, train_paths[0], test_path, text_columns, label_column, objective, prompt_column, response_column
     )
@@ -95,14 +103,12 @@ def load_site_files(
         ]
     else:
         files = [READERS[task_name](os.fspath(path)) for path in train_paths]
-    label_names = tuple(sorted(set().union(*(dataset.label_names for dataset in files))))
-    index = {name: i for i, name in enumerate(label_names)}
-    labels = [
-        np.asarray([index[name] for name in dataset.label_names], dtype=np.int64)[dataset.labels] for dataset in files
-    ]
+    label_names = shared_label_names([dataset.label_names for dataset in files])
+    fix = "the test set may only use labels that occur in the training files"
+    files = [relabeled(dataset, label_names, fix) for dataset in files]
     train = TextDataset(
         texts=[text for dataset in files for text in dataset.texts],
-        labels=np.concatenate(labels) if labels else np.empty(0, dtype=np.int64),
+        labels=np.concatenate([dataset.labels for dataset in files]) if files else np.empty(0, dtype=np.int64),
         label_names=label_names,
         source=" + ".join(dataset.source for dataset in files),
         responses=[r for dataset in files for r in dataset.responses] if files[0].responses is not None else None,
@@ -110,7 +116,7 @@ def load_site_files(
     if task_name == "csv":
         test = readers.read_generic_csv(os.fspath(test_path), text_columns, label_column, label_names, **columns)
     else:
-        test = READERS[task_name](os.fspath(test_path))
+        test = relabeled(READERS[task_name](os.fspath(test_path)), label_names, fix)
     return train, test, [len(dataset.texts) for dataset in files]
 
 

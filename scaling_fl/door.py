@@ -1,16 +1,19 @@
 """The door of a cross-silo run: a site proves it was invited before it learns anything of the run.
 
 A coordinator listens on one TCP port, TLS unless the user says `insecure=True`. A site connects,
-and its first and only message is its hello: the run's join token (FL_JOIN_TOKEN, shared out of
-band), its `site_name`, the training keys it set itself, an optional pinned config hash, and what
-it reports at join (its row count and label histogram, never a row). The coordinator says nothing
-before the token has been checked (in constant time); then it refuses the site with a reason
-(wrong token, wrong protocol, a name already in, a name not invited, a key that differs from the
-run's, a pinned hash that is not the run's) or admits it and says how many sites are in. When
-every expected site is in (or, at `join_timeout_s`, at least `min_sites`), each admitted site gets
-the run's config, its rank (the invite list's order, or the names' sorted order) and where to meet
-the others. A site that disconnects before the start frees its name; one that never comes is named
-in the coordinator's error.
+and its first message is its hello: the run's join token (FL_JOIN_TOKEN, shared out of band), its
+`site_name`, the training keys it set itself and an optional pinned config hash. The coordinator
+says nothing before the token has been checked (in constant time); then it refuses the site with a
+reason (wrong token, wrong protocol, a key that differs from the run's, a pinned hash that is not
+the run's) or sends it the run's config. The site reads its own data with that config (task,
+columns, objective all come from the coordinator) and answers `ready` with what it reports at join:
+its row count and label histogram, never a row (or `failed` with the one line its data gave). Then
+the coordinator refuses it (a name already in, a name not invited, no rows) or admits it and says
+how many sites are in. When every expected site is in (or, at `join_timeout_s`, at least
+`min_sites`), each admitted site gets its rank (the invite list's order, or the names' sorted
+order), where to meet the others and what the coordinator announces from all arrivals (the run's
+label names). A site that disconnects before the start frees its name; one that never comes is
+named in the coordinator's error.
 
 The door only admits. What follows it (torch.distributed's TCP store and the gloo / NCCL links) is
 neither authenticated nor encrypted: a cross-silo run belongs on a private network or a VPN
@@ -33,18 +36,19 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from scaling_fl.errors import UserError
 
 log = logging.getLogger("scaling_fl")
 
-PROTOCOL = 1
+PROTOCOL = 2
 TOKEN_VARIABLE = "FL_JOIN_TOKEN"
 MIN_TOKEN_LENGTH = 16
 MAX_MESSAGE_BYTES = 64 * 1024
 HELLO_TIMEOUT_S = 10.0
+PREPARE_TIMEOUT_S = 900.0  # an invited site reading its data (a large file from s3:// or gs://)
 MAX_PENDING_HELLOS = 64  # connections between accept and hello; more are closed at once
 RETRY_EVERY_S = 1.0
 TLS_HANDSHAKE = b"\x16"  # the first byte of a TLS ClientHello
@@ -74,6 +78,7 @@ class Admission:
     config: dict
     config_hash: str
     rendezvous: str
+    announced: dict = field(default_factory=dict)  # from all arrivals: the run's label names
 
 
 @dataclass
@@ -176,6 +181,7 @@ class Door:
         min_sites: int = 0,
         site_names: Iterable[str] = (),
         tls: ssl.SSLContext | None = None,
+        announce: Callable[[list[Arrival]], dict] | None = None,
     ):
         self.host, self.port = parse_address(listen_address, "listen_address")
         self._token = token.encode("utf-8")
@@ -186,6 +192,7 @@ class Door:
         self.invited = list(site_names)
         self.rendezvous = rendezvous
         self._tls = tls
+        self._announce = announce or (lambda arrivals: {})
         self._listener: socket.socket | None = None
         self._knocks: queue.Queue = queue.Queue()  # (connection, hello, peer) from the handshake threads
         self._guests: dict[str, _Guest] = {}
@@ -260,13 +267,16 @@ class Door:
 
     def _handshake(self, connection: socket.socket, peer: str) -> None:
         try:
-            self._check_hello(connection, peer)
+            invited = self._check_hello(connection, peer)
         finally:
             self._pending.release()
+        if invited is not None:
+            self._await_ready(*invited, peer)
 
-    def _check_hello(self, connection: socket.socket, peer: str) -> None:
+    def _check_hello(self, connection: socket.socket, peer: str) -> tuple[socket.socket, dict] | None:
         """TLS, then the hello and the token check, off the main loop: a slow stranger holds only its
-        own thread, for HELLO_TIMEOUT_S at most."""
+        own thread, for HELLO_TIMEOUT_S at most. Returns the connection and hello of a site that may
+        learn the run's config."""
         connection.setblocking(True)
         connection.settimeout(HELLO_TIMEOUT_S)
         try:
@@ -281,18 +291,41 @@ class Door:
         except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
             log.warning("a connection from %s was dropped before its hello (%s)", peer, error)
             connection.close()
-            return
+            return None
         token = hello.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token.encode("utf-8"), self._token):
             self._refuse(connection, peer, hello, f"wrong join token (check {TOKEN_VARIABLE} on this site)")
-            return
+            return None
         if hello.get("protocol") != PROTOCOL:
             self._refuse(
                 connection, peer, hello, f"join protocol {hello.get('protocol')!r}, the coordinator speaks {PROTOCOL}"
             )
+            return None
+        reason = self._config_differs(hello)
+        if reason:
+            self._refuse(connection, peer, hello, reason)
+            return None
+        return connection, hello
+
+    def _await_ready(self, connection: socket.socket, hello: dict, peer: str) -> None:
+        """Sends the invited site the run's config and waits while it reads its data with it."""
+        try:
+            _send(connection, {"type": "config", "config": self.config, "config_hash": self.config_hash})
+            connection.settimeout(PREPARE_TIMEOUT_S)
+            with connection.makefile("rb") as reader:
+                answer = _receive(reader)
+        except (OSError, ValueError) as error:
+            log.warning("site %r from %s left while reading its data (%s)", hello.get("site_name"), peer, error)
+            connection.close()
+            return
+        if answer is None or answer.get("type") != "ready":
+            why = answer.get("reason") if answer else "it closed the connection"
+            log.warning("site %r from %s could not take part: %s", hello.get("site_name"), peer, why)
+            connection.close()
             return
         connection.settimeout(None)
-        self._knocks.put((connection, hello, peer))
+        reported = {"rows": answer.get("rows"), "label_histogram": answer.get("label_histogram")}
+        self._knocks.put((connection, {**hello, **reported}, peer))
 
     def _admit_knocks(self) -> None:
         while True:
@@ -317,11 +350,8 @@ class Door:
             log.info("waiting for sites: %d/%d joined (%s)", joined, self.num_sites, arrival.site_name)
 
     def _reason_to_refuse(self, hello: dict) -> str:
-        name = hello.get("site_name")
-        if not isinstance(name, str) or not name.strip():
-            return "no site_name: start the site with site_name=<its name>"
-        if self.invited and name not in self.invited:
-            return f"site_name {name!r} is not invited to this run (invited: {', '.join(self.invited)})"
+        """Why a site that read its data is not admitted ('' when it is)."""
+        name = hello["site_name"]
         if name in self._guests:
             return (
                 f"site_name {name!r} has already joined (from {self._guests[name].arrival.peer}): "
@@ -329,6 +359,15 @@ class Door:
             )
         if not isinstance(hello.get("rows"), int) or hello["rows"] < 1:
             return "the site reported no training rows: check its train_path"
+        return ""
+
+    def _config_differs(self, hello: dict) -> str:
+        """Why a site may not learn the run's config: its name, its own keys or its pinned hash ('' when it may)."""
+        name = hello.get("site_name")
+        if not isinstance(name, str) or not name.strip():
+            return "no site_name: start the site with site_name=<its name>"
+        if self.invited and name not in self.invited:
+            return f"site_name {name!r} is not invited to this run (invited: {', '.join(self.invited)})"
         for key, value in sorted((hello.get("config") or {}).items()):
             if key not in self.config:
                 return f"{key} is not a key of this run"
@@ -375,6 +414,8 @@ class Door:
 
     def _start(self) -> list[Arrival]:
         order = [name for name in self.invited if name in self._guests] or sorted(self._guests)
+        arrivals = [self._guests[name].arrival for name in order]
+        announced = self._announce(arrivals)
         for rank, name in enumerate(order):
             start = {
                 "type": "start",
@@ -383,13 +424,13 @@ class Door:
                 "config": self.config,
                 "config_hash": self.config_hash,
                 "rendezvous": self.rendezvous,
+                "announced": announced,
             }
             try:
                 _send(self._guests[name].connection, start)
             except OSError as error:  # it left in the last moment: the run meets it missing (collective_timeout_s)
                 log.warning("site %s could not be told the start (%s)", name, error)
         log.info("FL starting: %d sites joined (%s)", len(order), ", ".join(order))
-        arrivals = [self._guests[name].arrival for name in order]
         self.close()
         return arrivals
 
@@ -401,23 +442,22 @@ def knock(
     coordinator_address: str,
     token: str,
     site_name: str,
-    rows: int,
-    label_histogram: dict[str, int] | None = None,
+    prepare: Callable[[dict], tuple[int, dict[str, int]]],
     config: dict | None = None,
     pinned_hash: str | None = None,
     tls: ssl.SSLContext | None = None,
     join_timeout_s: float = 600.0,
 ) -> Admission:
     """A site's side: connects (retrying while the coordinator is not up yet, until join_timeout_s),
-    presents its hello, and waits for the start."""
+    presents its hello, reads its data with the run's config (`prepare(config)` -> its rows and
+    label histogram; a UserError it raises is told to the coordinator and raised here), and waits for
+    the start."""
     host, port = parse_address(coordinator_address, "coordinator_address")
     deadline = time.monotonic() + join_timeout_s
     hello = {
         "protocol": PROTOCOL,
         "token": token,
         "site_name": site_name,
-        "rows": rows,
-        "label_histogram": label_histogram or {},
         "config": config or {},
         "config_hash": pinned_hash,
     }
@@ -449,6 +489,15 @@ def knock(
                 raise DoorError(f"the coordinator at {host}:{port} closed the connection before the start: see its log")
             answered = True
             kind = message.get("type")
+            if kind == "config":
+                try:
+                    rows, histogram = prepare(message["config"])
+                except UserError as error:  # the coordinator logs why this site is not coming
+                    _send(connection, {"type": "failed", "reason": str(error).splitlines()[0][:1000]})
+                    raise
+                _send(connection, {"type": "ready", "rows": rows, "label_histogram": histogram})
+                deadline = time.monotonic() + join_timeout_s  # reading the data does not eat the wait
+                continue
             if kind == "refused":
                 raise DoorError(f"the coordinator refused this site: {message.get('reason')}")
             if kind == "cancelled":
@@ -467,6 +516,7 @@ def knock(
                     message["config"],
                     message["config_hash"],
                     message["rendezvous"],
+                    dict(message.get("announced") or {}),
                 )
 
 

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from scaling_fl import door
+from scaling_fl.data.dataset import DataError
 from tests.cli import ROOT
 
 TOKEN = "a-join-token-of-the-test-run-0123456789"
@@ -57,12 +58,25 @@ class Background(threading.Thread):
         return self.result, self.error
 
 
-def _site(address: str, name: str, certs, token: str = TOKEN, delay: float = 0.0, **hello) -> Background:
+def _reading(rows: int = 10, label_histogram: dict | None = None, seen: list | None = None):
+    """A site's `prepare`: what it reports of its data; keeps the config it was given in `seen`."""
+
+    def prepare(config: dict) -> tuple[int, dict]:
+        if seen is not None:
+            seen.append(config)
+        return rows, label_histogram or {}
+
+    return prepare
+
+
+def _site(
+    address: str, name: str, certs, token: str = TOKEN, delay: float = 0.0, rows=10, label_histogram=None, **hello
+) -> Background:
     tls = None if certs is None else door.client_context(str(certs / "ca.crt"))
-    hello.setdefault("rows", 10)
+    prepare = hello.pop("prepare", None) or _reading(rows, label_histogram)
+    timeout = hello.pop("join_timeout_s", 20)
     return Background(
-        lambda: door.knock(address, token, name, tls=tls, join_timeout_s=hello.pop("join_timeout_s", 20), **hello),
-        delay,
+        lambda: door.knock(address, token, name, prepare, tls=tls, join_timeout_s=timeout, **hello), delay
     )
 
 
@@ -81,7 +95,15 @@ def test_sites_started_in_any_order_join_over_tls_and_the_run_starts_when_all_ar
     }
     time.sleep(0.5)
     tls = door.server_context(str(certs / "coordinator.crt"), str(certs / "coordinator.key"))
-    coordinator = door.Door(f"127.0.0.1:{free}", TOKEN, CONFIG, 3, rendezvous="10.0.0.1:29500", tls=tls)
+    coordinator = door.Door(
+        f"127.0.0.1:{free}",
+        TOKEN,
+        CONFIG,
+        3,
+        rendezvous="10.0.0.1:29500",
+        tls=tls,
+        announce=lambda arrivals: {"label_names": sorted({n for a in arrivals for n in a.label_histogram})},
+    )
     arrivals = coordinator.wait_for_sites(join_timeout_s=20)
 
     assert [arrival.site_name for arrival in arrivals] == ["hospital-a", "hospital-b", "hospital-c"]
@@ -93,6 +115,7 @@ def test_sites_started_in_any_order_join_over_tls_and_the_run_starts_when_all_ar
         assert admission.rank == rank and admission.site_names == ["hospital-a", "hospital-b", "hospital-c"]
         assert admission.config == CONFIG and admission.rendezvous == "10.0.0.1:29500"
         assert admission.config_hash == door.config_hash(CONFIG) == coordinator.config_hash
+        assert admission.announced == {"label_names": ["neg", "pos"]}
     lines = [record.getMessage() for record in caplog.records]
     waiting = [line for line in lines if line.startswith("waiting for sites")]
     assert waiting == [
@@ -113,19 +136,28 @@ def test_a_wrong_token_config_hash_or_key_and_a_duplicate_name_are_refused_while
     first = _site(address, "site-a", certs)
     time.sleep(0.5)
     wrong_token = "an-other-token-not-the-runs-0000000"
+    seen = {what: [] for what in ("token", "hash", "stranger", "duplicate")}  # configs they were shown
+
+    def reading(what):
+        return {"prepare": _reading(seen=seen[what])}
+
+    def unreadable(config):
+        raise DataError(f"/data/b.csv: no column 'text' (task {config['model']})")
+
     refused = {
-        "token": _site(address, "site-b", certs, token=wrong_token),
-        "hash": _site(address, "site-b", certs, pinned_hash="0123456789abcdef"),
+        "token": _site(address, "site-b", certs, token=wrong_token, **reading("token")),
+        "hash": _site(address, "site-b", certs, pinned_hash="0123456789abcdef", **reading("hash")),
         "key": _site(address, "site-b", certs, config={"learning_rate": 0.1}),
         "unknown key": _site(address, "site-b", certs, config={"not_a_key": 1}),
-        "duplicate": _site(address, "site-a", certs),
-        "stranger": _site(address, "site-x", certs),
+        "duplicate": _site(address, "site-a", certs, **reading("duplicate")),
+        "stranger": _site(address, "site-x", certs, **reading("stranger")),
         "no rows": _site(address, "site-b", certs, rows=0),
+        "bad data": _site(address, "site-b", certs, prepare=unreadable),
     }
     reasons = {}
     for what, site in refused.items():
         _, error = site.outcome()
-        assert isinstance(error, door.DoorError), (what, error)
+        assert isinstance(error, DataError if what == "bad data" else door.DoorError), (what, error)
         reasons[what] = str(error)
     assert reasons["token"] == "the coordinator refused this site: wrong join token (check FL_JOIN_TOKEN on this site)"
     assert "config hash 0123456789abcdef is not this run's" in reasons["hash"]
@@ -134,14 +166,19 @@ def test_a_wrong_token_config_hash_or_key_and_a_duplicate_name_are_refused_while
     assert "site_name 'site-a' has already joined" in reasons["duplicate"]
     assert "site_name 'site-x' is not invited to this run (invited: site-a, site-b)" in reasons["stranger"]
     assert "no training rows" in reasons["no rows"]
+    assert reasons["bad data"] == "/data/b.csv: no column 'text' (task tiny-bert)"  # its own error, raised
+    assert seen["token"] == seen["hash"] == seen["stranger"] == []  # refused before they learn the run
+    assert seen["duplicate"] == [CONFIG]  # invited: it read its data, then found its name taken
 
     second = _site(address, "site-b", certs, pinned_hash=door.config_hash(CONFIG))  # the right one still gets in
     arrivals, error = running.outcome()
     assert error is None, error
     assert [arrival.site_name for arrival in arrivals] == ["site-a", "site-b"]
     assert first.outcome()[0].rank == 0 and second.outcome()[0].rank == 1
-    refusals = [record.getMessage() for record in caplog.records if record.getMessage().startswith("refused site")]
-    assert len(refusals) == len(refused)  # both sides say it
+    messages = [record.getMessage() for record in caplog.records]
+    refusals = [message for message in messages if message.startswith("refused site")]
+    assert len(refusals) == len(refused) - 1  # both sides say it
+    assert any("'site-b' from" in m and "could not take part: /data/b.csv: no column" in m for m in messages)
     assert not any(wrong_token in record.getMessage() or TOKEN in record.getMessage() for record in caplog.records)
 
 
@@ -174,8 +211,12 @@ def test_a_site_that_leaves_before_the_start_frees_its_name(certs, caplog):
     running = Background(lambda: coordinator.wait_for_sites(join_timeout_s=20))
     # a site that joins by hand and then goes away
     raw = socket.create_connection(("127.0.0.1", coordinator.port))
-    raw.sendall(json.dumps({"protocol": 1, "token": TOKEN, "site_name": "one", "rows": 3}).encode() + b"\n")
-    assert json.loads(raw.makefile("rb").readline())["type"] == "admitted"
+    raw.sendall(json.dumps({"protocol": 2, "token": TOKEN, "site_name": "one"}).encode() + b"\n")
+    replies = raw.makefile("rb")
+    assert json.loads(replies.readline())["type"] == "config"
+    raw.sendall(json.dumps({"type": "ready", "rows": 3, "label_histogram": {}}).encode() + b"\n")
+    assert json.loads(replies.readline())["type"] == "admitted"
+    replies.close()
     raw.close()
     time.sleep(0.5)
     again = _site(f"127.0.0.1:{coordinator.port}", "one", None)  # the same name is welcome again
@@ -218,13 +259,13 @@ def test_tls_refuses_an_untrusted_coordinator_and_a_plain_one(certs, tmp_path):
     ):
         running = Background(lambda coordinator=coordinator: coordinator.wait_for_sites(join_timeout_s=1.5))
         with pytest.raises(door.DoorError, match=message):
-            door.knock(f"localhost:{coordinator.port}", TOKEN, "s", rows=1, tls=tls, join_timeout_s=5)
+            door.knock(f"localhost:{coordinator.port}", TOKEN, "s", _reading(), tls=tls, join_timeout_s=5)
         _, error = running.outcome()
         assert "only 0 of 1 sites joined" in str(error)  # the coordinator kept waiting for a site it could admit
     tls_door = _door(certs, num_sites=1)
     running = Background(lambda: tls_door.wait_for_sites(join_timeout_s=1.5))
     with pytest.raises(door.DoorError, match="without an answer: does it run with TLS"):
-        door.knock(f"localhost:{tls_door.port}", TOKEN, "s", rows=1, tls=None, join_timeout_s=5)
+        door.knock(f"localhost:{tls_door.port}", TOKEN, "s", _reading(), tls=None, join_timeout_s=5)
     assert "only 0 of 1 sites joined" in str(running.outcome()[1])
 
 
@@ -235,7 +276,7 @@ def test_no_coordinator_is_one_line_after_join_timeout():
     probe.close()
     unreachable = f"cannot reach the coordinator at 127.0.0.1:{port} within join_timeout_s=1"
     with pytest.raises(door.DoorError, match=unreachable):
-        door.knock(f"127.0.0.1:{port}", TOKEN, "s", rows=1, join_timeout_s=1)
+        door.knock(f"127.0.0.1:{port}", TOKEN, "s", _reading(), join_timeout_s=1)
 
 
 @pytest.mark.parametrize(

@@ -55,8 +55,11 @@ def _rounds(ck: Path) -> list[str]:
 @pytest.mark.slow
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, exchange):
     common = [*SMALL, *exchange, "num_rounds=3", "learning_rate=0.003"]
-    straight = run_cli(tmp_path, "with", *common, "job_name=straight", f"runs_dir={tmp_path / 'a'}")
+    every = [f"checkpoints_dir={tmp_path / 'ck-every'}", "checkpoint_every=2", "keep_last_checkpoints=10"]
+    straight = run_cli(tmp_path, "with", *common, *every, "job_name=straight", f"runs_dir={tmp_path / 'a'}")
     assert straight.returncode == 0, straight.stderr[-2000:]
+    # checkpoint_every=2: every 2nd round, and the last
+    assert _rounds(tmp_path / "ck-every") == ["round-000002", "round-000003"]
     stopped = run_cli(
         tmp_path,
         "with",
@@ -95,11 +98,22 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(tmp_path, e
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {tmp_path / 'ck' / 'round-000002'}: continuing at round 3" in resumed.stderr
     assert len(run_records(tmp_path / "b")) == 1  # the resumed run continued the stopped run's Sacred record
-    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
-    assert a["info"]["final_weights_sha256"] == b["info"]["final_weights_sha256"]
+    _assert_same_rounds(_final(tmp_path / "a"), _final(tmp_path / "b"))
+    if exchange:
+        return
+    # An explicit round folder of the straight run (not its newest), taken by another job, continues from there.
+    folder = tmp_path / "ck-every" / "round-000002"
+    fork = run_cli(tmp_path, "with", *common, "job_name=fork", f"resume_from={folder}", f"runs_dir={tmp_path / 'c'}")
+    assert fork.returncode == 0, fork.stderr[-2000:]
+    assert f"resumed from {folder}: continuing at round 3" in fork.stderr
+    _assert_same_rounds(_final(tmp_path / "a"), _final(tmp_path / "c"))
+
+
+def _assert_same_rounds(uninterrupted: dict, continued: dict) -> None:
+    assert continued["info"]["final_weights_sha256"] == uninterrupted["info"]["final_weights_sha256"]
     for name in COMPARABLE:
-        assert a["metrics"][name]["values"] == b["metrics"][name]["values"], name
-        assert b["metrics"][name]["steps"] == [1, 2, 3]
+        assert continued["metrics"][name]["steps"] == [1, 2, 3], name
+        assert continued["metrics"][name]["values"] == uninterrupted["metrics"][name]["values"], name
 
 
 def _children(pid: int) -> list[tuple[int, str]]:
@@ -254,41 +268,6 @@ def test_retention_keeps_the_newest_good_checkpoints_and_drops_older_broken_ones
     assert checkpoint.latest(str(ck)).round == 5
     assert checkpoint.prune(str(ck), keep_last=1) == [str(ck / "round-000002")]  # never the newest good one
     assert _rounds(ck) == ["round-000005", "round-000006", "round-000007"]
-
-
-@pytest.mark.slow
-def test_checkpoint_every_and_resume_from_a_round_folder(tmp_path):
-    ck = tmp_path / "ck"
-    every = run_cli(
-        tmp_path,
-        "with",
-        *SMALL,
-        "num_rounds=5",
-        "checkpoint_every=2",
-        "keep_last_checkpoints=10",
-        "job_name=every",
-        f"checkpoints_dir={ck}",
-        f"runs_dir={tmp_path / 'a'}",
-    )
-    assert every.returncode == 0, every.stderr[-2000:]
-    assert _rounds(ck) == ["round-000002", "round-000004", "round-000005"]  # every 2nd round, and the last
-    # An explicit round folder (not the newest), taken by another job: it starts from there.
-    fork = run_cli(
-        tmp_path,
-        "with",
-        *SMALL,
-        "num_rounds=5",
-        "job_name=fork",
-        f"resume_from={ck / 'round-000002'}",
-        f"runs_dir={tmp_path / 'b'}",
-    )
-    assert fork.returncode == 0, fork.stderr[-2000:]
-    assert f"resumed from {ck / 'round-000002'}: continuing at round 3" in fork.stderr
-    a, b = _final(tmp_path / "a"), _final(tmp_path / "b")
-    assert a["info"]["final_weights_sha256"] == b["info"]["final_weights_sha256"]
-    for name in COMPARABLE:
-        assert b["metrics"][name]["steps"] == [1, 2, 3, 4, 5], name
-        assert a["metrics"][name]["values"] == b["metrics"][name]["values"], name
 
 
 def _preflight(args: list[str]):

@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     from scaling_fl import job
     from scaling_fl.tracking import experiment
 
+    experiment.keys_given = _config_keys_given(argv)
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(
         arg.startswith(tuple(f"{flag}=" for flag in OBSERVER_FLAGS if flag.startswith("--"))) for arg in argv
     )

@@ -56,6 +56,7 @@ BYZANTINE_MODES = ("sign_flip", "scale")
 OBJECTIVES = ("sequence_classification", "causal_lm")
 PEFT_METHODS = ("none", "lora")
 LORA_VARIANTS = ("lora", "ffa")
+ROLES = ("simulation", "coordinator", "site")
 
 
 class ConfigError(UserError, ValueError):
@@ -230,6 +231,32 @@ def _job_name(value: Any) -> str:
     if isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value):
         return value
     raise ValueError
+
+
+def _site_name_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)) and value and len(set(value)) == len(value):
+        return tuple(_job_name(name) for name in value)
+    raise ValueError
+
+
+def _address(value: Any) -> str:
+    if (
+        isinstance(value, str)
+        and re.fullmatch(r"\[?[A-Za-z0-9_.:-]*\]?:[0-9]{1,5}", value)
+        and int(value.rsplit(":")[-1]) < 65536
+    ):
+        return value
+    raise ValueError
+
+
+ADDRESS = Custom(_address, "HOST:PORT, e.g. coordinator.example.org:29400", "HOST:PORT")
+NAME = Custom(
+    _job_name,
+    "letters, digits, '_', '.', '-' (max 128), starting with a letter or digit",
+    "name (letters, digits, _ . -)",
+)
 
 
 def _default_author() -> str:
@@ -675,6 +702,51 @@ class Config:
         3, Int(0), "restarts of all sites after a site failure (torch elastic), each from the last checkpoint"
     )
 
+    # Cross-silo: a coordinator and sites started separately (README, "Cross-silo").
+    role: str = key(
+        "simulation",
+        Choice(ROLES),
+        "`simulation`: one command runs every site; `coordinator`: holds the config, the evaluation data and the "
+        "tracking, admits `num_sites` sites and trains nothing; `site`: one silo, its own `train_path`, every "
+        "training key from the coordinator",
+        section="cross-silo",
+    )
+    listen_address: str = key(
+        "0.0.0.0:29400",
+        ADDRESS,
+        "`role=coordinator`: where sites join (HOST:PORT); the sites also reach PORT+1 (the collective store)",
+    )
+    coordinator_address: str | None = key(
+        None, ADDRESS, "`role=site`: the coordinator's HOST:PORT (the host name its TLS certificate names)"
+    )
+    site_name: str | None = key(None, NAME, "`role=site`: this site's name, unique in the run")
+    site_names: tuple[str, ...] | None = key(
+        None,
+        Custom(
+            _site_name_list, "a list of distinct names, e.g. site_names=['hospital-a','hospital-b']", "list of names"
+        ),
+        "`role=coordinator`: the invited sites, in rank order (`None`: any name; ranks by sorted name)",
+    )
+    min_sites: int | None = key(
+        None, Int(1), "`role=coordinator`: start with at least this many at `join_timeout_s` (`None`: all `num_sites`)"
+    )
+    join_timeout_s: float = key(
+        600, Number(1.0, 86400.0), "how long the coordinator waits for its sites, and a site for the start"
+    )
+    tls_certfile: str | None = key(None, PATH, "`role=coordinator`: the TLS certificate of the door (PEM)")
+    tls_keyfile: str | None = key(None, PATH, "`role=coordinator`: its private key (PEM)")
+    tls_cafile: str | None = key(
+        None, PATH, "`role=site`: the CA certificate that signed the coordinator's (`None`: the system's CAs)"
+    )
+    insecure: bool = key(
+        False, Flag(), "plain TCP at the door instead of TLS: the join token crosses in clear text (a warning says so)"
+    )
+    config_hash: str | None = key(
+        None,
+        Text("the 16 hex digits the coordinator logs", "hash"),
+        "`role=site`: join only the run with this config hash (the coordinator logs it)",
+    )
+
     # Runtime.
     backend: str = key(
         "auto",
@@ -718,6 +790,12 @@ DEFAULTS: dict[str, Any] = {name: spec.default for name, spec in KEYS.items()}
 
 
 def _resolve_split(values: dict) -> str:
+    if values["role"] != "simulation":  # a cross-silo site trains on exactly its own file
+        if values["split"] not in (None, "none"):
+            raise _fail(
+                "split", values["split"], f"none (or unset) with role={values['role']}: a site trains its own file"
+            )
+        return "none"
     if values["split"] is None:
         return "iid" if values["iid_split"] else "label_sorted"
     return values["split"]
@@ -873,6 +951,64 @@ def _check_backend(values: dict) -> None:
         )
 
 
+# What a cross-silo run cannot do yet: per-site state a site would have to checkpoint on its own
+# machine, sampling, synchronization inside rounds, simulated faults and per-site scoring.
+CROSS_SILO_UNSUPPORTED = (
+    ("fraction_fit", lambda c: c.fraction_fit < 1.0, "1 (every joined site trains every round)"),
+    ("sync", lambda c: c.sync != "round", "round"),
+    ("strategy", lambda c: c.strategy == "scaffold", "a strategy without per-site state (not scaffold)"),
+    (
+        "error_feedback",
+        lambda c: c.exchange != "dense" and c.error_feedback,
+        "False with a compressed exchange (a residual is per-site state)",
+    ),
+    ("byzantine_sites", lambda c: bool(c.byzantine_sites), "[] (fault injection is for simulations)"),
+    ("per_site_metrics", lambda c: c.per_site_metrics, "False"),
+    ("dp_adaptive_clip", lambda c: c.dp_adaptive_clip, "False (its clip norm is state the sites would share)"),
+)
+
+
+def _check_cross_silo(config: Config) -> None:
+    """The keys each role needs, and what a cross-silo run does not support yet."""
+    if config.role == "simulation":
+        for name in ("coordinator_address", "site_name", "site_names", "min_sites", "config_hash"):
+            if getattr(config, name) is not None:
+                raise _fail(name, getattr(config, name), "unset without role=coordinator or role=site")
+        return
+    if config.role == "site":
+        for name, what in (("coordinator_address", "the coordinator's HOST:PORT"), ("site_name", "this site's name")):
+            if getattr(config, name) is None:
+                raise _fail(name, None, f"{what} with role=site")
+        if not isinstance(config.train_path, str):
+            raise _fail("train_path", config.train_path, "this site's one training file with role=site")
+        if not (config.insecure or config.tls_cafile):
+            raise _fail("tls_cafile", None, "the CA certificate of the coordinator with role=site (or insecure=True)")
+        return
+    sites = len(config.site_names) if config.site_names else config.num_sites
+    if sites is None:
+        raise _fail("num_sites", None, "the number of sites to admit with role=coordinator (or site_names=[...])")
+    if config.site_names and config.num_sites not in (None, len(config.site_names)):
+        raise _fail("num_sites", config.num_sites, f"{len(config.site_names)}, the length of site_names")
+    if config.min_sites is not None and config.min_sites > sites:
+        raise _fail("min_sites", config.min_sites, f"at most the {sites} sites the coordinator admits")
+    if config.train_path is not None:
+        raise _fail("train_path", config.train_path, "unset on the coordinator: each site gives its own")
+    if config.test_path is None:
+        raise _fail("test_path", None, "the test set with role=coordinator (the coordinator scores it)")
+    if config.task_name == "synthetic":
+        raise _fail("task_name", "synthetic", "a task whose files the sites hold (csv, agnews, imdb, ...)")
+    if not config.insecure and not (config.tls_certfile and config.tls_keyfile):
+        raise _fail(
+            "tls_certfile",
+            config.tls_certfile,
+            "a certificate with tls_keyfile for the door (scripts/make_test_certs.sh makes a test pair), "
+            "or insecure=True",
+        )
+    for name, unsupported, allowed in CROSS_SILO_UNSUPPORTED:
+        if unsupported(config):
+            raise _fail(name, getattr(config, name), f"{allowed} in a cross-silo run for now")
+
+
 def _check_sites(config: Config) -> None:
     """Counts that contradict each other: more sites per round, or processes, than there are sites."""
     sites = config.total_sites
@@ -919,6 +1055,7 @@ def resolve(raw: dict[str, Any]) -> Config:
     _check_robust(config)
     _check_adaptive_clip(config)
     _check_llm(config)
+    _check_cross_silo(config)
     return config
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scaling_fl import checkpoint, claim, models, storage
+from scaling_fl import checkpoint, claim, cross_silo, models, storage
 from scaling_fl.config import Config, ConfigError
 from scaling_fl.data.prepared import PreparedData, prepare_data
 from scaling_fl.data.tasks import check_task_options
@@ -60,15 +60,22 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
     """Everything that can be checked before a worker starts; cached for the main command.
 
     pick_tracking=False when the user chose Sacred observers on the command line: then no tracking
-    store is chosen here, no earlier record looked up and no claim taken in one."""
-    layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=torch.cuda.is_available())
-    topology = node_topology(layout.num_sites, workers_per_node=layout.num_workers)
-    check_layout(cfg, layout, topology)
-    check_devices(cfg)
+    store is chosen here, no earlier record looked up and no claim taken in one.
+
+    A cross-silo coordinator plans for the sites it expects; what it runs is settled at the door
+    (cross_silo.coordinate). A site has no plan of its own: it trains the coordinator's."""
+    coordinating = cfg.role == "coordinator"
+    if coordinating:
+        layout, topology = cross_silo.expected_plan(cfg)
+    else:
+        layout = plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=torch.cuda.is_available())
+        topology = node_topology(layout.num_sites, workers_per_node=layout.num_workers)
+        check_layout(cfg, layout, topology)
+        check_devices(cfg)
     check_extras(cfg)
     check_task_options(
         cfg.task_name,
-        cfg.train_path,
+        cfg.test_path if coordinating else cfg.train_path,  # the coordinator reads no training file
         cfg.test_path,
         list(cfg.text_columns) if cfg.text_columns else None,
         cfg.label_column,
@@ -89,12 +96,15 @@ def preflight(cfg: Config, pick_tracking: bool = True) -> Plan:
                 client.close()
         elif tracking == "file":
             previous = resume.find_file_run(cfg.runs_dir, cfg.job_name)
-    resume_point = checkpoint.preflight(cfg, topology.num_sites)
+    resume_point = checkpoint.preflight(cfg, layout.num_sites if coordinating else topology.num_sites)
     if cfg.final_model_dir and topology.is_main_node:
         storage.check_writable(cfg.final_model_dir)
-    prepared = prepare_data(cfg, topology.num_sites)
-    check_site_sizes(prepared)
-    check_sync_steps(cfg, prepared.site_sizes(), packed=trains_sites_in_turn(cfg, layout))
+    if coordinating:
+        prepared = cross_silo.coordinator_data(cfg)
+    else:
+        prepared = prepare_data(cfg, topology.num_sites)
+        check_site_sizes(prepared)
+        check_sync_steps(cfg, prepared.site_sizes(), packed=trains_sites_in_turn(cfg, layout))
     if topology.is_main_node:  # the last check: bad input writes nothing, a record is only made after it
         claim_job(cfg, tracking, mongo)
     return Plan(prepared, topology, layout, tracking, mongo, previous, resume_point)
@@ -170,9 +180,12 @@ def release_claims() -> None:
 def run(cfg: Config, plan: Plan, on_event: Callable[[dict], None]) -> str:
     """Starts this node's sites as planned and blocks until they finish (restarting them up to
     max_restarts times); `on_event` gets rank 0's events. Returns the SHA-256 of the global model,
-    which every site must end with."""
-    log_split(plan.prepared)
-    results = run_sites(cfg, plan.prepared, plan.topology, plan.layout, on_event, max_restarts=cfg.max_restarts)
+    which every site must end with. A cross-silo coordinator first waits at the door for its sites."""
+    if cfg.role == "coordinator":
+        results = cross_silo.coordinate(cfg, plan.prepared, on_event)
+    else:
+        log_split(plan.prepared)
+        results = run_sites(cfg, plan.prepared, plan.topology, plan.layout, on_event, max_restarts=cfg.max_restarts)
     fingerprints = {result["weights_sha256"] for result in results.values()}
     if len(fingerprints) != 1:
         raise RuntimeError(f"sites ended with different global models: {results}")

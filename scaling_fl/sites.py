@@ -35,11 +35,18 @@ class Site:
 
 @dataclass(frozen=True)
 class Layout:
-    """Sites over this node's worker processes: `sites[w]` are the sites worker w hosts (in order)."""
+    """Sites over this node's worker processes: `sites[w]` are the sites worker w hosts (in order).
+
+    cross_silo: a coordinator and sites started apart (scaling_fl/cross_silo.py). Then every node has
+    one worker, `devices` is this node's, `sites` lists every worker's sites by global rank (worker 0,
+    the coordinator, hosts none), and each process scores all of the evaluation rows it holds (the
+    coordinator the test set, a site its own validation rows) instead of a shard of shared ones;
+    only the coordinator reads checkpoints."""
 
     num_sites: int
     devices: tuple[int, ...]  # the device id of each worker
     sites: tuple[tuple[int, ...], ...]
+    cross_silo: bool = False
 
     @property
     def num_workers(self) -> int:
@@ -109,7 +116,12 @@ def read_layout(workdir: str) -> Layout:
 
     with open(os.path.join(workdir, "layout.json"), encoding="utf-8") as handle:
         raw = json.load(handle)
-    return Layout(raw["num_sites"], tuple(raw["devices"]), tuple(tuple(hosted) for hosted in raw["sites"]))
+    return Layout(
+        raw["num_sites"],
+        tuple(raw["devices"]),
+        tuple(tuple(hosted) for hosted in raw["sites"]),
+        bool(raw.get("cross_silo", False)),
+    )
 
 
 def participants(seed: int, round_index: int, num_sites: int, fraction_fit: float, min_fit_sites: int) -> list[int]:

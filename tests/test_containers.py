@@ -48,6 +48,7 @@ CHECKOUT = [
     "requirements",
     "scaling_fl",
     "scripts",
+    "deploy",
 ]
 JOB = [
     "scripts/train_federated.py",
@@ -341,6 +342,55 @@ def test_debug_override_waits_for_a_debugger_on_port_5678(project, job):
         output, _ = process.communicate(timeout=120)
     assert process.returncode == 143, output[-3000:]
     assert leftover_containers() == []
+
+
+def test_cross_silo_compose_trains_a_coordinator_and_three_site_containers(project, job):
+    """deploy/cross-silo/docker-compose.yaml: four containers of the image, each mounting only its own
+    data, meet at the coordinator's TLS door over the compose network and train one job."""
+    directory, env = project
+    assert job.returncode == 0, "the image was not built"
+    started = time.monotonic()
+    data = directory / "data" / "cross-silo"
+    topics = {"sports": "the team won the match", "science": "the lab measured the particle"}
+    mixes = {"site-a": ["sports"] * 6 + ["science"] * 2, "site-b": ["science"] * 5, "site-c": ["sports", "science"] * 3}
+    for folder, labels, name in [(site, mix, "train.csv") for site, mix in mixes.items()] + [
+        ("coordinator", ["sports", "science"] * 3, "test.csv")
+    ]:
+        (data / folder).mkdir(parents=True)
+        rows = "".join(f'"{topics[label]} {index}",{label}\n' for index, label in enumerate(labels))
+        (data / folder / name).write_text("text,label\n" + rows)
+    certs = directory / "deploy" / "cross-silo" / "certs"
+    subprocess.run(["bash", "scripts/make_test_certs.sh", str(certs), "coordinator"], cwd=directory, check=True)
+    for path in [data, *data.rglob("*"), certs, *certs.iterdir()]:
+        os.chown(path, HOST_UID, HOST_UID)
+    token = "cross-silo-container-token-0123456789"
+    compose = [ds.docker_cli(), "compose", "--project-directory", ".", "-f", "deploy/cross-silo/docker-compose.yaml"]
+    run_env = {**env, "FL_JOIN_TOKEN": token}
+    try:
+        result = subprocess.run(
+            [*compose, "up", "--abort-on-container-exit", "--exit-code-from", "coordinator"],
+            cwd=directory,
+            env=run_env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        subprocess.run([*compose, "down", "--remove-orphans"], cwd=directory, env=run_env, capture_output=True)
+    timed("cross_silo_compose_s", started)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "FL starting: 3 sites joined (site-a, site-b, site-c)" in output
+    records = [read_record(path) for path in run_records(directory / "runs")]
+    (record,) = [record for record in records if record["config"].get("role") == "coordinator"]
+    assert record["run"]["status"] == "COMPLETED"
+    assert {name: site["rows"] for name, site in record["info"]["sites"]["joined"].items()} == {
+        "site-a": 8,
+        "site-b": 5,
+        "site-c": 6,
+    }
+    assert record["metrics"]["test.accuracy"]["steps"] == [2]
+    assert token not in output and token not in json.dumps(record)
 
 
 def test_a_dockerd_that_cannot_start_is_an_error_with_its_log(tmp_path):

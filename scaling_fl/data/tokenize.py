@@ -27,6 +27,8 @@ class TokenizedDataset(Dataset):
 
 
 def tokenize(texts: list[str], labels: np.ndarray, tokenizer, max_seq_len: int) -> TokenizedDataset:
+    if not texts:  # a process that holds no rows of a set (a cross-silo site has no test rows)
+        return TokenizedDataset({"input_ids": [], "attention_mask": []}, np.empty(0, dtype=np.int64))
     encodings = tokenizer(texts, truncation=True, max_length=max_seq_len, padding=False)
     keep = [key for key in ("input_ids", "attention_mask", "token_type_ids") if key in encodings]
     return TokenizedDataset({key: encodings[key] for key in keep}, np.asarray(labels, dtype=np.int64))

@@ -13,6 +13,7 @@ collectives.py  the small ones: start-up broadcast, metric sums
 from scaling_fl.exchange.collectives import (
     broadcast_flat_,
     broadcast_int,
+    broadcast_state_,
     gather_from_sites,
     max_across_sites,
     sum_across_sites,
@@ -37,6 +38,7 @@ __all__ = [
     "SyncPolicy",
     "broadcast_flat_",
     "broadcast_int",
+    "broadcast_state_",
     "bucket_ranges",
     "gather_from_sites",
     "max_across_sites",

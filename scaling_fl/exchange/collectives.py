@@ -38,5 +38,11 @@ def broadcast_int(value: int, device: torch.device, src: int = 0) -> int:
     return int(holder.item())
 
 
+def broadcast_state_(state: dict[str, torch.Tensor], src: int = 0) -> None:
+    """Rank `src`'s tensors into every rank's tensors of the same names and shapes (in place)."""
+    for name in sorted(state):
+        dist.broadcast(state[name], src=src)
+
+
 def wait_for_all_sites() -> None:
     dist.barrier()

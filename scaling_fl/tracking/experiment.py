@@ -21,7 +21,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 from sacred import Experiment  # noqa: E402
 from sacred.utils import apply_backspaces_and_linefeeds  # noqa: E402
 
-from scaling_fl import job, processes, storage  # noqa: E402
+from scaling_fl import cross_silo, job, processes, storage  # noqa: E402
 from scaling_fl.config import DEFAULTS, Config, resolve  # noqa: E402
 from scaling_fl.errors import EXIT_BAD_INPUT, UserError, print_error  # noqa: E402
 from scaling_fl.launch import runs_in_launcher  # noqa: E402
@@ -47,6 +47,8 @@ ex.doc = _config_help_text()
 
 # Set by the command line front end when the user chose observers with Sacred flags (-F, -m, ...).
 explicit_observers = False
+# Set by the command line front end: the config keys given with `with` (a site's own training keys).
+keys_given: list[str] = []
 
 
 @dataclass
@@ -110,7 +112,10 @@ def make_observer(plan: job.Plan, cfg: Config):
 def validate(config, command_name, logger):
     try:
         cfg = config_from_sacred(config)
-        if command_name == MAIN_COMMAND:
+        if command_name == MAIN_COMMAND and cfg.role == "site":  # the coordinator keeps the record
+            cross_silo.check_site(cfg)
+            ex.observers[:] = []
+        elif command_name == MAIN_COMMAND:
             plan = job.preflight(cfg, pick_tracking=not explicit_observers)
             if not explicit_observers:
                 observer = make_observer(plan, cfg)
@@ -123,6 +128,9 @@ def validate(config, command_name, logger):
 @ex.main
 def train_federated(_config, _run):
     cfg = config_from_sacred(_config)
+    if cfg.role == "site":
+        results = cross_silo.join_and_train(cfg, keys_given)
+        return {"weights_sha256": next(iter(results.values()))["weights_sha256"]}
     plan = job.preflight(cfg, pick_tracking=not explicit_observers)
     for observer in _run.observers:  # a continued record keeps its info (and Mongo's metric references)
         _run.info.update(getattr(observer, "previous_info", {}) or {})
@@ -144,16 +152,20 @@ def train_federated(_config, _run):
             plan.resume_point.round + 1,
         )
     prepared = plan.prepared
-    _run.info["sites"] = {
-        "count": plan.topology.num_sites,
-        "processes": plan.topology.num_nodes * plan.topology.workers_per_node,
-        "in_launcher": runs_in_launcher(plan.topology),  # the one worker trains in the launcher's process
-        "sizes": prepared.site_sizes(),
-        "label_names": list(prepared.label_names),
-        "label_histograms": prepared.histograms().tolist(),
-        "test_rows": len(prepared.test),
-        "validation_rows": len(prepared.validation),  # 0: validation.* are scored on the test set
-    }
+    _run.info["sites"] = (
+        {"role": "coordinator", "expected": plan.layout.num_sites}
+        if cfg.role == "coordinator"
+        else {
+            "count": plan.topology.num_sites,
+            "processes": plan.topology.num_nodes * plan.topology.workers_per_node,
+            "in_launcher": runs_in_launcher(plan.topology),  # the one worker trains in the launcher's process
+            "sizes": prepared.site_sizes(),
+            "label_names": list(prepared.label_names),
+            "label_histograms": prepared.histograms().tolist(),
+            "test_rows": len(prepared.test),
+            "validation_rows": len(prepared.validation),  # 0: validation.* are scored on the test set
+        }
+    )
     _add_json_artifact(_run, "config.resolved.json", cfg.as_dict())
     tensorboard = _tensorboard_writer(cfg)
     final: dict[str, float] = {}
@@ -184,6 +196,8 @@ def train_federated(_config, _run):
             if cfg.final_model_dir:
                 _run.info["final_model_dir"] = storage.put_tree(event["path"], cfg.final_model_dir)
                 log.info("final model written to %s", storage.safe_url(cfg.final_model_dir))
+        elif event["event"] == "sites_joined":  # a cross-silo coordinator: who came, what each reported
+            _run.info["sites"]["joined"] = event["sites"]
         elif event["event"] == "samples":
             _run.add_artifact(event["path"], "samples.json")
 

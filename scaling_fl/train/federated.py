@@ -28,6 +28,7 @@ from scaling_fl.events import EventWriter
 from scaling_fl.exchange import (
     broadcast_flat_,
     broadcast_int,
+    broadcast_state_,
     gather_from_sites,
     sum_across_sites,
     wait_for_all_sites,
@@ -261,15 +262,23 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         )
 
     # --- data: the rows of every hosted site, this worker's shard of the test set -------
+    shard, shards = (0, 1) if layout.cross_silo else (worker.rank, worker.world_size)  # cross-silo: all it holds
     data = load_worker_data(
-        os.path.join(workdir, "data"), hosted, worker.rank, worker.world_size, full_validation=cfg.per_site_metrics
+        os.path.join(workdir, "data"),
+        hosted,
+        shard,
+        shards,
+        full_validation=cfg.per_site_metrics,
+        validation_is_test=(cfg.validation_fraction == 0) if layout.cross_silo else None,
     )
     tokenizer = models.load_tokenizer(cfg.model)
     objective = objective_from_config(cfg, tokenizer, len(data.test_shard.label_names))
     train_sets = {site: objective.dataset(rows) for site, rows in data.train.items()}
     validation_shard, test_shard, validation_full = _evaluation_sets(data, objective)
     collate = objective.collate
-    site_sizes = _site_sizes(objective, data, train_sets, worker.device)  # rows, or a causal LM's tokens
+    # rows, or a causal LM's tokens; in a cross-silo run only the host of a site knows its size
+    site_rows = _counted_sizes(len, data, train_sets, worker.device) if layout.cross_silo else data.site_sizes
+    site_sizes = _site_sizes(objective, data, train_sets, worker.device, counted=layout.cross_silo)
 
     # --- model: one working copy per worker, the global model; exchange, strategy, sync policy
     model = models.build_model(cfg, len(data.test_shard.label_names), tokenizer).to(worker.device)
@@ -283,7 +292,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     # SCAFFOLD: each site's control-variate update, a second dense message (strategies/scaffold.py)
     variates = variate_exchange_from_config(cfg, local_weights)
     steps = local.steps_per_round(
-        min(data.site_sizes), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
+        min(site_rows), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
     )  # every site's, when sync is not per round (launch.check_sync_steps)
     sync_policy = sync_policy_from_config(cfg, steps)
     drawn = participant_count(layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)  # every round
@@ -299,7 +308,9 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         exchanges = (exchange, variates) if variates is not None else (exchange,)
         return [global_weights, *strategy_state, *(buffer for each in exchanges for buffer in each.round_buffers())]
 
-    start_round, history, found = _restore(cfg, worker, local_weights, global_weights, strategy, None, trained)
+    start_round, history, found = _restore(
+        cfg, worker, local_weights, global_weights, strategy, None, trained, leader_reads_only=layout.cross_silo
+    )
     privacy.load_state_dict(found.state.get("privacy", {}) if found is not None else {})
     for site in hosted if found is not None else ():  # sites that never trained have no state
         if found.has(checkpoint.site_file(site)):
@@ -441,14 +452,20 @@ def _evaluation_sets(data, objective):
     return validation, test, objective.dataset(full) if full else None
 
 
-def _site_sizes(objective, data, train_sets: dict, device: torch.device) -> list[int]:
-    """Every site's weight in the mean: its rows (known to every process from the split), or, for a
-    causal LM, its training tokens, counted by the processes that host the sites and summed over all."""
-    if objective.unit == "rows":
+def _site_sizes(objective, data, train_sets: dict, device: torch.device, counted: bool = False) -> list[int]:
+    """Every site's weight in the mean: its rows (known to every process from the split, unless
+    `counted`: then, as always for a causal LM's training tokens, counted by the processes that host
+    the sites and summed over all)."""
+    if objective.unit == "rows" and not counted:
         return list(data.site_sizes)
+    return _counted_sizes(objective.site_size, data, train_sets, device)
+
+
+def _counted_sizes(size_of, data, train_sets: dict, device: torch.device) -> list[int]:
+    """size_of(dataset) of every site, from the processes that host them (collective: all call it)."""
     counts = torch.zeros(len(data.site_sizes), dtype=torch.int64)
     for site, dataset in train_sets.items():
-        counts[site] = objective.site_size(dataset)
+        counts[site] = size_of(dataset)
     return [int(count) for count in sum_across_sites(counts.to(device)).cpu()]
 
 
@@ -555,14 +572,23 @@ def _global_model_loaded(local_weights: torch.Tensor, global_weights: torch.Tens
 
 
 def _restore(
-    cfg: Config, site, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy, exchange, trained
+    cfg: Config,
+    site,
+    local_weights: torch.Tensor,
+    global_weights: torch.Tensor,
+    strategy,
+    exchange,
+    trained,
+    leader_reads_only: bool = False,
 ) -> tuple[int, list, checkpoint.Checkpoint | None]:
     """Loads the newest checkpoint of checkpoints_dir / resume_from into every site; returns (rounds done,
     history, the checkpoint).
 
     Site 0 chooses and broadcasts (source, round), so every site loads the very same files.
     Each site also takes back its own state: its error-feedback residual, and its local model
-    when the checkpointed round ended between synchronizations.
+    when the checkpointed round ended between synchronizations. leader_reads_only (cross-silo: the
+    checkpoints lie on the coordinator's side): rank 0 loads the global model and the strategy's
+    state and broadcasts them; the others get no checkpoint back (they hold no per-site state).
     """
     sources = [path for path in (cfg.checkpoints_dir, cfg.resume_from) if path]
     source, chosen_round = -1, 0
@@ -575,6 +601,9 @@ def _restore(
     chosen_round = broadcast_int(chosen_round, site.device)
     if source < 0:
         return 0, [], None
+    if leader_reads_only and not site.is_leader:
+        _share_restored(cfg, local_weights, global_weights, strategy)
+        return chosen_round, [], None
     path = sources[source]
     found = (
         checkpoint.verify(checkpoint.round_dir(path, chosen_round))
@@ -597,6 +626,10 @@ def _restore(
     global_weights.copy_(weights.to(global_weights.device))
     local_weights.copy_(global_weights)
     strategy.load_state_dict(found.tensors("strategy.safetensors") if found.has("strategy.safetensors") else {})
+    if leader_reads_only:
+        _share_restored(cfg, local_weights, global_weights, strategy)
+        log.info("resumed from %s: continuing at round %d", found.directory, found.round + 1)
+        return found.round, list(found.state.get("history", [])), found
     own = found.tensors(checkpoint.site_file(site.rank)) if found.has(checkpoint.site_file(site.rank)) else {}
     if "local" in own:
         local_weights.copy_(own["local"].to(local_weights.device))
@@ -610,6 +643,15 @@ def _restore(
     if site.is_leader:
         log.info("resumed from %s: continuing at round %d", found.directory, found.round + 1)
     return found.round, list(found.state.get("history", [])), found
+
+
+def _share_restored(cfg: Config, local_weights: torch.Tensor, global_weights: torch.Tensor, strategy) -> None:
+    """Rank 0's restored global model and strategy state, on every rank."""
+    broadcast_flat_(global_weights, max(1, int(cfg.bucket_size_mb * 2**20) // global_weights.element_size()), src=0)
+    local_weights.copy_(global_weights)
+    state = strategy.state_dict()
+    broadcast_state_(state, src=0)
+    strategy.load_state_dict(state)
 
 
 def _save_checkpoint(

@@ -117,6 +117,8 @@ def lm_rows(
     ends with the end token unless truncated to max_seq_len."""
     end = end_token_id(tokenizer)
     input_ids, labels = [], []
+    if not texts:  # a process that holds no rows of a set (a cross-silo site has no test rows)
+        return LMDataset(input_ids, labels)
     if responses is None:
         # Whole texts first: a tokenizer that closes every text ([SEP]) also closes a truncated one, and
         # a row cut at max_seq_len must not end as if the text ended there.

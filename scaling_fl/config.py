@@ -728,7 +728,10 @@ class Config:
         "`role=coordinator`: the invited sites, in rank order (`None`: any name; ranks by sorted name)",
     )
     min_sites: int | None = key(
-        None, Int(1), "`role=coordinator`: start with at least this many at `join_timeout_s` (`None`: all `num_sites`)"
+        None,
+        Int(1),
+        "`role=coordinator`: start with at least this many at `join_timeout_s` (`None`: all); below the invited "
+        "count the run also goes on when a site leaves (needs `site_names`, `checkpoints_dir`)",
     )
     join_timeout_s: float = key(
         600, Number(1.0, 86400.0), "how long the coordinator waits for its sites, and a site for the start"
@@ -991,6 +994,13 @@ def _check_cross_silo(config: Config) -> None:
         raise _fail("num_sites", config.num_sites, f"{len(config.site_names)}, the length of site_names")
     if config.min_sites is not None and config.min_sites > sites:
         raise _fail("min_sites", config.min_sites, f"at most the {sites} sites the coordinator admits")
+    if config.min_sites is not None and config.min_sites < sites and not (config.site_names and config.checkpoints_dir):
+        raise _fail(
+            "min_sites",
+            config.min_sites,
+            f"{sites} (all), or fewer with site_names=[...] (each site's place) and checkpoints_dir (where the "
+            "others continue from when one leaves)",
+        )
     if config.train_path is not None:
         raise _fail("train_path", config.train_path, "unset on the coordinator: each site gives its own")
     if config.test_path is None:

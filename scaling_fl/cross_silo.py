@@ -18,19 +18,22 @@ train the same sites on the same rows.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from collections.abc import Callable
 
 import numpy as np
 
-from scaling_fl import door
+from scaling_fl import checkpoint, door
 from scaling_fl.config import DEFAULTS, Config, resolve
 from scaling_fl.data.dataset import TextDataset, relabeled
 from scaling_fl.data.prepared import PreparedData, reader_columns
 from scaling_fl.data.splits import label_histograms, split_by_file
 from scaling_fl.data.tasks import READERS, read_training_file, shared_label_names
-from scaling_fl.launch import Topology, run_sites
-from scaling_fl.sites import Layout
+from scaling_fl.launch import SiteFailure, Topology, run_sites
+from scaling_fl.sites import MEMBERSHIP_CHANGE, Layout
 
 log = logging.getLogger("scaling_fl")
 
@@ -108,59 +111,147 @@ def run_config(cfg: Config) -> dict:
 
 def coordinate(cfg: Config, prepared: PreparedData, on_event: Callable[[dict], None]) -> dict[int, dict]:
     """Opens the door, waits for the sites (quorum: all, or min_sites at join_timeout_s), then runs the
-    job as worker 0. Returns this node's result (run_sites)."""
+    job as worker 0. Returns this node's result (run_sites).
+
+    With min_sites below the invited count the run outlives its sites: when one fails or leaves, the
+    formation ends (within collective_timeout_s), the others knock again and, after waiting
+    collective_timeout_s for everyone, continue from the last checkpoint without it (each site keeps
+    its place in site_names, so its seeds and rows do not move; an absent site weighs nothing). A site
+    that knocks while a formation trains waits in the door; at the next checkpointed round every
+    worker stops and the sites meet again with it. Each change is logged and recorded."""
     token = door.join_token()
     host, port = door.parse_address(cfg.listen_address, "listen_address")
     tls = None if cfg.insecure else door.server_context(cfg.tls_certfile, cfg.tls_keyfile)
-    expected = len(cfg.site_names) if cfg.site_names else cfg.num_sites
+    roster = list(cfg.site_names or ())  # every site's place; without site_names: the first formation's
     store_port = port + 1
     label_names: list[tuple[str, ...]] = []
 
     def announce(arrivals: list[door.Arrival]) -> dict:
-        names = shared_label_names([tuple(arrival.label_histogram) for arrival in arrivals])
-        relabeled(prepared.test, names, FIX_LABELS)  # fails here, before any site is told to start
-        label_names.append(names)
-        return {"label_names": list(names)}
+        if not label_names:  # fixed at the first formation
+            names = shared_label_names([tuple(arrival.label_histogram) for arrival in arrivals])
+            relabeled(prepared.test, names, FIX_LABELS)  # fails here, before any site is told to start
+            label_names.append(names)
+        roster[:] = roster or sorted(arrival.site_name for arrival in arrivals)
+        return {"label_names": list(label_names[0]), "sites": roster}
 
     entrance = door.Door(
         cfg.listen_address,
         token,
         run_config(cfg),
-        expected,
+        len(roster) or cfg.num_sites,
         rendezvous=f":{store_port}",  # the coordinator's host, as each site reached it
         min_sites=cfg.min_sites or 0,
-        site_names=cfg.site_names or (),
+        site_names=roster,
         tls=tls,
         announce=announce,
     )
-    arrivals = entrance.wait_for_sites(cfg.join_timeout_s)
-    on_event(
-        {
-            "event": "sites_joined",
-            "sites": {
-                arrival.site_name: {"rank": rank + 1, "rows": arrival.rows, "label_histogram": arrival.label_histogram}
-                for rank, arrival in enumerate(arrivals)
-            },
-        }
+    elastic = outlives_its_sites(cfg)
+    try:
+        arrivals = entrance.wait_for_sites(cfg.join_timeout_s, keep_open=elastic)
+        on_event({"event": "sites_joined", "sites": _reports(arrivals, roster)})
+        present, failures = [arrival.site_name for arrival in arrivals], 0
+        local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        while True:
+            topology = Topology(len(present) + 1, 0, local, store_port, sites_per_node=1, workers_per_node=1)
+            data = _coordinator_prepared(prepared.test, label_names[0], len(roster))
+            folder: list[str] = []
+            stop_room = entrance.serve_waiting_room(_flag_writer(folder)) if elastic else None
+            try:
+                layout = _layout(roster, present, cfg.site_ids[0])
+                results = run_sites(cfg, data, topology, layout, on_event, 0, folder.append)
+            except SiteFailure as failure:
+                failures += 1
+                if not elastic or failures > cfg.max_restarts:
+                    raise
+                log.warning(
+                    "the formation of %s ended: %s; the sites meet again (%d of at most %d)",
+                    ", ".join(present),
+                    str(failure).splitlines()[0],
+                    failures,
+                    cfg.max_restarts,
+                )
+                results = None
+            finally:
+                if stop_room is not None:
+                    stop_room()
+            if results is not None and "reform" not in results[0]:
+                return results
+            arrivals = entrance.wait_for_sites(
+                cfg.join_timeout_s, all_within_s=cfg.collective_timeout_s, keep_open=True
+            )
+            present = _record_change(cfg, present, arrivals, roster, on_event)
+    finally:
+        entrance.close()
+
+
+def outlives_its_sites(cfg: Config) -> bool:
+    """Whether the run continues when a site leaves (min_sites below the invited count)."""
+    return bool(cfg.min_sites) and cfg.min_sites < len(cfg.site_names or ())
+
+
+def _record_change(cfg: Config, before: list[str], arrivals, roster: list[str], on_event) -> list[str]:
+    """Who left and who came (back) between two formations: a log line and an event for the record."""
+    now = [arrival.site_name for arrival in arrivals]
+    after = checkpoint.latest(cfg.checkpoints_dir)
+    change = {
+        "event": "membership",
+        "after_round": after.round if after is not None else 0,
+        "time": time.time(),
+        "sites": now,
+        "left": [name for name in before if name not in now],
+        "joined": {name: report for name, report in _reports(arrivals, roster).items() if name not in before},
+    }
+    log.info(
+        "sites from round %d: %s%s%s",
+        change["after_round"] + 1,
+        ", ".join(now),
+        f"; left: {', '.join(change['left'])}" if change["left"] else "",
+        f"; back or new: {', '.join(change['joined'])}" if change["joined"] else "",
     )
-    joined = len(arrivals)
-    local = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-    topology = Topology(joined + 1, 0, local, store_port, sites_per_node=1, workers_per_node=1)
-    layout = _layout(joined, cfg.site_ids[0])
-    data = _coordinator_prepared(prepared.test, label_names[0], joined)
-    return run_sites(cfg, data, topology, layout, on_event, max_restarts=0)
+    on_event(change)
+    return now
+
+
+def _flag_writer(folder: list[str]) -> Callable[[list[str]], None]:
+    """The waiting room's signal to the coordinator's worker: a file in the job's folder."""
+
+    def write(names: list[str]) -> None:
+        flag = os.path.join(folder[0], MEMBERSHIP_CHANGE) if folder else None
+        if flag is None or os.path.exists(flag) or not os.path.isdir(folder[0]):  # (gone: the formation ended)
+            return
+        try:
+            with open(flag, "w", encoding="utf-8") as handle:
+                json.dump({"waiting": names}, handle)
+        except OSError:  # the formation ended meanwhile: they join the next one anyway
+            return
+        log.info("waiting to join at the next checkpointed round: %s", ", ".join(names))
+
+    return write
+
+
+def _reports(arrivals: list[door.Arrival], roster: list[str]) -> dict:
+    return {
+        arrival.site_name: {
+            "site": roster.index(arrival.site_name),
+            "rows": arrival.rows,
+            "label_histogram": arrival.label_histogram,
+        }
+        for arrival in arrivals
+    }
 
 
 def expected_plan(cfg: Config) -> tuple[Layout, Topology]:
     """The coordinator's plan before the door: every expected site joins (checked against checkpoints)."""
-    expected = len(cfg.site_names) if cfg.site_names else cfg.num_sites
+    roster = list(cfg.site_names) if cfg.site_names else [f"site-{k}" for k in range(cfg.num_sites)]
     host, port = door.parse_address(cfg.listen_address, "listen_address")
-    return _layout(expected, cfg.site_ids[0]), Topology(expected + 1, 0, host, port + 1, 1, 1)
+    return _layout(roster, roster, cfg.site_ids[0]), Topology(len(roster) + 1, 0, host, port + 1, 1, 1)
 
 
-def _layout(num_sites: int, device: int) -> Layout:
-    """Worker 0 (the coordinator) hosts no site, worker k + 1 hosts site k."""
-    return Layout(num_sites, (device,), ((),) + tuple((site,) for site in range(num_sites)), cross_silo=True)
+def _layout(roster: list[str], present: list[str], device: int) -> Layout:
+    """Worker 0 (the coordinator) hosts no site; worker k + 1 hosts the k-th present site, at its
+    place in the roster (an absent site is hosted nowhere)."""
+    hosted = tuple((roster.index(name),) for name in present)
+    return Layout(len(roster), (device,), ((),) + hosted, cross_silo=True)
 
 
 # -------------------------------------------------------------------------------------------------- site
@@ -187,7 +278,27 @@ def site_config(sent: dict, cfg: Config) -> Config:
 
 
 def join_and_train(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
-    """Knocks, reads its own file with the run's config, waits for the start and trains its site."""
+    """Knocks, reads its own file with the run's config, waits for the start and trains its site;
+    when a formation ends early (a site left, or one waits to come back) it knocks again, at most
+    max_restarts times after a failure."""
+    failures = 0
+    while True:
+        try:
+            results = _join_once(cfg, keys_given)
+        except SiteFailure as failure:
+            failures += 1
+            if failures > cfg.max_restarts:
+                raise
+            log.warning("the run's formation ended (%s); knocking again", str(failure).splitlines()[0])
+            continue
+        result = results[next(iter(results))]
+        if "reform" not in result:
+            return results
+        log.info("a site joins after round %d: knocking again", result["reform"])
+
+
+def _join_once(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
+    """One formation: the door, this site's data, its part of the job."""
     tls = None if cfg.insecure else door.client_context(cfg.tls_cafile)
     read: dict = {}
 
@@ -219,9 +330,10 @@ def join_and_train(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
     )
     run: Config = read["config"]
     names = tuple(admission.announced["label_names"])
+    roster = list(admission.announced["sites"])
     train = relabeled(read["train"], names, "this site's labels must be among the run's")
-    num_sites, site = len(admission.site_names), admission.rank
-    rows = [0] * num_sites
+    site = roster.index(cfg.site_name)
+    rows = [0] * len(roster)
     rows[site] = len(train)
     parts, validation = split_by_file(
         train.labels,
@@ -236,14 +348,21 @@ def join_and_train(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
         "site %s (%d of %d): %d training rows, %d validation rows  %s",
         cfg.site_name,
         site + 1,
-        num_sites,
+        len(roster),
         len(parts[site]),
         len(validation),
         " ".join(f"{n}:{int(c)}" for n, c in zip(names, label_histograms(train.labels, [parts[site]], len(names))[0])),
     )
     store_host, _, store_port = admission.rendezvous.rpartition(":")
     coordinator_host, _ = door.parse_address(cfg.coordinator_address, "coordinator_address")
+    present = admission.site_names
     topology = Topology(
-        num_sites + 1, site + 1, store_host or coordinator_host, int(store_port), sites_per_node=1, workers_per_node=1
+        len(present) + 1,
+        admission.rank + 1,
+        store_host or coordinator_host,
+        int(store_port),
+        sites_per_node=1,
+        workers_per_node=1,
     )
-    return run_sites(run, prepared, topology, _layout(num_sites, run.site_ids[0]), lambda event: None, max_restarts=0)
+    layout = _layout(roster, present, run.site_ids[0])
+    return run_sites(run, prepared, topology, layout, lambda event: None, max_restarts=0)

@@ -229,27 +229,59 @@ class Door:
             self._listener.close()
             self._listener = None
 
-    def wait_for_sites(self, join_timeout_s: float) -> list[Arrival]:
+    def wait_for_sites(
+        self, join_timeout_s: float, all_within_s: float | None = None, keep_open: bool = False
+    ) -> list[Arrival]:
+        """Admits sites until every expected one is in; after `all_within_s` (default: join_timeout_s)
+        `min_sites` are enough. Below min_sites at join_timeout_s: DoorError naming the missing.
+        keep_open: the door stays open after the start (a cross-silo coordinator's waiting room)."""
         if self._listener is None:
             self.open()
-        deadline = time.monotonic() + join_timeout_s
+        started = time.monotonic()
+        deadline = started + join_timeout_s
+        quorum_from = started + (join_timeout_s if all_within_s is None else min(all_within_s, join_timeout_s))
         while len(self._guests) < self.num_sites:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if len(self._guests) >= self.min_sites:
-                    break
+            now = time.monotonic()
+            if now >= quorum_from and len(self._guests) >= self.min_sites:
+                break
+            if now >= deadline:
                 line = self._missing_line(join_timeout_s)
                 self._cancel(f"the run did not start: too few sites joined within join_timeout_s={join_timeout_s:g}")
                 raise DoorError(line)
-            watched = [self._listener, *(guest.connection for guest in self._guests.values())]
-            readable, _, _ = select.select(watched, [], [], min(0.1, remaining))
-            if self._listener in readable:
-                self._accept()
-            for name, guest in list(self._guests.items()):
-                if guest.connection in readable:  # a waiting site says nothing: this is it leaving
-                    self._drop(name, "left before the start")
-            self._admit_knocks()
-        return self._start()
+            self._serve(min(0.1, deadline - now))
+        return self._start(keep_open)
+
+    def serve_waiting_room(self, on_waiting: Callable[[list[str]], None]) -> Callable[[], None]:
+        """While a formation trains: admits sites (a site back after it left, one that came late) and
+        calls `on_waiting(names)` while any waits. Returns the function that stops it; the waiting
+        sites stay admitted for the next wait_for_sites."""
+        stop = threading.Event()
+
+        def serve() -> None:
+            while not stop.is_set():
+                self._serve(0.2)
+                if self._guests:
+                    on_waiting(sorted(self._guests))
+
+        thread = threading.Thread(target=serve, name="waiting-room", daemon=True)
+        thread.start()
+
+        def stop_serving() -> None:
+            stop.set()
+            thread.join()
+
+        return stop_serving
+
+    def _serve(self, timeout: float) -> None:
+        """One turn: accept, notice waiting sites that left, admit the knocks that passed the token check."""
+        watched = [self._listener, *(guest.connection for guest in self._guests.values())]
+        readable, _, _ = select.select(watched, [], [], timeout)
+        if self._listener in readable:
+            self._accept()
+        for name, guest in list(self._guests.items()):
+            if guest.connection in readable:  # a waiting site says nothing: this is it leaving
+                self._drop(name, "left before the start")
+        self._admit_knocks()
 
     # -- the steps
 
@@ -412,7 +444,7 @@ class Door:
             f"(min_sites={self.min_sites}){named}; start the missing sites or raise join_timeout_s"
         )
 
-    def _start(self) -> list[Arrival]:
+    def _start(self, keep_open: bool = False) -> list[Arrival]:
         order = [name for name in self.invited if name in self._guests] or sorted(self._guests)
         arrivals = [self._guests[name].arrival for name in order]
         announced = self._announce(arrivals)
@@ -431,7 +463,11 @@ class Door:
             except OSError as error:  # it left in the last moment: the run meets it missing (collective_timeout_s)
                 log.warning("site %s could not be told the start (%s)", name, error)
         log.info("FL starting: %d sites joined (%s)", len(order), ", ".join(order))
-        self.close()
+        for guest in self._guests.values():
+            guest.connection.close()
+        self._guests.clear()
+        if not keep_open:
+            self.close()
         return arrivals
 
 

@@ -193,8 +193,10 @@ def run_sites(
     layout: Layout,
     on_event: Callable[[dict], None],
     max_restarts: int = 0,
+    on_workdir: Callable[[str], None] | None = None,
 ) -> dict[int, dict]:
-    """Starts this node's sites and blocks until they finish; returns each local site's result."""
+    """Starts this node's sites and blocks until they finish; returns each local site's result.
+    on_workdir: told the job's folder before the workers start (a cross-silo coordinator's waiting room)."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -204,6 +206,8 @@ def run_sites(
     processes.start_fork_server()  # already running when started through the command line
     workdir = processes.make_workdir(cfg.job_name)
     try:
+        if on_workdir is not None:
+            on_workdir(workdir)
         save_prepared(prepared, os.path.join(workdir, "data"))
         with open(os.path.join(workdir, "layout.json"), "w", encoding="utf-8") as handle:
             json.dump(dataclasses.asdict(layout), handle)  # the workers take the launcher's plan, not their own

@@ -18,6 +18,10 @@ import torch.distributed as dist
 
 from scaling_fl.config import participant_count
 
+# Written by a cross-silo coordinator's launcher into the job's folder when a site waits at the door:
+# at the next checkpointed round every worker stops, and the sites meet again with it.
+MEMBERSHIP_CHANGE = "membership-change"
+
 
 @dataclass(frozen=True)
 class Site:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -96,7 +97,13 @@ def _start(tmp_path: Path, name: str, *args: str, env: dict) -> tuple[subprocess
     log = tmp_path / f"{name}.log"
     handle = log.open("w")
     process = subprocess.Popen(
-        cli_command("with", *args), cwd=tmp_path, stdout=handle, stderr=subprocess.STDOUT, text=True, env=env
+        cli_command("with", *args),
+        cwd=tmp_path,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as on a machine of its own
     )
     return process, log
 
@@ -242,3 +249,58 @@ def test_only_the_coordinator_writes_and_reads_checkpoints_and_every_site_gets_i
         assert restored["done"] == 2 and restored["step"] == 2
         assert restored["weights"] == restored["local"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
         assert restored["m"] == [0.5] * 6 and restored["v"] == [0.25] * 6
+
+
+@pytest.mark.slow
+def test_a_site_killed_mid_run_is_left_behind_and_joins_again_at_a_later_round(tmp_path):
+    """min_sites=2 of three invited sites: hospital-b dies (SIGKILL of its process group) when round 3
+    starts; hospital-a and -c go on from the round-2 checkpoint; b, started again, waits at the door and
+    is back from the next checkpointed round; every round is logged once."""
+    files, test = _silos(tmp_path)
+    port = _free_port_pair()
+    env = {**os.environ, "FL_JOIN_TOKEN": TOKEN}
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    site = ["role=site", f"coordinator_address=127.0.0.1:{port}", "insecure=True"]
+    coordinator = _start(
+        tmp_path,
+        "coordinator",
+        "role=coordinator",
+        f"site_names={names}",
+        "min_sites=2",
+        f"listen_address=127.0.0.1:{port}",
+        "insecure=True",
+        "collective_timeout_s=10",
+        *CSV,
+        *TRAINING,
+        "num_rounds=20",
+        f"test_path={test}",
+        f"checkpoints_dir={tmp_path / 'checkpoints'}",
+        "job_name=dropout",
+        f"runs_dir={tmp_path / 'runs'}",
+        env=env,
+    )
+    kill_b = {**env, "SCALING_FL_FAIL_AT": "site=2,round=3,mode=kill"}  # b is worker 2 (after the coordinator, a)
+    sites = {
+        name: _start(
+            tmp_path, name, *site, f"site_name={name}", f"train_path={path}", env=kill_b if "-b" in name else env
+        )
+        for name, path in zip(names, files)
+    }
+    assert sites["hospital-b"][0].wait(timeout=180) == -signal.SIGKILL
+    _wait_for_line(coordinator[1], "sites from round 3: hospital-a, hospital-c; left: hospital-b")
+    back = _start(tmp_path, "hospital-b-again", *site, "site_name=hospital-b", f"train_path={files[1]}", env=env)
+    for process, log in [coordinator, sites["hospital-a"], sites["hospital-c"], back]:
+        assert process.wait(timeout=300) == 0, f"{log.name}:\n{log.read_text()[-4000:]}"
+
+    record = read_record(run_records(tmp_path / "runs")[0])
+    assert record["run"]["status"] == "COMPLETED"
+    changes = record["info"]["sites"]["changes"]
+    assert [(c["after_round"], c["left"], sorted(c["joined"])) for c in changes][0] == (2, ["hospital-b"], [])
+    (rejoin,) = changes[1:]
+    assert rejoin["left"] == [] and list(rejoin["joined"]) == ["hospital-b"] and 2 < rejoin["after_round"] < 20
+    assert rejoin["joined"]["hospital-b"]["rows"] == 10 and rejoin["joined"]["hospital-b"]["site"] == 1
+    counted = record["metrics"]["sites.participants"]
+    assert counted["steps"] == list(range(1, 21))  # every round logged once, none twice
+    back_at = rejoin["after_round"]
+    assert counted["values"] == [3, 3] + [2] * (back_at - 2) + [3] * (20 - back_at)
+    assert TOKEN not in json.dumps(record)

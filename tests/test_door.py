@@ -300,3 +300,33 @@ def test_addresses_and_certificates_fail_with_the_key_to_change(tmp_path):
         door.server_context(str(tmp_path / "missing.crt"), str(tmp_path / "missing.key"))
     with pytest.raises(door.DoorError, match="tls_cafile"):
         door.client_context(str(tmp_path / "missing-ca.crt"))
+
+
+def test_an_open_door_keeps_a_returning_site_waiting_and_a_new_formation_starts_without_the_missing(certs):
+    coordinator = _door(certs, num_sites=3, min_sites=2, site_names=["a", "b", "c"])
+    address = f"localhost:{coordinator.port}"
+    first = [_site(address, name, certs) for name in ("a", "b", "c")]
+    assert [a.site_name for a in coordinator.wait_for_sites(join_timeout_s=20, keep_open=True)] == ["a", "b", "c"]
+    assert [site.outcome()[0].rank for site in first] == [0, 1, 2]
+
+    # b comes back while the others train: it waits in the open door, and the coordinator hears of it
+    waiting: list[list[str]] = []
+    stop = coordinator.serve_waiting_room(waiting.append)
+    back = _site(address, "b", certs)
+    deadline = time.monotonic() + 20
+    while not waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop()
+    assert waiting[0] == ["b"]
+    # a and c knock again; everyone is in: a new formation of three, b keeping its place
+    again = [_site(address, name, certs) for name in ("a", "c")]
+    arrivals = coordinator.wait_for_sites(join_timeout_s=20, all_within_s=5, keep_open=True)
+    assert [arrival.site_name for arrival in arrivals] == ["a", "b", "c"]
+    assert back.outcome()[0].rank == 1 and [site.outcome()[0].rank for site in again] == [0, 2]
+
+    # c is gone for good: after all_within_s the two others are enough (min_sites=2)
+    started = time.monotonic()
+    last = [_site(address, name, certs) for name in ("a", "b")]
+    arrivals = coordinator.wait_for_sites(join_timeout_s=20, all_within_s=1.5)
+    assert [arrival.site_name for arrival in arrivals] == ["a", "b"] and 1.5 <= time.monotonic() - started < 10
+    assert [site.outcome()[0].site_names for site in last] == [["a", "b"], ["a", "b"]]

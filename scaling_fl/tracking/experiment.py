@@ -198,6 +198,8 @@ def train_federated(_config, _run):
                 log.info("final model written to %s", storage.safe_url(cfg.final_model_dir))
         elif event["event"] == "sites_joined":  # a cross-silo coordinator: who came, what each reported
             _run.info["sites"]["joined"] = event["sites"]
+        elif event["event"] == "membership":  # ... and who left or came (back) later
+            _run.info["sites"].setdefault("changes", []).append({k: v for k, v in event.items() if k != "event"})
         elif event["event"] == "samples":
             _run.add_artifact(event["path"], "samples.json")
 

@@ -4,12 +4,15 @@ SCALING_FL_FAIL_AT="site=2,round=3[,attempts=1][,mode=hang]" raises in site 2 wh
 starts, on the first `attempts` starts of the job (torch elastic counts restarts), so both a
 recovered failure and exhausted restarts can be rehearsed. mode=hang makes the site stop
 answering instead (alive, connections open), as a frozen or partitioned peer would: the
-others must notice through the collective timeout.
+others must notice through the collective timeout. mode=kill sends SIGKILL to the site's whole
+process group (its launcher, fork server and worker: a machine that dies; start the site in a
+session of its own, as a terminal or a container does).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -32,6 +35,8 @@ def maybe_fail(site: int, round_number: int) -> None:
         if fields.get("mode") == "hang":
             while True:
                 time.sleep(3600)
+        if fields.get("mode") == "kill":
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         raise InjectedFault(f"injected failure in site {site} at round {round_number} (SCALING_FL_FAIL_AT={spec})")
 
 

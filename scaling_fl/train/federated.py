@@ -37,7 +37,15 @@ from scaling_fl.exchange.dynamic import squared_distance
 from scaling_fl.flat_state import flat_sha256, flatten_model_, swap_, trained_names
 from scaling_fl.round_buffers import RoundBuffers
 from scaling_fl.site_state import SiteStates
-from scaling_fl.sites import Layout, participants, read_layout, start_site, stop_site, trains_sites_in_turn
+from scaling_fl.sites import (
+    MEMBERSHIP_CHANGE,
+    Layout,
+    participants,
+    read_layout,
+    start_site,
+    stop_site,
+    trains_sites_in_turn,
+)
 from scaling_fl.strategies.scaffold import next_site_control
 from scaling_fl.train import final, local
 from scaling_fl.train.components import (
@@ -292,7 +300,11 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     # SCAFFOLD: each site's control-variate update, a second dense message (strategies/scaffold.py)
     variates = variate_exchange_from_config(cfg, local_weights)
     steps = local.steps_per_round(
-        min(site_rows), cfg.batch_size, cfg.grad_accum_steps, cfg.num_local_epochs, cfg.local_steps
+        min(rows for rows in site_rows if rows),
+        cfg.batch_size,
+        cfg.grad_accum_steps,
+        cfg.num_local_epochs,
+        cfg.local_steps,
     )  # every site's, when sync is not per round (launch.check_sync_steps)
     sync_policy = sync_policy_from_config(cfg, steps)
     drawn = participant_count(layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)  # every round
@@ -339,6 +351,8 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
         round_number, clock = round_index + 1, RoundClock()
         maybe_fail(worker.rank, round_number)
         chosen = participants(cfg.seed, round_index, layout.num_sites, cfg.fraction_fit, cfg.min_fit_sites)
+        if layout.cross_silo:  # an invited site that is not in this formation (it left, or never came)
+            chosen = [site for site in chosen if site_sizes[site] > 0]
         mine = sorted(set(hosted) & set(chosen))
         share = dict(zip(chosen, privacy.weights([site_sizes[site] for site in chosen]), strict=True))
         last_step, last_round = round_number * steps, round_number == cfg.num_rounds
@@ -431,11 +445,19 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
             progress.update(1)
 
         # --- 5. checkpoint: the global model, the strategy and every hosted site's state ------------
-        if cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or last_round):
+        checkpointed = cfg.checkpoints_dir and (round_number % cfg.checkpoint_every == 0 or last_round)
+        if checkpointed:
             states = {site: site_states.state_of(site) for site in site_states.sites()}
             _save_checkpoint(
                 cfg, worker, layout.num_sites, round_number, global_weights, strategy, states, history, privacy, trained
             )
+
+        # --- 6. cross-silo: a site waits to come (back) in; all stop here and meet again with it ---------
+        if layout.cross_silo and checkpointed and not last_round:
+            waiting = worker.is_leader and os.path.exists(os.path.join(workdir, MEMBERSHIP_CHANGE))
+            if broadcast_int(int(waiting), worker.device):
+                progress.close()
+                return {"rank": worker.rank, "weights_sha256": flat_sha256(global_weights), "reform": round_number}
 
     progress.close()
     if worker.is_leader:

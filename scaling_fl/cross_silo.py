@@ -95,10 +95,14 @@ def coordinator_data(cfg: Config) -> PreparedData:
     return _coordinator_prepared(test, test.label_names, num_sites=0)
 
 
+def _no_rows(label_names: tuple[str, ...]) -> TextDataset:
+    """The set a participant does not hold (the coordinator's training rows, a site's test rows)."""
+    return TextDataset(texts=[], labels=np.empty(0, dtype=np.int64), label_names=label_names, source="(no rows)")
+
+
 def _coordinator_prepared(test: TextDataset, label_names: tuple[str, ...], num_sites: int) -> PreparedData:
-    nothing = TextDataset(texts=[], labels=np.empty(0, dtype=np.int64), label_names=label_names, source="(no rows)")
     return PreparedData(
-        train=nothing,
+        train=_no_rows(label_names),
         test=relabeled(test, label_names, FIX_LABELS),
         parts=[np.empty(0, dtype=np.int64) for _ in range(num_sites)],
     )
@@ -342,8 +346,7 @@ def _join_once(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
         sample_percentage=run.sample_percentage,
         validation_fraction=run.validation_fraction,
     )
-    nothing = TextDataset(texts=[], labels=np.empty(0, dtype=np.int64), label_names=names, source="(no test rows)")
-    prepared = PreparedData(train=train, test=nothing, parts=parts, validation=validation)
+    prepared = PreparedData(train=train, test=_no_rows(names), parts=parts, validation=validation)
     log.info(
         "site %s (%d of %d): %d training rows, %d validation rows  %s",
         cfg.site_name,

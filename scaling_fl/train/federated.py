@@ -286,7 +286,7 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
     collate = objective.collate
     # rows, or a causal LM's tokens; in a cross-silo run only the host of a site knows its size
     site_rows = _counted_sizes(len, data, train_sets, worker.device) if layout.cross_silo else data.site_sizes
-    site_sizes = _site_sizes(objective, data, train_sets, worker.device, counted=layout.cross_silo)
+    site_sizes = site_rows if objective.unit == "rows" else _site_sizes(objective, data, train_sets, worker.device)
 
     # --- model: one working copy per worker, the global model; exchange, strategy, sync policy
     model = models.build_model(cfg, len(data.test_shard.label_names), tokenizer).to(worker.device)
@@ -474,11 +474,10 @@ def _evaluation_sets(data, objective):
     return validation, test, objective.dataset(full) if full else None
 
 
-def _site_sizes(objective, data, train_sets: dict, device: torch.device, counted: bool = False) -> list[int]:
-    """Every site's weight in the mean: its rows (known to every process from the split, unless
-    `counted`: then, as always for a causal LM's training tokens, counted by the processes that host
-    the sites and summed over all)."""
-    if objective.unit == "rows" and not counted:
+def _site_sizes(objective, data, train_sets: dict, device: torch.device) -> list[int]:
+    """Every site's weight in the mean: its rows (known to every process from the split), or, for a
+    causal LM, its training tokens, counted by the processes that host the sites and summed over all."""
+    if objective.unit == "rows":
         return list(data.site_sizes)
     return _counted_sizes(objective.site_size, data, train_sets, device)
 

@@ -671,7 +671,11 @@ class Config:
     )
     runs_dir: str = key("runs", Text("a directory path", "directory"), "the Sacred file store")
     per_site_metrics: bool = key(
-        False, Flag(), "also `site.{k}.*` metrics (each site scores its own local model on the full test set)"
+        False,
+        Flag(),
+        "also `site.{k}.*` metrics (each site scores its own local model on the full validation set); a "
+        "cross-silo run always records each site's training metrics as `site.{site_name}.*`, and with this key "
+        "its local model scored on its own validation rows",
     )
     save_final_model: bool = key(
         False,
@@ -966,7 +970,6 @@ CROSS_SILO_UNSUPPORTED = (
         "False with a compressed exchange (a residual is per-site state)",
     ),
     ("byzantine_sites", lambda c: bool(c.byzantine_sites), "[] (fault injection is for simulations)"),
-    ("per_site_metrics", lambda c: c.per_site_metrics, "False"),
     ("dp_adaptive_clip", lambda c: c.dp_adaptive_clip, "False (its clip norm is state the sites would share)"),
 )
 

@@ -179,6 +179,7 @@ def coordinate(cfg: Config, prepared: PreparedData, on_event: Callable[[dict], N
                 if stop_room is not None:
                     stop_room()
             if results is not None and "reform" not in results[0]:
+                entrance.finish(f"the run finished after round {cfg.num_rounds}")
                 return results
             arrivals = entrance.wait_for_sites(
                 cfg.join_timeout_s, all_within_s=cfg.collective_timeout_s, keep_open=True
@@ -255,7 +256,7 @@ def _layout(roster: list[str], present: list[str], device: int) -> Layout:
     """Worker 0 (the coordinator) hosts no site; worker k + 1 hosts the k-th present site, at its
     place in the roster (an absent site is hosted nowhere)."""
     hosted = tuple((roster.index(name),) for name in present)
-    return Layout(len(roster), (device,), ((),) + hosted, cross_silo=True)
+    return Layout(len(roster), (device,), ((),) + hosted, cross_silo=True, site_names=tuple(roster))
 
 
 # -------------------------------------------------------------------------------------------------- site
@@ -284,11 +285,15 @@ def site_config(sent: dict, cfg: Config) -> Config:
 def join_and_train(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
     """Knocks, reads its own file with the run's config, waits for the start and trains its site;
     when a formation ends early (a site left, or one waits to come back) it knocks again, at most
-    max_restarts times after a failure."""
+    max_restarts times after a failure. A run that ends while this site waits to (re)join ends this
+    site too, without an error: the run is complete, only without it."""
     failures = 0
     while True:
         try:
             results = _join_once(cfg, keys_given)
+        except door.RunFinished as finished:
+            log.warning("%s; this site has nothing left to train", finished)
+            return {0: {"weights_sha256": None, "finished_while_waiting": True}}
         except SiteFailure as failure:
             failures += 1
             if failures > cfg.max_restarts:

@@ -59,6 +59,10 @@ class DoorError(UserError):
     """The door could not be opened or passed; the line says why and what to change."""
 
 
+class RunFinished(DoorError):
+    """The run ended while this site waited at the door: there is no formation left to join."""
+
+
 @dataclass(frozen=True)
 class Arrival:
     """An admitted site, as the coordinator knows it: what the site reported at join."""
@@ -422,6 +426,16 @@ class Door:
             pass
         connection.close()
 
+    def finish(self, reason: str) -> None:
+        """The run is over: every site still waiting is told so (it ends without an error), then the door closes."""
+        for name, guest in self._guests.items():
+            try:
+                _send(guest.connection, {"type": "finished", "reason": reason})
+            except OSError:
+                pass
+            log.info("site %s waited to join again; told: %s", name, reason)
+        self.close()
+
     def _drop(self, name: str, why: str) -> None:
         guest = self._guests.pop(name)
         guest.connection.close()
@@ -538,6 +552,8 @@ def knock(
                 raise DoorError(f"the coordinator refused this site: {message.get('reason')}")
             if kind == "cancelled":
                 raise DoorError(f"the coordinator cancelled the run: {message.get('reason')}")
+            if kind == "finished":
+                raise RunFinished(f"the coordinator says: {message.get('reason')}")
             if kind == "admitted":
                 log.info(
                     "admitted as %s: %d/%d sites joined, waiting for the start",

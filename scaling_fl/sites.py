@@ -45,12 +45,18 @@ class Layout:
     one worker, `devices` is this node's, `sites` lists every worker's sites by global rank (worker 0,
     the coordinator, hosts none), and each process scores all of the evaluation rows it holds (the
     coordinator the test set, a site its own validation rows) instead of a shard of shared ones;
-    only the coordinator reads checkpoints."""
+    only the coordinator reads checkpoints; site_names are the roster, site k's name keys its
+    metrics in the record."""
 
     num_sites: int
     devices: tuple[int, ...]  # the device id of each worker
     sites: tuple[tuple[int, ...], ...]
     cross_silo: bool = False
+    site_names: tuple[str, ...] = ()
+
+    def site_label(self, site: int) -> int | str:
+        """How site `site` is named in metrics (`site.{label}.*`): its roster name, else its index."""
+        return self.site_names[site] if self.site_names else site
 
     @property
     def num_workers(self) -> int:
@@ -125,6 +131,7 @@ def read_layout(workdir: str) -> Layout:
         tuple(raw["devices"]),
         tuple(tuple(hosted) for hosted in raw["sites"]),
         bool(raw.get("cross_silo", False)),
+        tuple(raw.get("site_names", ())),
     )
 
 

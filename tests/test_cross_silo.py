@@ -111,7 +111,7 @@ def _start(tmp_path: Path, name: str, *args: str, env: dict) -> tuple[subprocess
 @pytest.mark.slow
 def test_a_coordinator_and_three_sites_started_apart_train_as_the_rehearsal_does(tmp_path):
     files, test = _silos(tmp_path)
-    common = [*TRAINING, "num_rounds=2"]
+    common = [*TRAINING, "num_rounds=2", "per_site_metrics=True"]
     rehearsal = run_cli(
         tmp_path,
         "with",
@@ -191,6 +191,19 @@ def test_a_coordinator_and_three_sites_started_apart_train_as_the_rehearsal_does
         assert record["metrics"][metric]["values"] == pytest.approx(
             simulated["metrics"][metric]["values"], rel=1e-4, abs=1e-5
         ), metric
+    # Each site's local metrics, under its name: its training as in the rehearsal; its local model
+    # scored on its own validation rows (the rehearsal's site k scores the full validation set).
+    for k, name in enumerate(names):
+        for metric in ("train.loss", "train.accuracy"):
+            assert record["metrics"][f"site.{name}.{metric}"]["values"] == pytest.approx(
+                simulated["metrics"][f"site.{k}.{metric}"]["values"], rel=1e-4, abs=1e-5
+            ), (name, metric)
+        held_out = joined[name]["rows"] - simulated["info"]["sites"]["sizes"][k]  # 3, 2, 1 rows
+        own = record["metrics"][f"site.{name}.validation.accuracy"]["values"]
+        assert len(own) == 2 and all(value * held_out == pytest.approx(round(value * held_out)) for value in own)
+        own_loss = record["metrics"][f"site.{name}.validation.loss"]["values"]
+        assert own_loss[0] != pytest.approx(simulated["metrics"][f"site.{k}.validation.loss"]["values"][0])
+    assert not any(metric.startswith("site.0.") for metric in record["metrics"])
     # The token is in no log, run record or config of any side.
     stored = json.dumps(record) + "".join(outputs.values())
     assert TOKEN not in stored and "not-the-token-of-this-run" not in stored

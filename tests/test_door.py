@@ -327,6 +327,18 @@ def test_an_open_door_keeps_a_returning_site_waiting_and_a_new_formation_starts_
     # c is gone for good: after all_within_s the two others are enough (min_sites=2)
     started = time.monotonic()
     last = [_site(address, name, certs) for name in ("a", "b")]
-    arrivals = coordinator.wait_for_sites(join_timeout_s=20, all_within_s=1.5)
+    arrivals = coordinator.wait_for_sites(join_timeout_s=20, all_within_s=1.5, keep_open=True)
     assert [arrival.site_name for arrival in arrivals] == ["a", "b"] and 1.5 <= time.monotonic() - started < 10
     assert [site.outcome()[0].site_names for site in last] == [["a", "b"], ["a", "b"]]
+
+    # c comes back while the last formation trains, and the run ends before it could join: c is told so
+    stop = coordinator.serve_waiting_room(waiting.append)
+    late = _site(address, "c", certs)
+    deadline = time.monotonic() + 20
+    while waiting[-1] != ["c"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop()
+    coordinator.finish("the run finished after round 20")
+    result, error = late.outcome()
+    assert result is None and isinstance(error, door.RunFinished)
+    assert str(error) == "the coordinator says: the run finished after round 20"

@@ -426,9 +426,9 @@ def _federate_sites(cfg: Config, worker, layout: Layout, workdir: str) -> dict:
                 validation_sums,
                 objective,
                 per_site[chosen],
-                with_per_site=cfg.per_site_metrics,
+                with_per_site=cfg.per_site_metrics or layout.cross_silo,  # cross-silo: always, by site name
                 cuda=worker.device.type == "cuda",
-                site_ids=chosen,
+                site_ids=[layout.site_label(site) for site in chosen],
                 test_sums=test_sums,
             )
             metrics.update(peak_memory)

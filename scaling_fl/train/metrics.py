@@ -53,7 +53,7 @@ def round_metrics(
     *,
     with_per_site: bool,
     cuda: bool,
-    site_ids: list[int] | None = None,
+    site_ids: list[int | str] | None = None,
     test_sums: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """validation_sums (and test_sums, in the rounds the test set is scored): the objective's evaluation

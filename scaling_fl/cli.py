@@ -34,6 +34,42 @@ def _runs_main_command(argv: list[str]) -> bool:
     return not rest or rest[0] == "with" or rest[0].startswith("-")
 
 
+def _forks_sites(argv: list[str], environ: dict | None = None) -> bool:
+    """Whether this start forks site processes, so the fork server is worth starting before anything
+    else. False only when the command line alone says one worker on one node (that worker runs in
+    this process, launch.runs_in_launcher); what it cannot tell (a named config, a config file, a
+    multi-node environment, a value the config refuses) counts as yes: the server is then merely
+    started, in parallel, a little early."""
+    import ast
+
+    from scaling_fl.config import resolve
+    from scaling_fl.sites import plan_layout
+
+    environ = os.environ if environ is None else environ
+    if any(name in environ for name in ("WORLD_SIZE", "RANK", "SLURM_NNODES", "TORCHELASTIC_RUN_ID")):
+        return True
+    rest = argv[argv.index("with") + 1 :] if "with" in argv else []
+    raw = {}
+    for token in rest:
+        if token.startswith("-"):
+            break
+        if "=" not in token:
+            return True
+        key, value = token.split("=", 1)
+        try:
+            raw[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raw[key.strip()] = value
+    try:
+        cfg = resolve(raw)
+    except Exception:  # noqa: BLE001 - the real check reports it, with its line
+        return True
+    if cfg.role != "simulation":
+        return True
+    layouts = [plan_layout(cfg.site_ids, cfg.num_sites, cfg.processes_per_device, cuda=cuda) for cuda in (False, True)]
+    return any(layout.num_workers > 1 for layout in layouts)
+
+
 def load_dotenv_file() -> None:
     """Variables from ./.env (the current directory), as run-local.sh and compose read it;
     variables already set in the environment win."""
@@ -83,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from scaling_fl import processes
 
-    if _runs_main_command(argv):  # its imports overlap the launcher's own (seconds per start)
+    if _runs_main_command(argv) and _forks_sites(argv):  # its imports overlap the launcher's (seconds per start)
         processes.start_fork_server()
     from scaling_fl import job
     from scaling_fl.tracking import experiment

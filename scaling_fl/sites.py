@@ -12,11 +12,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from scaling_fl.config import participant_count
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a site starts, not here: the command line plans the layout (plan_layout)
+# before it starts the fork server, and that must not wait for torch's import.
 
 # Written by a cross-silo coordinator's launcher into the job's folder when a site waits at the door:
 # at the next checkpointed round every worker stops, and the sites meet again with it.
@@ -149,13 +153,19 @@ def participants(seed: int, round_index: int, num_sites: int, fraction_fit: floa
 
 
 def site_device(site_ids: tuple[int, ...], local_rank: int) -> torch.device:
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", site_ids[local_rank])
     return torch.device("cpu")
 
 
-def threads_per_site(local_sites: int) -> int:
-    """Splits this machine's cores between its sites so they do not oversubscribe them."""
+def threads_per_site(local_sites: int, environ: dict | None = None) -> int:
+    """Splits this machine's cores between its sites so they do not oversubscribe them. OMP_NUM_THREADS,
+    when set, wins, as it does under torchrun: the machine may be shared with other work."""
+    given = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, local_sites))
 
@@ -170,6 +180,9 @@ def choose_backend(requested: str, site_ids: tuple[int, ...], cuda: bool) -> str
 
 def start_site(site_ids: tuple[int, ...], requested_backend: str, collective_timeout_s: float) -> Site:
     """Joins the process group that torch.distributed.elastic prepared through the environment."""
+    import torch
+    import torch.distributed as dist
+
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -193,6 +206,8 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta):
     (the dead workers' addresses); reading them makes gloo connect to closed ports. A
     prefix per restart count gives every attempt a clean namespace.
     """
+    import torch.distributed as dist
+
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
     )
@@ -200,5 +215,7 @@ def _attempt_store(world_size: int, timeout: datetime.timedelta):
 
 
 def stop_site() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()

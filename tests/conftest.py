@@ -1,5 +1,12 @@
 """Shared fixtures: real MongoDB / S3 / GCS test servers (see tests/servers.py)."""
 
+import os
+
+# One thread per process: ./dev/test.sh runs a worker per core, each starting jobs of several
+# processes, and OpenMP threads that wait on each other's descheduled threads cost more than they
+# compute (docs/benchmarks.md, "Test suite"). The sites honour it (sites.threads_per_site).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest  # noqa: E402
 
 from tests import cli  # noqa: E402

@@ -43,7 +43,7 @@ def _job(imdb_files) -> list[str]:
         "task_name=imdb",
         f"train_path={imdb_files / 'train.csv'}",
         f"test_path={imdb_files / 'test.csv'}",
-        "max_seq_len=32",
+        "max_seq_len=16",
         "batch_size=16",
         "learning_rate=0.01",
         "num_rounds=3",

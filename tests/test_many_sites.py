@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -46,6 +47,31 @@ def test_num_sites_spread_over_the_devices_with_the_default_processes():
 def test_processes_per_device_packs_a_site_ids_list_by_device():
     layout = plan_layout((0, 1, 0, 1, 0), None, 1, cuda=True)
     assert layout.devices == (0, 1) and layout.sites == ((0, 2, 4), (1, 3))
+
+
+def test_sites_split_the_cores_unless_omp_num_threads_says_otherwise():
+    from scaling_fl.sites import threads_per_site
+
+    cores = len(os.sched_getaffinity(0))
+    assert threads_per_site(1, environ={}) == cores
+    assert threads_per_site(cores * 2, environ={}) == 1
+    assert threads_per_site(1, environ={"OMP_NUM_THREADS": "3"}) == 3
+    assert threads_per_site(1, environ={"OMP_NUM_THREADS": "many"}) == cores
+
+
+def test_the_fork_server_starts_first_thing_only_when_the_command_line_forks_sites():
+    from scaling_fl.cli import _forks_sites
+
+    command = ["train_federated.py", "with"]
+    assert _forks_sites(command[:1], environ={})  # the default: 4 sites, 4 processes
+    assert _forks_sites([*command, "site_ids=[0,0]"], environ={})
+    assert _forks_sites([*command, "num_sites=8", "processes_per_device=2"], environ={})
+    assert not _forks_sites([*command, "site_ids=[0]", "num_rounds=2"], environ={})  # runs in the launcher
+    assert not _forks_sites([*command, "num_sites=8", "processes_per_device=1", "--unobserved"], environ={})
+    # what the command line alone cannot tell counts as forking
+    assert _forks_sites([*command, "site_ids=[0]"], environ={"WORLD_SIZE": "2", "RANK": "0"})
+    assert _forks_sites([*command, "some_named_config", "site_ids=[0]"], environ={})
+    assert _forks_sites([*command, "site_ids=[0]", "sparsity_level=7"], environ={})  # refused later, with its line
 
 
 def test_one_worker_on_one_node_runs_in_the_launcher_and_the_environment_is_restored(monkeypatch):

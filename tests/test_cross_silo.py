@@ -316,4 +316,9 @@ def test_a_site_killed_mid_run_is_left_behind_and_joins_again_at_a_later_round(t
     assert counted["steps"] == list(range(1, 21))  # every round logged once, none twice
     back_at = rejoin["after_round"]
     assert counted["values"] == [3, 3] + [2] * (back_at - 2) + [3] * (20 - back_at)
+    # The token is in no record, log or checkpoint file.
     assert TOKEN not in json.dumps(record)
+    logs = [log.read_text() for _, log in [coordinator, *sites.values(), back]]
+    assert all(TOKEN not in text for text in logs)
+    checkpoint_files = [path for path in (tmp_path / "checkpoints").rglob("*") if path.is_file()]
+    assert checkpoint_files and not any(TOKEN.encode() in path.read_bytes() for path in checkpoint_files)

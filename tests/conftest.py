@@ -4,7 +4,7 @@ import os
 
 # One thread per process: ./dev/test.sh runs a worker per core, each starting jobs of several
 # processes, and OpenMP threads that wait on each other's descheduled threads cost more than they
-# compute (docs/benchmarks.md, "The test suite on 2 cores"). The sites honour it (sites.threads_per_site).
+# compute (docs/benchmarks.md, "Test suite"). The sites honour it (sites.threads_per_site).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -36,7 +36,7 @@ SERVER_FIXTURES = {
 }
 
 
-# The longest files first (measured, docs/benchmarks.md "The test suite on 2 cores"): the workers take files in
+# The longest files first (measured, docs/benchmarks.md "The test suite"): the workers take files in
 # this order, and a long file started last would leave one worker running alone at the end.
 LONGEST_FIRST = (
     "test_containers.py",

@@ -4,7 +4,7 @@ import os
 
 # One thread per process: ./dev/test.sh runs a worker per core, each starting jobs of several
 # processes, and OpenMP threads that wait on each other's descheduled threads cost more than they
-# compute (docs/benchmarks.md, "Test suite"). The sites honour it (sites.threads_per_site).
+# compute (docs/benchmarks.md, "The test suite on 2 cores"). The sites honour it (sites.threads_per_site).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -36,26 +36,10 @@ SERVER_FIXTURES = {
 }
 
 
-# The longest files first (measured, docs/benchmarks.md "The test suite"): the workers take files in
-# this order, and a long file started last would leave one worker running alone at the end.
-LONGEST_FIRST = (
-    "test_containers.py",
-    "test_many_sites.py",
-    "test_reliability.py",
-    "test_checkpoints.py",
-    "test_cross_silo.py",
-    "test_exchange_runs.py",
-    "test_tracking_mongo.py",
-    "test_llm_runs.py",
-)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)

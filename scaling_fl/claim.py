@@ -62,7 +62,9 @@ log = logging.getLogger("scaling_fl")
 DEFAULT_LEASE_S = 30.0  # a launcher that stops renewing loses its claim after this long
 DEFAULT_RENEW_INTERVAL_S = 5.0  # renewing six times per lease survives a few failed renewals
 MONGO_COLLECTION = "scaling_fl_claims"
-UNCONDITIONAL_SETTLE_S = 1.0  # wait before the read-back on a store that ignores exclusive creates
+# Wait before the read-back on a store that ignores exclusive creates: 1 s let two of eight contenders
+# win on a loaded 2-core CI machine (a read-to-write time over 1 s); 3 s leaves room.
+UNCONDITIONAL_SETTLE_S = 3.0
 
 _RECORD_NAME = re.compile(r"^claim-(\d+)\.json$")
 

@@ -13,16 +13,18 @@ import warnings
 OBSERVER_FLAGS = ("-F", "--file_storage", "-m", "--mongo_db", "-s", "--sql", "-t", "--tiny_db", "--s3")
 
 
-def _config_keys_given(argv: list[str]) -> list[str]:
-    if "with" not in argv:
-        return []
-    keys = []
-    for token in argv[argv.index("with") + 1 :]:
-        if "=" in token:
-            keys.append(token.split("=", 1)[0].strip())
-        elif token.startswith("-"):
+def _with_items(argv: list[str]) -> list[str]:
+    """The items after `with`, up to the first option (named configs and files included)."""
+    items = []
+    for token in argv[argv.index("with") + 1 :] if "with" in argv else []:
+        if token.startswith("-") and "=" not in token:
             break
-    return keys
+        items.append(token)
+    return items
+
+
+def _config_keys_given(argv: list[str]) -> list[str]:
+    return [item.split("=", 1)[0].strip() for item in _with_items(argv) if "=" in item]
 
 
 def _runs_main_command(argv: list[str]) -> bool:
@@ -48,11 +50,8 @@ def _forks_sites(argv: list[str], environ: dict | None = None) -> bool:
     environ = os.environ if environ is None else environ
     if any(name in environ for name in ("WORLD_SIZE", "RANK", "SLURM_NNODES", "TORCHELASTIC_RUN_ID")):
         return True
-    rest = argv[argv.index("with") + 1 :] if "with" in argv else []
     raw = {}
-    for token in rest:
-        if token.startswith("-"):
-            break
+    for token in _with_items(argv):
         if "=" not in token:
             return True
         key, value = token.split("=", 1)

@@ -293,7 +293,7 @@ def join_and_train(cfg: Config, keys_given: list[str]) -> dict[int, dict]:
             results = _join_once(cfg, keys_given)
         except door.RunFinished as finished:
             log.warning("%s; this site has nothing left to train", finished)
-            return {0: {"weights_sha256": None, "finished_while_waiting": True}}
+            return {0: {"weights_sha256": None}}
         except SiteFailure as failure:
             failures += 1
             if failures > cfg.max_restarts:

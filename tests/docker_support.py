@@ -2,13 +2,15 @@
 
 - A running dockerd: when none answers, Debian's docker.io is installed with apt-get (if
   missing) and dockerd is started here, and stopped again at the end.
-- A local base image: nothing can be pulled from a registry, so a minimal Debian bookworm
-  with python3 is made with debootstrap (installed with apt-get if missing) and imported.
-  Like the real pytorch/pytorch image it brings torch, installed system-wide (the host's
-  torch build, put there by the host's pip from the host's package sources), so the build
-  takes the Dockerfile's keep-the-base-image's-torch path. The root file system is streamed
-  into `docker import`; the image stays in dockerd's store (/var/lib/docker, keyed by
-  BASE_VERSION), as does docker's build cache; older versions are removed.
+- A local base image: nothing can be pulled from a registry, so a minimal Debian with python3
+  (and venv, CA certificates, passwd) is made of the host's own installed Debian packages:
+  their files, as dpkg lists them, streamed as one archive into `docker import`, with the
+  files their maintainer scripts would make (accounts, CA bundle, alternatives links) made
+  here. Like the real pytorch/pytorch image it brings torch system-wide: the host's torch
+  and what it needs, as installed in the tests' environment, so the build takes the
+  Dockerfile's keep-the-base-image's-torch path. Nothing is downloaded; the image stays in
+  dockerd's store (/var/lib/docker, keyed by BASE_VERSION), as does docker's build cache;
+  older versions are removed. (debootstrap did this in 90 s; this takes about 15.)
 - A package server for pip inside `docker build`. The host's pip reads its packages from
   local folders (find-links, file:// indexes) and from PyPI through a TLS-intercepting
   gateway whose CA only the host trusts. A build container sees neither, so this serves
@@ -20,12 +22,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
 import ssl
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -34,6 +38,8 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("SCALING_FL_DOCKER_CACHE", "/var/tmp/scaling-fl-docker"))
@@ -47,11 +53,10 @@ def _host_torch_version() -> str:
 
 
 BASE_TORCH = _host_torch_version()  # e.g. 2.13.0+cpu: the torch build the test base image gets
-# Bump the suffix when the commands of make_rootfs change.
-BASE_VERSION = f"bookworm-python3-torch{BASE_TORCH.replace('+', '-')}-v2"
+# Bump the suffix when the way ensure_base_image makes it changes.
+BASE_VERSION = f"host-debian-python3-torch{BASE_TORCH.replace('+', '-')}-v4"
 BASE_REPOSITORY = "scaling-fl-test-base"
 BASE_IMAGE = f"{BASE_REPOSITORY}:{BASE_VERSION}"
-DEBIAN_MIRROR = os.environ.get("SCALING_FL_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 DOCKER_SOCKET = "/var/run/docker.sock"
 PACKAGE_SERVER_PORT = int(os.environ.get("SCALING_FL_PACKAGE_SERVER_PORT", "38471"))
 
@@ -72,17 +77,15 @@ def run(cmd: list[str], timeout: float = 600, check: bool = True, **kwargs) -> s
 # --- engine -------------------------------------------------------------------------------------
 
 
-def ensure_packages(*programs: str) -> None:
-    """apt-get installs the Debian packages of the programs that are missing (docker.io for
-    dockerd and containerd, debootstrap for debootstrap)."""
-    packages = {
-        "dockerd": "docker.io",
-        "containerd": "docker.io",
-        "runc": "docker.io",
-        "docker": "docker.io",
-        "debootstrap": "debootstrap",
-    }
-    missing = sorted({packages[program] for program in programs if not shutil.which(program)})
+def ensure_programs(*programs: str) -> None:
+    """apt-get installs docker.io when one of its programs (dockerd, containerd, runc, docker) is missing."""
+    if not all(shutil.which(program) for program in programs):
+        ensure_packages("docker.io")
+
+
+def ensure_packages(*packages: str) -> None:
+    """apt-get installs the Debian packages that are not installed."""
+    missing = [package for package in packages if not _installed(package)]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -92,6 +95,13 @@ def ensure_packages(*programs: str) -> None:
     if run(install, env=env, check=False).returncode != 0:  # stale or missing package lists
         run(["apt-get", "update", "-q"], env=env)
         run(install, env=env)
+
+
+def _installed(package: str) -> bool:
+    if not shutil.which("dpkg-query"):
+        raise DockerSetupError("the container tests need a Debian or Ubuntu host (dpkg and apt-get)")
+    status = run(["dpkg-query", "-W", "-f", "${db:Status-Abbrev}", package], check=False).stdout
+    return status.startswith("ii")
 
 
 def docker_cli() -> str:
@@ -130,7 +140,7 @@ class Dockerd:
         if daemon_answers(self.host):
             return
         if self.binary == "dockerd":
-            ensure_packages("dockerd", "containerd", "runc", "docker")
+            ensure_programs("dockerd", "containerd", "runc", "docker")
         if os.geteuid() != 0:
             raise DockerSetupError("no Docker daemon answers and starting dockerd needs root")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,49 +192,149 @@ def host_find_links() -> list[Path]:
     ]
 
 
-def install_host_torch(root: Path) -> None:
-    """Installs the host's torch build (and what it needs, at the project's pinned versions) into
-    the system site-packages of the root file system, with the host's pip and package sources,
-    the way the pytorch/pytorch images carry torch outside any virtual environment."""
-    if BASE_TORCH == "missing":
-        raise DockerSetupError("torch is not installed on the host: the test base image gets the host's torch build")
-    pythons = sorted(
-        (p.name for p in (root / "usr/bin").glob("python3.*") if re.fullmatch(r"python3\.\d+", p.name)),
-        key=lambda name: int(name.split(".")[1]),
+# The packages of the base image, with what they depend on: the Essential set of every Debian
+# system, python3 with venv (as pytorch/pytorch has), CA certificates, the C++ runtime torch loads, and passwd for the
+# Dockerfile's useradd.
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd", "libstdc++6")
+DPKG_INFO = Path("/var/lib/dpkg/info")
+# What a slim image leaves out: manuals and translations, read by no test.
+SKIPPED_PREFIXES = ("/usr/share/man/", "/usr/share/info/", "/usr/share/locale/")
+
+
+def installed_package_closure(roots: tuple[str, ...]) -> list[str]:
+    """The host's installed Debian packages that `roots` and the Essential set need (Depends and
+    Pre-Depends, followed through virtual packages, the first installed alternative taken)."""
+    fields = "${Package}\t${Essential}\t${Depends}\t${Pre-Depends}\t${Provides}\t${db:Status-Abbrev}\n"
+    listing = run(["dpkg-query", "-W", "-f", fields]).stdout
+    depends: dict[str, list[list[str]]] = {}
+    providers: dict[str, str] = {}
+    essential: list[str] = []
+    for line in listing.splitlines():
+        name, is_essential, needs, pre_needs, provides, status = line.split("\t")
+        if not status.startswith("ii"):
+            continue
+        clauses = [clause for clause in f"{needs},{pre_needs}".split(",") if clause.strip()]
+        depends[name] = [[_package_name(choice) for choice in clause.split("|")] for clause in clauses]
+        for provided in provides.split(","):
+            if provided.strip():
+                providers.setdefault(_package_name(provided), name)
+        if is_essential == "yes":
+            essential.append(name)
+    missing = [root for root in roots if root not in depends]
+    if missing:
+        raise DockerSetupError(f"the host lacks the Debian packages {missing} that the test base image is made of")
+    wanted, queue = set(), [*essential, *roots]
+    while queue:
+        name = queue.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        for choices in depends[name]:
+            installed = [depends.get(c) is not None and c or providers.get(c) for c in choices]
+            chosen = next((c for c in installed if c), None)
+            if chosen is None:
+                raise DockerSetupError(f"{name} needs one of {choices}, none installed on the host")
+            queue.append(chosen)
+    return sorted(wanted)
+
+
+def _package_name(requirement: str) -> str:
+    """'libc6:any (>= 2.34)' -> 'libc6'."""
+    return requirement.strip().split(" ", 1)[0].split(":", 1)[0]
+
+
+def _package_paths(package: str) -> list[str]:
+    for list_file in (DPKG_INFO / f"{package}.list", *DPKG_INFO.glob(f"{package}:*.list")):
+        if list_file.is_file():
+            return list_file.read_text().splitlines()
+    raise DockerSetupError(f"no file list for the installed package {package} in {DPKG_INFO}")
+
+
+def _in_image(path: str) -> str:
+    """Where a packaged path lies in the image: through the host's merged-/usr links (/bin/sh is
+    /usr/bin/sh), the links themselves kept."""
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name).lstrip("/")
+
+
+def add_host_packages(archive: tarfile.TarFile, packages: list[str]) -> set[str]:
+    """The packages' files, as installed on the host, into the archive; the files their
+    maintainer scripts would have made (accounts, CA bundle, alternatives) made here."""
+    added: set[str] = set()
+
+    def add(path: str, name: str | None = None) -> None:
+        name = name or _in_image(path)
+        if name in added or not os.path.lexists(path):
+            return
+        archive.add(path, arcname=name, recursive=False)
+        added.add(name)
+
+    for top in ("bin", "lib", "lib64", "sbin"):  # merged /usr: links first, so files go below usr/
+        if os.path.islink(f"/{top}"):
+            add(f"/{top}", top)
+    for package in packages:
+        for path in _package_paths(package):
+            if path != "/." and not path.startswith(SKIPPED_PREFIXES):
+                add(path)
+    # base-passwd's postinst: the accounts from its master files, no password anywhere.
+    passwd = Path("/usr/share/base-passwd/passwd.master").read_text()
+    group = Path("/usr/share/base-passwd/group.master").read_text()
+    shadow = "".join(f"{line.split(':')[0]}:*:19000:0:99999:7:::\n" for line in passwd.splitlines() if line)
+    gshadow = "".join(f"{line.split(':')[0]}:*::\n" for line in group.splitlines() if line)
+    nsswitch = Path("/usr/share/base-files/nsswitch.conf")
+    certificates = b"".join(
+        path.read_bytes() for path in sorted(Path("/usr/share/ca-certificates/mozilla").glob("*.crt"))
     )
-    if not pythons:
-        raise DockerSetupError(f"no python3.X in {root}/usr/bin after debootstrap")
-    version = pythons[-1][len("python") :]
-    site = root / "usr/local/lib" / f"python{version}" / "dist-packages"  # on Debian's sys.path
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--target",
-        str(site),
-        "--python-version",
-        version,
-        "--only-binary=:all:",
-        "-c",
-        str(ROOT / "requirements" / "constraints.txt"),
-        f"torch=={BASE_TORCH}",
-    ]
-    local = any(any(folder.glob(f"torch-{BASE_TORCH}-*.whl")) for folder in host_find_links())
-    if BASE_TORCH.endswith("+cpu") and not local:
-        command += ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-    run(command, timeout=900)
-    # Console scripts (torchrun, ...) whose #! line names the host's python: of no use in the image.
-    shutil.rmtree(site / "bin", ignore_errors=True)
+    generated = {
+        "etc/passwd": (passwd.encode(), 0o644),
+        "etc/group": (group.encode(), 0o644),
+        "etc/shadow": (shadow.encode(), 0o640),
+        "etc/gshadow": (gshadow.encode(), 0o640),
+        "etc/nsswitch.conf": (nsswitch.read_bytes() if nsswitch.is_file() else b"", 0o644),
+        "etc/ssl/certs/ca-certificates.crt": (certificates, 0o644),  # not the host's bundle
+    }
+    for name, (content, mode) in generated.items():
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(content), mode, int(time.time())
+        archive.addfile(info, io.BytesIO(content))
+        added.add(name)
+    # update-alternatives: /usr/bin/which -> /etc/alternatives/which -> /usr/bin/which.debianutils
+    for state in Path("/var/lib/dpkg/alternatives").glob("*"):
+        lines = state.read_text().splitlines()
+        link, chosen = lines[1] if len(lines) > 1 else "", f"/etc/alternatives/{state.name}"
+        if link and os.path.islink(chosen) and _in_image(os.path.realpath(chosen)) in added:
+            add(chosen)
+            add(link)
+    return added
+
+
+def add_host_torch(archive: tarfile.TarFile, site: str) -> None:
+    """The host's torch, and what it needs, as installed in the host's environment, into the
+    image's system site-packages: the way the pytorch/pytorch images carry torch outside any
+    virtual environment."""
+    wanted, queue, seen = [], ["torch"], set()
+    while queue:
+        name = queue.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        distribution = metadata.distribution(name)
+        wanted.append(distribution)
+        for requirement in map(Requirement, distribution.requires or []):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                queue.append(requirement.name)
+    for distribution in wanted:
+        for file in distribution.files or []:
+            if file.parts[0] == ".." or file.parts[0] == "bin":  # console scripts name the host's python
+                continue
+            path = distribution.locate_file(file)
+            if path.exists():
+                archive.add(path, arcname=f"{site}/{file.as_posix()}", recursive=False)
 
 
 def remove_stale_base_images() -> None:
-    """Earlier versions of the test base image (about 1 GB each), and tarballs of older test versions."""
-    for tarball in CACHE_DIR.glob("rootfs-*.tar"):
-        tarball.unlink()
+    """Earlier versions of the test base image (about 1 GB each)."""
     listed = run([docker_cli(), "image", "ls", "--format", "{{.Repository}}:{{.Tag}}", BASE_REPOSITORY], check=False)
     for name in listed.stdout.split():
         if name != BASE_IMAGE:
@@ -232,51 +342,45 @@ def remove_stale_base_images() -> None:
 
 
 def ensure_base_image(phases: dict[str, float] | None = None) -> str:
-    """A minimal Debian bookworm with python3, venv and torch, made with debootstrap and streamed
-    into `docker import` (no tarball on disk); docker's image store is the cache.
+    """A minimal Debian with python3, venv and torch: the host's own installed Debian packages
+    and its torch, streamed as one archive into `docker import` (nothing is downloaded and
+    nothing written to disk but the image); docker's image store is the cache.
     `phases` receives the seconds each step of a fresh build took."""
     phases = {} if phases is None else phases
     if image_exists(BASE_IMAGE):
         return BASE_IMAGE
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    if BASE_TORCH == "missing":
+        raise DockerSetupError("torch is not installed on the host: the test base image gets the host's torch build")
     remove_stale_base_images()
-    ensure_packages("debootstrap")
-    root = CACHE_DIR / f"rootfs-{BASE_VERSION}.tmp"
-    shutil.rmtree(root, ignore_errors=True)
+    started = time.monotonic()
+    ensure_packages(*BASE_PACKAGES)
+    packages = installed_package_closure(BASE_PACKAGES)
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if not Path(f"/usr/bin/python{python}").is_file():
+        raise DockerSetupError(
+            f"the host's Debian python3 is not Python {python} like the tests' environment, so its torch "
+            "build would not load in the test base image"
+        )
+    phases["packages_s"] = round(time.monotonic() - started, 1)
+    started = time.monotonic()
+    importer = subprocess.Popen(
+        [docker_cli(), "import", "-", BASE_IMAGE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        started = time.monotonic()
-        run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                "--include=python3,python3-venv,ca-certificates",
-                "bookworm",
-                str(root),
-                DEBIAN_MIRROR,
-            ],
-            timeout=900,
-        )
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for path in (root / junk).glob("*"):
-                if path.is_file():
-                    path.unlink()
-        phases["debootstrap_s"] = round(time.monotonic() - started, 1)
-        started = time.monotonic()
-        install_host_torch(root)
-        phases["torch_s"] = round(time.monotonic() - started, 1)
-        started = time.monotonic()
-        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        result = subprocess.run(
-            [docker_cli(), "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True, text=True, timeout=600
-        )
-        tar.stdout.close()
-        if tar.wait(timeout=60) != 0 or result.returncode != 0:
-            raise DockerSetupError(
-                f"tar -C {root} | docker import failed (tar exit {tar.returncode}):\n{result.stderr[-3000:]}"
-            )
-        phases["import_s"] = round(time.monotonic() - started, 1)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        with tarfile.open(fileobj=importer.stdin, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+            add_host_packages(archive, packages)
+            add_host_torch(archive, f"usr/local/lib/python{python}/dist-packages")  # on Debian's sys.path
+        out, err = importer.communicate(timeout=600)
+    except BaseException:
+        importer.kill()
+        importer.wait()
+        raise
+    if importer.returncode != 0:
+        raise DockerSetupError(f"docker import of the base image failed:\n{err.decode(errors='replace')[-3000:]}")
+    phases["archive_and_import_s"] = round(time.monotonic() - started, 1)
     return BASE_IMAGE
 
 

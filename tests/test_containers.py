@@ -4,10 +4,11 @@ and the run record it leaves on the mounted folder. Also the debug image: debugp
 debug adapter request on the published port 5678.
 
 Everything is set up by the test itself (see tests/docker_support.py): apt-get installs
-docker.io and debootstrap, dockerd is started (and stopped again), the base image is made with
-debootstrap and, like the real pytorch/pytorch image, carries torch system-wide (cached under
-/var/tmp), and pip inside the build reaches the host's package sources through a local package
-server. If dockerd cannot start, the tests error out with its log: they never skip.
+docker.io, dockerd is started (and stopped again), the base image is made of the host's own
+installed Debian packages and, like the real pytorch/pytorch image, carries torch system-wide
+(the host's; kept in Docker's image store), and pip inside the build reaches the host's
+package sources through a local package server. If dockerd cannot start, the tests error out
+with its log: they never skip.
 
 The whole module must stay well under 15 minutes from a cold cache on 2 cores: the seconds of
 each phase are recorded in TIMINGS (and /var/tmp/scaling-fl-docker/timings.json, with the steps

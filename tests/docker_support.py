@@ -230,8 +230,8 @@ def installed_package_closure(roots: tuple[str, ...]) -> list[str]:
             continue
         wanted.add(name)
         for choices in depends[name]:
-            installed = [depends.get(c) is not None and c or providers.get(c) for c in choices]
-            chosen = next((c for c in installed if c), None)
+            installed = [choice if choice in depends else providers.get(choice) for choice in choices]
+            chosen = next((choice for choice in installed if choice), None)
             if chosen is None:
                 raise DockerSetupError(f"{name} needs one of {choices}, none installed on the host")
             queue.append(chosen)

@@ -106,3 +106,30 @@ def test_backend_choice_respects_nccls_one_rank_per_gpu_rule():
     assert choose_backend("auto", (0, 0, 1, 1), cuda=True) == "gloo"
     assert choose_backend("auto", (0, 1), cuda=False) == "gloo"
     assert choose_backend("gloo", (0, 1), cuda=True) == "gloo"
+
+
+def test_adamw_runs_fused_on_flat_views_with_hf_decay_groups_and_steps_like_the_loop():
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    flat = [flatten_model_(model) for model in models]  # parameters are views of one flat buffer
+    fused = local.make_optimizer(models[0], "adamw", 0.01, weight_decay=0.1, momentum=0.0)
+    loop = torch.optim.AdamW(
+        [
+            {"params": [p for p in models[1].parameters() if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in models[1].parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=0.01,
+        foreach=False,
+    )
+    assert fused.defaults["fused"] is True and not loop.defaults["fused"]
+    assert [len(group["params"]) for group in fused.param_groups] == [1, 3]  # the weight; biases and norm
+    before = flat[0].clone()
+    x = torch.randn(8, 6)
+    for _ in range(5):
+        for model, optimizer in ((models[0], fused), (models[1], loop)):
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert (flat[0] - before).abs().min() > 0  # every value stepped, through the views
+    torch.testing.assert_close(flat[0], flat[1], rtol=1e-5, atol=1e-6)

@@ -413,7 +413,11 @@ class Config:
         1, Int(1), "micro-batches per optimizer step (exactly one big batch: losses are summed over the step's rows)"
     )
     max_grad_norm: float = key(1.0, Number(0.0, 1e6), "gradient clipping; `0` or `None` turns it off", optional=True)
-    optimizer: str = key("adamw", Choice(OPTIMIZERS), "`adamw`, or `sgd` (with `momentum`)")
+    optimizer: str = key(
+        "adamw",
+        Choice(OPTIMIZERS),
+        "`adamw` (torch's fused kernel where the device has one), or `sgd` (with `momentum`)",
+    )
     momentum: float = key(0.0, Number(0.0, 1.0, high_open=True), "SGD momentum")
     weight_decay: float = key(0.0, Number(0.0, 1.0), "AdamW/SGD weight decay (not on biases and norm weights)")
     proximal_mu: float = key(

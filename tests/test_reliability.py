@@ -20,8 +20,9 @@ from tests.servers import free_port, port_open
 
 pytestmark = pytest.mark.slow  # every test here starts the command line
 
-# Long enough (about 10 s of rounds) that a start 7 s after the first meets it alive.
-JOB = [*TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=480", "synthetic_test_size=60", "num_rounds=6"]
+# Long enough (about 8 s of rounds) that what a test does mid-run (a second start, a signal, a
+# failing store) meets the job alive.
+JOB = [*TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=720", "synthetic_test_size=60", "num_rounds=6"]
 REFUSED = re.compile(
     r"^scaling-fl: error: job_name='(\w+)' is already running: launcher pid (\d+) on host \S+", re.MULTILINE
 )
@@ -90,17 +91,22 @@ def assert_each_round_once(record: dict, rounds: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_starts(tmp_path_factory):
-    """Three starts of one job: two at once, a third 7 s later. The winner is the reference run."""
+    """Three starts of one job: two at once, a third once the winner has committed round 1 (mid-run).
+    The winner is the reference run."""
     tmp = tmp_path_factory.mktemp("two-starts")
     args = [*JOB, "job_name=twice", f"runs_dir={tmp / 'runs'}", f"checkpoints_dir={tmp / 'ck'}"]
     first, second = Launcher(tmp, *args), Launcher(tmp, *args)
-    time.sleep(7)
+    deadline = time.monotonic() + 240
+    while not committed(tmp / "ck", 1)():
+        assert first.process.poll() is None or second.process.poll() is None, first.output() + second.output()
+        assert time.monotonic() < deadline, "no checkpoint of round 1 within 240 s"
+        time.sleep(0.1)
     late = Launcher(tmp, *args)
     codes = [launcher.wait() for launcher in (first, second, late)]
     return tmp, [first, second, late], codes
 
 
-def test_two_starts_of_one_job_at_once_or_7_s_apart_run_it_once(two_starts):
+def test_two_starts_of_one_job_at_once_or_one_mid_run_run_it_once(two_starts):
     tmp, launchers, codes = two_starts
     assert sorted(codes) == [0, 2, 2], [launcher.output()[-2000:] for launcher in launchers]
     winner = launchers[codes.index(0)]

@@ -91,17 +91,31 @@ def assert_each_round_once(record: dict, rounds: int) -> None:
 
 @pytest.fixture(scope="module")
 def two_starts(tmp_path_factory):
-    """Three starts of one job: two at once, a third once the winner has committed round 1 (mid-run).
-    The winner is the reference run."""
+    """Three starts of one job: two at once, a third mid-run, once the winner has committed round 1.
+    The winner's sites are held (SIGSTOP) until the third start has exited, so that it meets the job
+    alive however long its own start takes on a loaded machine; the winner's launcher keeps renewing
+    its claim meanwhile. The winner is the reference run."""
     tmp = tmp_path_factory.mktemp("two-starts")
     args = [*JOB, "job_name=twice", f"runs_dir={tmp / 'runs'}", f"checkpoints_dir={tmp / 'ck'}"]
     first, second = Launcher(tmp, *args), Launcher(tmp, *args)
     deadline = time.monotonic() + 240
-    while not committed(tmp / "ck", 1)():
+    while not committed(tmp / "ck", 1)() or (first.process.poll() is None and second.process.poll() is None):
         assert first.process.poll() is None or second.process.poll() is None, first.output() + second.output()
-        assert time.monotonic() < deadline, "no checkpoint of round 1 within 240 s"
+        assert time.monotonic() < deadline, "no checkpoint of round 1 and one refusal within 240 s"
         time.sleep(0.1)
-    late = Launcher(tmp, *args)
+    (winner,) = [launcher for launcher in (first, second) if launcher.process.poll() is None]
+    sites = descendants(winner.pid)
+    for pid in sites:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        late = Launcher(tmp, *args)
+        late.wait()
+    finally:
+        for pid in sites:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
     codes = [launcher.wait() for launcher in (first, second, late)]
     return tmp, [first, second, late], codes
 

@@ -20,9 +20,9 @@ from tests.servers import free_port, port_open
 
 pytestmark = pytest.mark.slow  # every test here starts the command line
 
-# Long enough (about 8 s of rounds) that what a test does mid-run (a second start, a signal, a
-# failing store) meets the job alive.
-JOB = [*TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=720", "synthetic_test_size=60", "num_rounds=6"]
+# Six rounds: what a test does mid-run (a signal, a failing store) happens right after a committed
+# round and meets the job alive with rounds to go; the mid-run second start holds the sites instead.
+JOB = [*TINY_JOB, "site_ids=[0,0]", "synthetic_train_size=480", "synthetic_test_size=60", "num_rounds=6"]
 REFUSED = re.compile(
     r"^scaling-fl: error: job_name='(\w+)' is already running: launcher pid (\d+) on host \S+", re.MULTILINE
 )

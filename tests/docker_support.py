@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import ssl
 import subprocess
@@ -40,6 +39,7 @@ from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("SCALING_FL_DOCKER_CACHE", "/var/tmp/scaling-fl-docker"))
@@ -183,15 +183,6 @@ def image_exists(name: str) -> bool:
     return run([docker_cli(), "image", "inspect", name], check=False).returncode == 0
 
 
-def host_find_links() -> list[Path]:
-    """The local folders among the host pip's find-links."""
-    return [
-        folder
-        for folder in map(_local_path, host_pip_sources()["find-links"])
-        if folder is not None and folder.is_dir()
-    ]
-
-
 # The packages of the base image, with what they depend on: the Essential set of every Debian
 # system, python3 with venv (as pytorch/pytorch has), CA certificates, the C++ runtime torch loads, and passwd for the
 # Dockerfile's useradd.
@@ -257,7 +248,7 @@ def _in_image(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name).lstrip("/")
 
 
-def add_host_packages(archive: tarfile.TarFile, packages: list[str]) -> set[str]:
+def add_host_packages(archive: tarfile.TarFile, packages: list[str]) -> None:
     """The packages' files, as installed on the host, into the archive; the files their
     maintainer scripts would have made (accounts, CA bundle, alternatives) made here."""
     added: set[str] = set()
@@ -305,7 +296,6 @@ def add_host_packages(archive: tarfile.TarFile, packages: list[str]) -> set[str]
         if link and os.path.islink(chosen) and _in_image(os.path.realpath(chosen)) in added:
             add(chosen)
             add(link)
-    return added
 
 
 def add_host_torch(archive: tarfile.TarFile, site: str) -> None:
@@ -315,7 +305,7 @@ def add_host_torch(archive: tarfile.TarFile, site: str) -> None:
     wanted, queue, seen = [], ["torch"], set()
     while queue:
         name = queue.pop()
-        key = re.sub(r"[-_.]+", "-", name).lower()
+        key = canonicalize_name(name)
         if key in seen:
             continue
         seen.add(key)

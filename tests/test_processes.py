@@ -218,3 +218,32 @@ def test_the_fork_server_starts_under_a_tmpdir_too_long_for_a_unix_socket(tmp_pa
         env={**os.environ, "TMPDIR": str(deep)},
     )
     assert result.returncode == 0 and result.stdout == "started\n", result.stderr[-2000:]
+
+
+def test_a_site_reading_its_rows_imports_nothing_the_fork_server_has_not_preloaded(tmp_path):
+    """Every site is forked from the fork server: a module a site imports on its own costs CPU in
+    every site of every run (pyarrow imports pandas on its first conversion from numpy, ~0.4 s)."""
+    import numpy as np
+
+    from scaling_fl.data.dataset import TextDataset
+    from scaling_fl.data.prepared import PreparedData, save_prepared
+
+    texts = [f"text {i}" for i in range(8)]
+    rows = TextDataset(texts=texts, labels=np.arange(8) % 2, label_names=("a", "b"), source="t")
+    save_prepared(PreparedData(train=rows, test=rows, parts=[np.arange(4), np.arange(4, 8)]), str(tmp_path))
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import scaling_fl.train.preload
+        loaded = set(sys.modules)
+        from scaling_fl.data.prepared import load_worker_data
+        data = load_worker_data({str(tmp_path)!r}, sites=(0, 1), worker=0, num_workers=1)
+        assert data.site_sizes == [4, 4] and data.train[1].texts[0] == "text 4", data
+        print(json.dumps(sorted(set(sys.modules) - loaded)))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported_by_the_site = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not [name for name in imported_by_the_site if name.split(".")[0] in ("pandas", "torch", "transformers")]
+    assert len(imported_by_the_site) < 10, imported_by_the_site

@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if _runs_main_command(argv) and _forks_sites(argv):  # its imports overlap the launcher's (seconds per start)
         processes.start_fork_server()
-    from scaling_fl import job
-    from scaling_fl.tracking import experiment
+    with processes.imports_without_gc():
+        from scaling_fl import job
+        from scaling_fl.tracking import experiment
 
     experiment.keys_given = _config_keys_given(argv)
     experiment.explicit_observers = any(flag in argv for flag in OBSERVER_FLAGS) or any(

@@ -220,7 +220,7 @@ def test_the_fork_server_starts_under_a_tmpdir_too_long_for_a_unix_socket(tmp_pa
     assert result.returncode == 0 and result.stdout == "started\n", result.stderr[-2000:]
 
 
-def test_a_site_reading_its_rows_imports_nothing_the_fork_server_has_not_preloaded(tmp_path):
+def test_a_site_reading_its_rows_imports_nothing_the_fork_server_has_not_loaded_and_frozen(tmp_path):
     """Every site is forked from the fork server: a module a site imports on its own costs CPU in
     every site of every run (pyarrow imports pandas on its first conversion from numpy, ~0.4 s)."""
     import numpy as np
@@ -240,10 +240,34 @@ def test_a_site_reading_its_rows_imports_nothing_the_fork_server_has_not_preload
         data = load_worker_data({str(tmp_path)!r}, sites=(0, 1), worker=0, num_workers=1)
         assert data.site_sizes == [4, 4] and data.train[1].texts[0] == "text 4", data
         print(json.dumps(sorted(set(sys.modules) - loaded)))
+        import gc
+        print(json.dumps([gc.isenabled(), gc.get_freeze_count()]))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    imported_by_the_site = json.loads(result.stdout.strip().splitlines()[-1])
+    *_, imported, collector = result.stdout.strip().splitlines()
+    imported_by_the_site = json.loads(imported)
+    enabled, frozen = json.loads(collector)
+    assert enabled and frozen > 100_000  # what the fork server loaded is frozen; the collector runs again
     assert not [name for name in imported_by_the_site if name.split(".")[0] in ("pandas", "torch", "transformers")]
     assert len(imported_by_the_site) < 10, imported_by_the_site
+
+
+def test_imports_without_gc_pauses_the_collector_and_restores_what_it_found():
+    import gc
+
+    assert gc.isenabled()
+    with processes.imports_without_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(ImportError), processes.imports_without_gc():
+        import no_such_module  # noqa: F401
+    assert gc.isenabled()  # after a failed import too
+    gc.disable()
+    try:
+        with processes.imports_without_gc():
+            pass
+        assert not gc.isenabled()  # it was off: it stays off
+    finally:
+        gc.enable()

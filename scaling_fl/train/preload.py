@@ -13,14 +13,15 @@ _launcher = os.environ.get(processes.LAUNCHER_PID_ENV)
 if _launcher and _launcher.isdigit():
     processes.die_with_parent(expected_parent=int(_launcher))
 
-import torch  # noqa: E402,F401
-import transformers  # noqa: E402,F401
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402,F401
-from transformers.models.bert import modeling_bert  # noqa: E402,F401  (MiniLM, tiny-bert)
+with processes.imports_without_gc(freeze=True):  # every site is forked from what is loaded now
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: F401
+    from transformers.models.bert import modeling_bert  # noqa: F401  (MiniLM, tiny-bert)
 
-from scaling_fl.train import federated  # noqa: E402,F401
+    from scaling_fl.train import federated  # noqa: F401
 
-# pyarrow imports pandas, where it is installed, on its first conversion from numpy (a site's first
-# read of its rows): once here instead of in every site, ~0.4 s of CPU each.
-if importlib.util.find_spec("pandas") is not None:
-    import pandas  # noqa: E402,F401
+    # pyarrow imports pandas, where it is installed, on its first conversion from numpy (a site's first
+    # read of its rows): once here instead of in every site, ~0.4 s of CPU each.
+    if importlib.util.find_spec("pandas") is not None:
+        import pandas  # noqa: F401

@@ -36,10 +36,35 @@ SERVER_FIXTURES = {
 }
 
 
+# The files that take longest, longest first (their durations: docs/development.md). ./dev/test.sh
+# hands whole files to the workers in collection order (--no-loadscope-reorder), so the last file a
+# worker takes is a short one and the workers finish together; pytest-xdist's own order (most tests
+# first) left the Docker module, six tests and about three minutes, among the last.
+LONGEST_FIRST = (
+    "test_containers.py",
+    "test_many_sites.py",
+    "test_cross_silo.py",
+    "test_reliability.py",
+    "test_checkpoints.py",
+    "test_tracking_mongo.py",
+    "test_exchange_runs.py",
+    "test_tracking_file.py",
+    "test_claim.py",
+    "test_llm_runs.py",
+    "test_multinode.py",
+    "test_llm.py",
+    "test_end_to_end.py",
+    "test_storage.py",
+    "test_gpu_check.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the others keep their order
 
 
 @pytest.fixture(autouse=True)

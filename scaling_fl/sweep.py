@@ -134,7 +134,7 @@ def run_points(points: Sequence[Point], base: Sequence[str], parallel: int, pyth
 # ------------------------------------------------------------------------------------------- report
 
 
-def _grid_of(runs, sweep: str) -> list[str]:
+def _grid_of(runs) -> list[str]:
     """The keys whose value differs between the sweep's runs (besides seed and job_name)."""
     keys = sorted({key for run in runs for key in run.config} - {"seed", "job_name"})
     return [key for key in keys if len({repr(run.config.get(key)) for run in runs}) > 1]
@@ -150,7 +150,7 @@ def summarize(runs, sweep: str):
     mine = [run for run in runs if run.job_name.startswith(f"{sweep}-") and run.status == "COMPLETED"]
     if not mine:
         raise SweepError(f"no completed run of sweep {sweep!r} in the store; run the sweep first")
-    keys = _grid_of(mine, sweep) or ["sweep"]  # seeds only: one group, named after the sweep
+    keys = _grid_of(mine) or ["sweep"]  # seeds only: one group, named after the sweep
     rows = []
     for run in mine:
         point = {key: _cell(run.config.get(key)) for key in keys} if keys != ["sweep"] else {"sweep": sweep}

@@ -163,8 +163,8 @@ def watch_launcher(interval_s: float = 1.0) -> None:
 def imports_without_gc(freeze: bool = False):
     """For a start's imports: torch, transformers and Sacred make about a million objects while they
     load, and Python's cyclic garbage collector scans them again and again meanwhile, though nearly
-    all of them live as long as the process: paused, the fork server's imports take 2.8 instead of
-    4.3 s of CPU and the launcher's 1.4 instead of 1.9 s (docs/benchmarks.md). freeze: what was
+    all of them live as long as the process: paused, the fork server's imports take 2.9 instead of
+    4.5 s of CPU and the launcher's 1.6 instead of 2.0 s (docs/benchmarks.md). freeze: what was
     loaded is moved out of the collector's sight for good (gc.freeze, meant for a process that forks
     without exec), so a site forked from the fork server neither scans it again nor copies the
     memory pages a scan would write to."""

@@ -1,6 +1,6 @@
 """Wall and CPU time of one start of the real command line, for one or more checkouts side by side.
 
-The test suite starts the command line about 60 times; each start pays a fixed cost (imports in
+The test suite starts the command line about 100 times; each start pays a fixed cost (imports in
 the launcher, the sites' fork server importing torch and transformers, shutdown) before and
 after a training step that takes a fraction of a second. This times a 1-round, 2-site tiny job
 (tiny random BERT, the offline synthetic task, 200 rows) from each checkout, alternating between

@@ -36,7 +36,7 @@ SERVER_FIXTURES = {
 }
 
 
-# The files that take longest, longest first (their durations: docs/development.md). ./dev/test.sh
+# The files that take longest, longest first (their durations: docs/benchmarks.md). ./dev/test.sh
 # hands whole files to the workers in collection order (--no-loadscope-reorder), so the last file a
 # worker takes is a short one and the workers finish together; pytest-xdist's own order (most tests
 # first) left the Docker module, six tests and about three minutes, among the last.
